@@ -1,0 +1,134 @@
+"""Hyperparameters: defaults, the papers' presets, and validation that names what is wrong."""
+from __future__ import annotations
+
+import numbers
+
+from .projector import PROJ_TYPES
+from .subspace import RULES
+
+RESIDUALS = (None, "fira")
+MOMENT_POLICIES = ("keep", "reset", "transport")
+
+# Each preset is a point in (subspace, residual, moments_on_refresh).
+PRESETS = {
+    "galore": dict(subspace="dominant", residual=None, moments_on_refresh="keep"),
+    "sara": dict(subspace="importance", residual=None, moments_on_refresh="keep"),
+    "fira": dict(subspace="dominant", residual="fira", moments_on_refresh="keep"),
+    "sara_fira": dict(subspace="importance", residual="fira", moments_on_refresh="keep"),
+    "golore": dict(subspace="random", residual=None, moments_on_refresh="transport"),
+    "grassjump": dict(subspace="random", residual="fira", moments_on_refresh="transport"),
+    "grasswalk": dict(subspace="grass_walk", residual="fira", moments_on_refresh="transport"),
+    "osd": dict(subspace="online_pca", residual=None, moments_on_refresh="keep"),
+}
+
+PRESET_PAPERS = {
+    "galore": "GaLore, Zhao et al. 2024 (arXiv 2403.03507)",
+    "sara": "SARA / I3S, Zhang et al. 2025 (arXiv 2502.05790)",
+    "fira": "Fira, Chen et al. 2024 (arXiv 2410.01623)",
+    "sara_fira": "SARA applied to Fira (arXiv 2502.05790)",
+    "golore": "GoLore, He et al. 2024 (arXiv 2410.11289)",
+    "grassjump": "GrassJump, Rajabi et al. 2025 (arXiv 2510.01878)",
+    "grasswalk": "GrassWalk, Rajabi et al. 2025 (arXiv 2510.01878)",
+    "osd": "Online Subspace Descent, Liang et al. 2024 (arXiv 2408.12857)",
+}
+
+# Keys that only mean something on a projected group (galore-torch's convention:
+# a group is projected iff it carries 'rank').
+PROJECTION_DEFAULTS = dict(update_proj_gap=200, scale=0.25, proj_type="std")
+
+
+class _Unset:
+    def __repr__(self):
+        return "<unset>"
+
+
+UNSET = _Unset()
+
+
+def resolve_preset(preset, subspace, residual, moments_on_refresh) -> dict:
+    """Merge explicit rule switches with a preset; a contradiction is an error, never a silent choice."""
+    explicit = dict(subspace=subspace, residual=residual, moments_on_refresh=moments_on_refresh)
+    explicit = {k: v for k, v in explicit.items() if v is not UNSET}
+    if preset is None:
+        chosen = dict(PRESETS["sara"])
+    else:
+        if preset not in PRESETS:
+            raise ValueError(f"sara_ds: unknown preset={preset!r}; choose one of {sorted(PRESETS)}")
+        chosen = dict(PRESETS[preset])
+        for key, value in explicit.items():
+            given = _norm_residual(value) if key == "residual" else value
+            if given != chosen[key]:
+                raise ValueError(
+                    f"sara_ds: preset={preset!r} means {key}={chosen[key]!r}, but {key}={value!r} was also given; "
+                    "drop one of them"
+                )
+    chosen.update({k: (_norm_residual(v) if k == "residual" else v) for k, v in explicit.items()})
+    return chosen
+
+
+def _norm_residual(value):
+    return None if value in (None, "none", "None", False) else value
+
+
+def _where(group_index) -> str:
+    return "" if group_index is None else f" (param group {group_index})"
+
+
+def _number(key, value, where, *, low=None, high=None, low_open=False, high_open=True):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"sara_ds: {key} must be a number, got {key}={value!r}{where}")
+    bad = (low is not None and (value <= low if low_open else value < low)) or (
+        high is not None and (value >= high if high_open else value > high)
+    )
+    if bad:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low}, "
+        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+        raise ValueError(f"sara_ds: {key} must be in {lo or '(-inf, '}{hi or 'inf)'}, got {key}={value!r}{where}")
+
+
+def _positive_int(key, value, where):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"sara_ds: {key} must be a positive integer, got {key}={value!r}{where}")
+
+
+def validate_group(group: dict, base: str, group_index=None) -> None:
+    """Check every hyperparameter this package reads; raise ValueError naming the key and value."""
+    w = _where(group_index)
+    _number("lr", group["lr"], w, low=0.0)
+    _number("weight_decay", group["weight_decay"], w, low=0.0)
+    _number("eps", group["eps"], w, low=0.0)
+    if base in ("adamw", "adam_mini"):
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"sara_ds: betas must be a pair (beta1, beta2), got betas={betas!r}{w}")
+        for i, b in enumerate(betas):
+            _number(f"betas[{i}]", b, w, low=0.0, high=1.0)
+    if base == "adafactor":
+        if group["beta1"] is not None:
+            _number("beta1", group["beta1"], w, low=0.0, high=1.0)
+        _number("decay_rate", group["decay_rate"], w, low=-1.0, high=0.0, high_open=True)
+        _number("clip_threshold", group["clip_threshold"], w, low=0.0, low_open=True)
+    seed = group["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"sara_ds: seed must be a non-negative integer, got seed={seed!r}{w}")
+    if "rank" not in group:
+        return
+    _positive_int("rank", group["rank"], w)
+    _positive_int("update_proj_gap", group["update_proj_gap"], w)
+    _number("scale", group["scale"], w, low=0.0, low_open=True)
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(f"sara_ds: proj_type must be one of {PROJ_TYPES}, got proj_type={group['proj_type']!r}{w}")
+    if group["subspace"] not in RULES:
+        raise ValueError(f"sara_ds: subspace must be one of {RULES}, got subspace={group['subspace']!r}{w}")
+    group["residual"] = _norm_residual(group["residual"])
+    if group["residual"] not in RESIDUALS:
+        raise ValueError(f"sara_ds: residual must be None or 'fira', got residual={group['residual']!r}{w}")
+    if group["moments_on_refresh"] not in MOMENT_POLICIES:
+        raise ValueError(
+            f"sara_ds: moments_on_refresh must be one of {MOMENT_POLICIES}, "
+            f"got moments_on_refresh={group['moments_on_refresh']!r}{w}"
+        )
+    _number("grass_walk_angle", group["grass_walk_angle"], w, low=0.0, low_open=True, high=3.1416)
+    if group["osd_lr"] is not None:
+        _number("osd_lr", group["osd_lr"], w, low=0.0)
+    _number("osd_orth_penalty", group["osd_orth_penalty"], w, low=0.0)

@@ -1,0 +1,51 @@
+"""Which parameters are projected: the papers' rule, with include/exclude overrides."""
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+
+PAPER_INCLUDE = ("attn", "mlp")
+
+
+def param_groups(model: nn.Module, rank: int, update_proj_gap: int = 200, scale: float = 0.25,
+                 proj_type: str = "std", include=PAPER_INCLUDE, exclude=(), **projected_options) -> list[dict]:
+    """Two galore-torch style groups: projected matrices and everything else.
+
+    A weight is projected when it belongs to an ``nn.Linear`` (or a module that
+    Megatron marks as a parallel linear) whose qualified module name matches any
+    ``include`` regex and no ``exclude`` regex. That is the GaLore/Fira/SARA
+    protocol: q, k, v, o, gate, up and down projections, while embeddings,
+    lm_head, norms and biases get the full-rank base update.
+    """
+    include = [re.compile(p) for p in ([include] if isinstance(include, str) else include)]
+    exclude = [re.compile(p) for p in ([exclude] if isinstance(exclude, str) else exclude)]
+    projected, projected_names, regular, regular_names = [], [], [], []
+    seen = set()
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            full = f"{module_name}.{pname}" if module_name else pname
+            if (pname == "weight" and p.dim() >= 2 and _is_linear(module)
+                    and any(r.search(module_name) for r in include) and not any(r.search(module_name) for r in exclude)):
+                projected.append(p)
+                projected_names.append(full)
+            else:
+                regular.append(p)
+                regular_names.append(full)
+    if not projected:
+        raise ValueError(
+            f"sara_ds: no parameter matched include={[r.pattern for r in include]} "
+            f"(exclude={[r.pattern for r in exclude]}); nothing would be projected"
+        )
+    groups = [dict(params=projected, param_names=projected_names, rank=rank, update_proj_gap=update_proj_gap,
+                   scale=scale, proj_type=proj_type, **projected_options)]
+    if regular:
+        groups.insert(0, dict(params=regular, param_names=regular_names))
+    return groups
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("ColumnParallelLinear", "RowParallelLinear")

@@ -1,0 +1,322 @@
+"""SaraAdamW, SaraAdafactor, SaraAdamMini: thin bookkeeping around the pure functions.
+
+One projected matrix, one step (the whole algorithm):
+
+    if step % T == 0:  B = rule(G)                       # subspace.py, every T steps
+    A = G or G^T;  R = B^T A                            # projector.py, canonical orientation
+    N, c = base(R, moments)                             # updates.py: AdamW / Adafactor / Adam-mini
+    D = scale * B N  (+ fira_residual(A, R, N))         # updates.py
+    W -= lr * c * D;  W -= lr * wd * W                  # decoupled decay after the step, as galore-torch
+
+Groups that carry ``rank`` are projected (galore-torch's convention); other
+parameters get the base update at full rank. Where the gradient of a matrix
+comes from (a plain parameter, fp32 master copies, a ZeRO flat partition) is
+the business of ``sara_ds.sharding``; this module only sees ``Slot``s.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import projector, subspace, updates
+from .config import PROJECTION_DEFAULTS, UNSET, resolve_preset, validate_group
+from .sharding import Slot, plain_slots, tensor_parallel, zero
+
+_OSD_BASIS_ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}
+
+
+class SaraOptimizer(torch.optim.Optimizer):
+    """Shared machinery; use one of the subclasses, which fix the base update."""
+
+    base_name = "adamw"
+
+    def __init__(self, params, defaults: dict, preset, subspace_rule, residual, moments_on_refresh):
+        rules = resolve_preset(preset, subspace_rule, residual, moments_on_refresh)
+        defaults = dict(defaults, **rules, **PROJECTION_DEFAULTS)
+        super().__init__(params, defaults)
+        self.base = updates.BASES[self.base_name]
+        # Stable matrix ids: position in the parameter order given at construction.
+        # Engines (ZeRO, mixed-precision wrappers) later swap group['params'] for
+        # other tensors; these originals are how their 2-D structure is recovered.
+        self.original_params: list[Tensor] = []
+        self.param_names: list[str] = []
+        self.group_members: list[list[int]] = []
+        for gi, group in enumerate(self.param_groups):
+            validate_group(group, self.base_name, gi)
+            group["sara_group"] = gi
+            group.setdefault("lr_at_start", group["lr"])
+            names = group.get("param_names") or [None] * len(group["params"])
+            members = []
+            for p, name in zip(group["params"], names):
+                members.append(len(self.original_params))
+                self.param_names.append(name or f"param{len(self.original_params)}")
+                self.original_params.append(p)
+            self.group_members.append(members)
+        self._index_of = {id(p): i for i, p in enumerate(self.original_params)}
+        self._zero_layouts = zero.LayoutCache()
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._zero_layouts.clear()  # engines rebuild their flat partitions on load
+
+    def _slots(self, group) -> list[Slot]:
+        members = self.group_members[group["sara_group"]]
+        params = group["params"]
+        if all(id(p) in self._index_of for p in params):
+            return plain_slots(params, [self._index_of[id(p)] for p in params], self.state)
+        if zero.is_flat_partition(params, self.original_params):
+            return zero.partition_slots(params, members, self.original_params, self.state, self._zero_layouts,
+                                        needs_full=lambda i: self._needs_full_matrix(group, i))
+        if len(params) == len(members) and all(p.shape == self.original_params[i].shape for p, i in zip(params, members)):
+            return plain_slots(params, members, self.state)  # fp32 master copies of the same params, in order
+        raise RuntimeError(
+            "sara_ds: cannot map the tensors in param group "
+            f"{group['sara_group']} back to the model parameters this optimizer was built with. "
+            "Supported: plain parameters, same-shaped master copies, DeepSpeed ZeRO stage 1/2 flat partitions."
+        )
+
+    def _projected(self, group, index) -> bool:
+        return "rank" in group and self.original_params[index].dim() >= 2
+
+    def _needs_full_matrix(self, group, index) -> bool:
+        return self._projected(group, index) or not self.base.elementwise
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for slot in self._slots(group):
+                if slot.grad is None:
+                    continue
+                if not slot.fragment and self._projected(group, slot.index):
+                    self._projected_step(slot, group)
+                else:
+                    self._full_rank_step(slot, group)
+        return loss
+
+    # ------------------------------------------------------------ updates
+
+    def _apply(self, slot: Slot, delta: Tensor, step_size: float, group) -> None:
+        target = slot.target
+        target.add_(slot.local(delta).to(target.dtype), alpha=-step_size)
+        if group["weight_decay"] > 0:
+            target.add_(target, alpha=-group["lr"] * group["weight_decay"])
+
+    def _full_rank_step(self, slot: Slot, group) -> None:
+        st = slot.state
+        grad = slot.grad.float()
+        if "step" not in st:
+            st["step"] = 0
+            st.update(self.base.init(grad, False, group))
+        st["step"] += 1
+        direction, step_scale = self.base.direction(grad, st, group, st["step"])
+        self._apply(slot, direction, group["lr"] * step_scale, group)
+
+    def _projected_step(self, slot: Slot, group) -> None:
+        st = slot.state
+        grad = projector.as_matrix(slot.grad)
+        if "basis" not in st:
+            self._init_matrix_state(st, grad, group, slot.index)
+        if self._refresh_due(st, group):
+            self._refresh(st, grad, group, slot)
+        if "basis" not in st:  # first refresh saw a non-finite gradient: nothing to project on yet
+            st["nonfinite_skips"] += 1
+            return
+        basis, left = st["basis"], st["left"]
+        a = projector.oriented(grad.float(), left)
+        r = projector.project(a, basis)
+        if not bool(torch.isfinite(r).all()):
+            st["nonfinite_skips"] += 1  # leave weights, moments and basis as they were
+            return
+        st["step"] += 1
+        st["base_step"] += 1
+        if st["base_step"] == 1 and "exp_avg" not in st and "exp_avg_sq_row" not in st:
+            st.update(self.base.init(r, True, group))
+        n, step_scale = self.base.direction(r, st, group, st["base_step"])
+        update = projector.project_back(n, basis).mul_(group["scale"])
+        if group["residual"] == "fira":
+            update += updates.fira_residual(a, r, n, projector.project_back(r, basis).mul_(group["scale"]), st["fira_norm"])
+        delta = projector.oriented(update, left).reshape(slot.grad.shape)
+        self._apply(slot, delta, group["lr"] * step_scale, group)
+        if group["subspace"] == "online_pca":
+            self._online_pca_step(st, a, group)
+
+    def _init_matrix_state(self, st: dict, grad: Tensor, group, index: int) -> None:
+        rows, cols = grad.shape
+        left = tensor_parallel.basis_on_left(self.original_params[index], rows, cols, group["proj_type"])
+        rank = group["rank"]
+        if rank > min(rows, cols):
+            warnings.warn(
+                f"sara_ds: rank={rank} exceeds min(m, n)={min(rows, cols)} for {self.param_names[index]} "
+                f"(shape {tuple(grad.shape)}); using rank={min(rows, cols)} for this matrix",
+                stacklevel=3,
+            )
+            rank = min(rows, cols)
+        st.update(step=0, base_step=0, left=left, rank=rank, refreshes=0, refresh_skips=0, nonfinite_skips=0,
+                  overlap=float("nan"))
+        if group["residual"] == "fira":
+            st["fira_norm"] = torch.tensor(float("inf"))
+
+    def _refresh_due(self, st, group) -> bool:
+        if "basis" not in st:
+            return True
+        return st["step"] % group["update_proj_gap"] == 0 and group["subspace"] != "online_pca"
+
+    def _refresh(self, st: dict, grad: Tensor, group, slot: Slot) -> None:
+        old = st.get("basis")
+        refresh_index = st["step"] // group["update_proj_gap"]
+        gen = subspace.refresh_generator(group["seed"], slot.index, refresh_index)
+        if not slot.grad_is_finite():
+            st["refresh_skips"] += 1  # keep the old basis; a NaN spectrum would poison it
+            return
+        new = self._choose_basis(group, grad, st, old, gen, slot)
+        st["refreshes"] += 1
+        if old is None:
+            st["basis"] = new
+            if group["subspace"] == "online_pca":
+                st["basis_exp_avg"] = torch.zeros_like(new)
+                st["basis_exp_avg_sq"] = torch.zeros_like(new)
+                st["basis_step"] = 0
+            return
+        st["overlap"] = subspace.overlap(old, new)
+        policy = group["moments_on_refresh"]
+        if policy == "transport" and st["base_step"] > 0:
+            self.base.transport(st, projector.change_of_basis(new, old))
+        elif policy == "reset" and st["base_step"] > 0:
+            st.update(self.base.init(projector.project(projector.oriented(grad.float(), st["left"]), new), True, group))
+            st["base_step"] = 0
+        old.copy_(new)
+
+    def _choose_basis(self, group, grad, st, old, gen, slot: Slot) -> Tensor:
+        rule, rank, left = group["subspace"], st["rank"], st["left"]
+        if rule == "random":
+            return subspace.random_basis(grad.shape[0] if left else grad.shape[1], rank, gen, grad.float())
+        if rule == "grass_walk" and old is not None:
+            return subspace.grassmann_walk(old, group["grass_walk_angle"], gen)
+        # dominant, importance, and the SVD start of online_pca and grass_walk
+        spectral_rule = rule if rule in subspace.SPECTRAL_RULES else "dominant"
+        sigma, vectors = slot.spectrum(grad, left)
+        idx = subspace.spectral_indices(spectral_rule, sigma, rank, gen)
+        return vectors[:, idx.to(vectors.device)].contiguous()
+
+    def _online_pca_step(self, st: dict, a: Tensor, group) -> None:
+        """One Adam step on B for the online-PCA loss (OSD); lr follows the weight schedule."""
+        basis = st["basis"]
+        g = subspace.online_pca_gradient(basis, a, group["osd_orth_penalty"])
+        st["basis_step"] += 1
+        moments = {"exp_avg": st["basis_exp_avg"], "exp_avg_sq": st["basis_exp_avg_sq"]}
+        direction, step_scale = updates.adamw_direction(g, moments, _OSD_BASIS_ADAM, st["basis_step"])
+        osd_lr = group["osd_lr"] if group["osd_lr"] is not None else 1.0 / group["update_proj_gap"]
+        schedule = group["lr"] / group["lr_at_start"] if group["lr_at_start"] > 0 else 1.0
+        basis.add_(direction, alpha=-osd_lr * schedule * step_scale)
+        if st["basis_step"] % group["update_proj_gap"] == 0:
+            anchor = st.get("basis_anchor")
+            if anchor is not None:
+                st["overlap"] = subspace.overlap(_orthonormal(anchor), _orthonormal(basis))
+                anchor.copy_(basis)
+            else:
+                st["basis_anchor"] = basis.clone()
+
+    # ------------------------------------------------------------ metrics
+
+    def matrix_states(self):
+        """(matrix id, per-matrix state) for every projected matrix this process holds state for."""
+        for key, st in self.state.items():
+            if "basis" in st:
+                yield self._index_of.get(id(key)), st
+            else:
+                for index, sub in st.items():
+                    if isinstance(index, int) and isinstance(sub, dict) and "basis" in sub:
+                        yield index, sub
+
+    def subspace_overlaps(self) -> dict:
+        """name -> ||B_old^T B_new||_F^2 / r at the latest refresh (NaN before the second one)."""
+        return {self.param_names[i]: st["overlap"] for i, st in self.matrix_states() if i is not None}
+
+    def refresh_counts(self) -> dict:
+        totals = {"refreshes": 0, "refresh_skips": 0, "nonfinite_skips": 0}
+        for _, st in self.matrix_states():
+            for k in totals:
+                totals[k] += st[k]
+        return totals
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor in the optimizer state on this process."""
+        return sum(t.numel() * t.element_size() for t in _tensors(self.state))
+
+
+def _orthonormal(b: Tensor) -> Tensor:
+    return torch.linalg.qr(b).Q
+
+
+def _tensors(obj):
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+
+
+def _common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty):
+    return dict(lr=lr, weight_decay=weight_decay, eps=eps, seed=seed, grass_walk_angle=grass_walk_angle,
+                osd_lr=osd_lr, osd_orth_penalty=osd_orth_penalty)
+
+
+class SaraAdamW(SaraOptimizer):
+    """Low-rank AdamW with importance-sampled subspaces (SARA) and the rules it is compared with.
+
+    Drop-in for galore-torch's ``GaLoreAdamW``: groups with ``rank`` (and
+    ``update_proj_gap``, ``scale``, ``proj_type``) are projected. ``preset`` picks a
+    paper's switches (see ``sara_ds.config.PRESETS``); ``subspace``, ``residual``
+    and ``moments_on_refresh`` set them one by one.
+    """
+
+    base_name = "adamw"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, *,
+                 preset=None, subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0,
+                 grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1):
+        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty),
+                        betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, correct_bias=correct_bias)
+        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh)
+
+
+class SaraAdafactor(SaraOptimizer):
+    """Low-rank Adafactor (factored second moment on the projected matrix), as GaLore-Adafactor.
+
+    Defaults follow the GaLore scripts: no first moment (``beta1=None``),
+    ``decay_rate=-0.8``, ``eps=1e-30``, ``clip_threshold=1.0``, explicit ``lr``.
+    """
+
+    base_name = "adafactor"
+
+    def __init__(self, params, lr=1e-2, beta1=None, decay_rate=-0.8, eps=1e-30, clip_threshold=1.0, weight_decay=0.0,
+                 *, preset=None, subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0,
+                 grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1):
+        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty),
+                        beta1=beta1, decay_rate=decay_rate, clip_threshold=clip_threshold)
+        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh)
+
+
+class SaraAdamMini(SaraOptimizer):
+    """Low-rank Adam-mini: one second moment per block (per output row; per column of R when projected)."""
+
+    base_name = "adam_mini"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, preset=None,
+                 subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0, grass_walk_angle=0.5,
+                 osd_lr=None, osd_orth_penalty=0.1):
+        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty),
+                        betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas)
+        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh)
+
+
+OPTIMIZERS = {"SaraAdamW": SaraAdamW, "SaraAdafactor": SaraAdafactor, "SaraAdamMini": SaraAdamMini}

@@ -1,0 +1,47 @@
+"""Where the basis sits and how gradients move in and out of it (pure functions).
+
+All math after the side decision runs in one *canonical orientation*: the
+oriented gradient A is G itself for a left basis and the view G^T for a right
+basis, so B (d x r) always spans columns of A, R = B^T A is r x k, and the
+rank axis of every low-rank tensor is dim 0. No rule, base or residual needs to
+know which side it is on. Low-rank moments of a right-projected matrix are
+therefore stored as the transpose of galore-torch's (r x m instead of m x r);
+elementwise maths is unchanged by that.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+
+def basis_on_left(rows: int, cols: int, proj_type: str) -> bool:
+    """GaLore's side rule. 'std' puts the basis on the smaller dimension (right when rows >= cols)."""
+    if proj_type == "std":
+        return rows < cols
+    if proj_type == "reverse_std":
+        return rows >= cols
+    return proj_type == "left"
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """>2-D weights (conv kernels) are projected as (out, everything else)."""
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+
+def oriented(matrix: Tensor, left: bool) -> Tensor:
+    return matrix if left else matrix.mT
+
+
+def project(a: Tensor, basis: Tensor) -> Tensor:
+    return basis.mT @ a
+
+
+def project_back(n: Tensor, basis: Tensor) -> Tensor:
+    return basis @ n
+
+
+def change_of_basis(new: Tensor, old: Tensor) -> Tensor:
+    """C = B_new^T B_old, so coordinates in the old basis map to the new one by C @ x."""
+    return new.mT @ old

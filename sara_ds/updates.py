@@ -1,0 +1,160 @@
+"""The base update rules run on the (projected or full) gradient, as pure functions.
+
+Each base is three functions on a plain dict of tensors:
+
+    init(x, projected, hp)      -> state dict for a gradient shaped like x
+    direction(x, state, hp, n)  -> (N, step_scale); n counts base updates so far (1-based)
+    transport(state, C)         -> rotate rank-axis statistics into a new basis (C = B_new^T B_old)
+
+The weight moves by  -lr * step_scale * scale * back(N). For projected tensors the
+rank axis is dim 0 (see ``projector``).
+
+AdamW follows galore-torch / HF ``AdamW`` exactly (eps added to sqrt(v) before
+bias correction, bias correction folded into the step size) because that is the
+peer the low-rank papers were measured with.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Base:
+    name: str
+    init: Callable
+    direction: Callable
+    transport: Callable
+    elementwise: bool  # full-rank update depends only on each element (safe on a ZeRO fragment)
+
+
+# ---------------------------------------------------------------- AdamW
+
+def adamw_init(x: Tensor, projected: bool, hp: dict) -> dict:
+    return {"exp_avg": torch.zeros_like(x), "exp_avg_sq": torch.zeros_like(x)}
+
+
+def adamw_direction(x: Tensor, state: dict, hp: dict, n: int):
+    beta1, beta2 = hp["betas"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.mul_(beta1).add_(x, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(x, x, value=1.0 - beta2)
+    direction = m / v.sqrt().add_(hp["eps"])
+    step_scale = math.sqrt(1.0 - beta2**n) / (1.0 - beta1**n) if hp.get("correct_bias", True) else 1.0
+    return direction, step_scale
+
+
+def adamw_transport(state: dict, c: Tensor) -> None:
+    # The first moment is a vector in the subspace and rotates exactly. The second
+    # is a diagonal covariance; rotating it by C (.) C keeps it non-negative and
+    # exact when C is a permutation (a refresh that reorders the same directions).
+    state["exp_avg"].copy_(c @ state["exp_avg"])
+    state["exp_avg_sq"].copy_(c.square() @ state["exp_avg_sq"])
+
+
+# ---------------------------------------------------------------- Adafactor (Shazeer & Stern 2018)
+
+def adafactor_init(x: Tensor, projected: bool, hp: dict) -> dict:
+    if x.dim() == 2:
+        state = {"exp_avg_sq_row": x.new_zeros(x.shape[0]), "exp_avg_sq_col": x.new_zeros(x.shape[1])}
+    else:
+        state = {"exp_avg_sq": torch.zeros_like(x)}
+    if hp["beta1"]:
+        state["exp_avg"] = torch.zeros_like(x)
+    return state
+
+
+def adafactor_direction(x: Tensor, state: dict, hp: dict, n: int):
+    beta2t = 1.0 - math.pow(n, hp["decay_rate"])
+    sq = x.square().add_(hp["eps"])
+    if "exp_avg_sq_row" in state:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2t).add_(sq.mean(dim=1), alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(sq.mean(dim=0), alpha=1.0 - beta2t)
+        r_factor = (row / row.mean()).rsqrt_().unsqueeze(1)
+        update = x * r_factor * col.rsqrt().unsqueeze(0)
+    else:
+        v = state["exp_avg_sq"]
+        v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+        update = x * v.rsqrt()
+    rms = update.norm() / math.sqrt(update.numel())
+    update.div_((rms / hp["clip_threshold"]).clamp_(min=1.0))
+    if hp["beta1"]:
+        m = state["exp_avg"]
+        m.mul_(hp["beta1"]).add_(update, alpha=1.0 - hp["beta1"])
+        update = m.clone()
+    return update, 1.0
+
+
+def adafactor_transport(state: dict, c: Tensor) -> None:
+    if "exp_avg" in state:
+        state["exp_avg"].copy_(c @ state["exp_avg"])
+    if "exp_avg_sq_row" in state:  # the row statistic runs along the rank axis
+        state["exp_avg_sq_row"].copy_(c.square() @ state["exp_avg_sq_row"])
+
+
+# ---------------------------------------------------------------- Adam-mini (Zhang et al. 2024)
+# One second moment per block instead of per element. Full-rank matrices: one v per
+# output row (neuron). 1-D tensors: one v. Projected tensors: one v per column of
+# R, shared across the rank axis; that mean is invariant to rotations inside the
+# subspace, so it needs no transport.
+
+def _mini_dims(x: Tensor, projected: bool):
+    if x.dim() < 2:
+        return tuple(range(x.dim()))
+    return (0,) if projected else tuple(range(1, x.dim()))
+
+
+def adam_mini_init(x: Tensor, projected: bool, hp: dict) -> dict:
+    dims = _mini_dims(x, projected)
+    v_shape = [1 if i in dims else s for i, s in enumerate(x.shape)]
+    return {"exp_avg": torch.zeros_like(x), "v_block": x.new_zeros(v_shape), "v_over_rank_axis": projected}
+
+
+def adam_mini_direction(x: Tensor, state: dict, hp: dict, n: int):
+    beta1, beta2 = hp["betas"]
+    m, v = state["exp_avg"], state["v_block"]
+    dims = _mini_dims(x, state["v_over_rank_axis"])
+    m.mul_(beta1).add_(x, alpha=1.0 - beta1)
+    block_sq = x.square().mean(dim=dims, keepdim=True) if dims else x.square()
+    v.mul_(beta2).add_(block_sq, alpha=1.0 - beta2)
+    direction = m / v.sqrt().add_(hp["eps"])
+    return direction, math.sqrt(1.0 - beta2**n) / (1.0 - beta1**n)
+
+
+def adam_mini_transport(state: dict, c: Tensor) -> None:
+    state["exp_avg"].copy_(c @ state["exp_avg"])
+
+
+BASES = {
+    "adamw": Base("adamw", adamw_init, adamw_direction, adamw_transport, elementwise=True),
+    "adafactor": Base("adafactor", adafactor_init, adafactor_direction, adafactor_transport, elementwise=False),
+    "adam_mini": Base("adam_mini", adam_mini_init, adam_mini_direction, adam_mini_transport, elementwise=False),
+}
+
+
+# ---------------------------------------------------------------- Fira residual (Chen et al. 2024)
+
+FIRA_GROWTH_LIMIT = 1.01
+
+
+def fira_residual(a: Tensor, r: Tensor, n: Tensor, back_r: Tensor, prev_norm: Tensor) -> Tensor:
+    """Fira's norm-based scaling of the gradient the subspace misses, with its norm-growth limiter.
+
+    Follows the official code, which produced the published numbers: the residual
+    is A - scale * B R (``back_r`` carries the scale), each column is scaled by
+    ||N_col|| / ||R_col|| (norms along the rank axis), and if the residual norm
+    grows by more than 1.01x since the last step it is cut back to 1.01x.
+    ``prev_norm`` (a 0-d tensor, +inf before the first step) is updated in place.
+    """
+    factor = n.norm(dim=0) / (r.norm(dim=0) + 1e-8)
+    residual = (a - back_r) * factor
+    norm = residual.norm()
+    limiter = torch.clamp(norm / (prev_norm + 1e-8), min=FIRA_GROWTH_LIMIT) / FIRA_GROWTH_LIMIT
+    residual.div_(limiter)
+    prev_norm.copy_(norm / limiter)
+    return residual
