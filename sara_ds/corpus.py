@@ -1,0 +1,86 @@
+"""The bundled real-text corpus (Wikipedia articles + Jane Austen) and its offline BPE tokenizer.
+
+Token ids are cached as .npy under $SARA_DS_CACHE (default ~/.cache/sara_ds), keyed
+by a hash of the text and tokenizer, so only the first use pays ~10 s of encoding.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from importlib import resources
+
+import numpy as np
+import torch
+
+VOCAB_SIZE = 4096
+
+
+def _data_path(name: str) -> str:
+    return str(resources.files("sara_ds").joinpath("data", name))
+
+
+def tokenizer():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(_data_path("tokenizer.json"))
+
+
+def token_ids(split: str) -> np.ndarray:
+    """All tokens of ``split`` ('train' or 'val') as a uint16 array."""
+    if split not in ("train", "val"):
+        raise ValueError(f"sara_ds: split must be 'train' or 'val', got split={split!r}")
+    raw = open(_data_path(f"{split}.txt.gz"), "rb").read()
+    tok_bytes = open(_data_path("tokenizer.json"), "rb").read()
+    key = hashlib.sha256(raw + tok_bytes).hexdigest()[:16]
+    cache_dir = os.environ.get("SARA_DS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sara_ds"))
+    path = os.path.join(cache_dir, f"{split}-{key}.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    text = gzip.decompress(raw).decode()
+    tok = tokenizer()
+    eot = tok.token_to_id("<|endoftext|>")
+    ids = []
+    for doc in text.split("\n\n"):
+        for enc in tok.encode_batch(doc.splitlines(keepends=True)):
+            ids.extend(enc.ids)
+        ids.append(eot)
+    arr = np.asarray(ids, dtype=np.uint16)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written file
+    return arr
+
+
+class Batches:
+    """Random windows of ``seq_len + 1`` tokens; a pure function of (seed, step, rank).
+
+    Every data-parallel layout sees the same global batch at a step: rank r of w
+    gets rows [r*B/w, (r+1)*B/w) of the global batch, which is what makes
+    1-process == DDP == ZeRO comparisons exact.
+    """
+
+    def __init__(self, ids: np.ndarray, seq_len: int, global_batch: int, seed: int = 0):
+        self.ids = torch.from_numpy(ids.astype(np.int64))
+        self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
+
+    def get(self, step: int, rank: int = 0, world: int = 1):
+        if self.global_batch % world:
+            raise ValueError(f"sara_ds: global batch {self.global_batch} is not divisible by world size {world}")
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(0, len(self.ids) - self.seq_len - 1, (self.global_batch,), generator=gen)
+        per = self.global_batch // world
+        starts = starts[rank * per:(rank + 1) * per]
+        window = torch.stack([self.ids[s:s + self.seq_len + 1] for s in starts.tolist()])
+        return window[:, :-1], window[:, 1:]
+
+
+def validation_batches(seq_len: int, batch: int, count: int):
+    """Fixed, non-overlapping validation windows (the same for every run)."""
+    ids = torch.from_numpy(token_ids("val").astype(np.int64))
+    n = min(count * batch, (len(ids) - 1) // seq_len)
+    windows = [ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]
+    for i in range(0, n - batch + 1, batch):
+        w = torch.stack(windows[i:i + batch])
+        yield w[:, :-1], w[:, 1:]

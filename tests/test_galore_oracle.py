@@ -1,0 +1,31 @@
+"""Peer oracle: with the dominant rule and the AdamW base, SaraAdamW is galore-torch's GaLoreAdamW."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import sara_ds
+from conftest import galore_groups, train
+
+galore_torch = pytest.importorskip("galore_torch")
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_dominant_adamw_matches_galore_torch_step_for_step(shapes_net, weight_decay):
+    ours_model, peer_model = shapes_net, copy.deepcopy(shapes_net)
+    ours = sara_ds.SaraAdamW(galore_groups(ours_model), lr=1e-2, weight_decay=weight_decay, preset="galore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peer = galore_torch.GaLoreAdamW(galore_groups(peer_model), lr=1e-2, weight_decay=weight_decay,
+                                        no_deprecation_warning=True)
+    worst = 0.0
+    for t in range(13):  # refreshes at steps 0, 3, 6, 9, 12
+        train(ours_model, ours, 1, start=t)
+        train(peer_model, peer, 1, start=t)
+        for (name, a), b in zip(ours_model.named_parameters(), peer_model.parameters()):
+            diff = (a - b).abs().max().item()
+            worst = max(worst, diff)
+            assert diff < 1e-6, f"step {t}: {name} differs by {diff}"
+    print(f"max |ours - galore_torch| over 13 steps = {worst:.2e}")
+    assert ours.refresh_counts()["refreshes"] == 3 * 5
