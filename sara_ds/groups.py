@@ -9,22 +9,24 @@ PAPER_INCLUDE = ("attn", "mlp")
 
 
 def param_groups(model: nn.Module, rank: int, update_proj_gap: int = 200, scale: float = 0.25,
-                 proj_type: str = "std", include=PAPER_INCLUDE, exclude=(), **projected_options) -> list[dict]:
+                 proj_type: str = "std", include=PAPER_INCLUDE, exclude=(), only=None, **projected_options) -> list[dict]:
     """Two galore-torch style groups: projected matrices and everything else.
 
     A weight is projected when it belongs to an ``nn.Linear`` (or a module that
     Megatron marks as a parallel linear) whose qualified module name matches any
     ``include`` regex and no ``exclude`` regex. That is the GaLore/Fira/SARA
     protocol: q, k, v, o, gate, up and down projections, while embeddings,
-    lm_head, norms and biases get the full-rank base update.
+    lm_head, norms and biases get the full-rank base update. ``only`` restricts
+    the groups to a given collection of parameters (what an engine was handed).
     """
+    only_ids = None if only is None else {id(p) for p in only}
     include = [re.compile(p) for p in ([include] if isinstance(include, str) else include)]
     exclude = [re.compile(p) for p in ([exclude] if isinstance(exclude, str) else exclude)]
     projected, projected_names, regular, regular_names = [], [], [], []
     seen = set()
     for module_name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen or not p.requires_grad:
+            if id(p) in seen or not p.requires_grad or (only_ids is not None and id(p) not in only_ids):
                 continue
             seen.add(id(p))
             full = f"{module_name}.{pname}" if module_name else pname

@@ -113,6 +113,14 @@ def partition_slots(params, members, original_params, state, cache: LayoutCache,
                       if f.numel < original_params[f.index].numel() and needs_full(f.index)}
         full = _reassemble(layout, flat.grad, straddlers, original_params)
         root = state[flat]
+        owned = {f.index for f in layout.fragments}
+        if root and set(root) != owned:
+            raise RuntimeError(
+                "sara_ds: the loaded optimizer state holds matrices "
+                f"{sorted(set(root) - owned)[:8]} that this rank does not own (and lacks {sorted(owned - set(root))[:8]}). "
+                "The checkpoint was written with a different data-parallel size or ZeRO partitioning. "
+                "sara_ds state is partitioned by matrix ownership: resume at the same data-parallel size and ZeRO stage."
+            )
         for f in layout.fragments:
             q = original_params[f.index]
             st = root.setdefault(f.index, {})

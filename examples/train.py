@@ -1,0 +1,191 @@
+"""Pretrain the example LLaMA-style model on the bundled corpus with a SARA optimizer from a DeepSpeed config.
+
+    deepspeed --num_gpus 2 examples/train.py --deepspeed_config configs/ds/sara.json
+
+Runs unchanged on CPU (gloo) and GPU (NCCL), under the deepspeed launcher,
+torchrun, mpirun or srun (ranks are discovered by ``sara_ds.env``). Progress bar
+and periodic validation perplexity on rank 0; subspace overlap is logged through
+DeepSpeed's monitor config (``tensorboard`` / ``csv_monitor``); checkpoints with
+``--save_dir`` and auto-resume from the latest one with ``--resume``.
+"""
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+import sara_ds  # noqa: E402  (registers the optimizers with DeepSpeed)
+from sara_ds import corpus, env, llama  # noqa: E402
+from sara_ds.integrations import deepspeed as sara_deepspeed  # noqa: E402
+
+
+def parse_args():
+    import deepspeed
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimizer steps (default: the scheduler's total_num_steps, else 300)")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval_interval", type=int, default=100)
+    ap.add_argument("--eval_batches", type=int, default=8)
+    ap.add_argument("--save_dir", default=None, help="write DeepSpeed checkpoints here")
+    ap.add_argument("--save_interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save_dir")
+    ap.add_argument("--summary_json", default=None, help="write the final summary (and final weights' checksum) here")
+    ap.add_argument("--dump_weights", default=None, help="rank 0 saves the final fp32 weights to this file")
+    ap.add_argument("--no_progress", action="store_true")
+    ap.add_argument("--port", type=int, default=None, help="MASTER_PORT when the launcher does not set one")
+    deepspeed.add_config_arguments(ap)
+    return ap.parse_args()
+
+
+def main():
+    # DeepSpeed's ZeRO calls a torch collective that torch 2.13 marks deprecated, once per step per rank.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
+    args = parse_args()
+    source = env.discover(default_port=args.port)  # RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from any launcher
+    import deepspeed
+    import torch.distributed as dist
+
+    sara_deepspeed.prepare_cpu_launch()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))))
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    with open(args.deepspeed_config) as f:
+        ds_config = json.load(f)
+    steps = args.steps or ds_config.get("scheduler", {}).get("params", {}).get("total_num_steps", 300)
+    torch.manual_seed(args.seed)
+    cfg = llama.LlamaConfig(vocab_size=corpus.VOCAB_SIZE, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                            intermediate=((8 * args.hidden // 3 + 7) // 8) * 8, max_seq=args.seq_len)
+    model = llama.Llama(cfg)
+    engine, optimizer, _, scheduler = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
+    sara_opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    global_batch = micro * gas * world
+    data = corpus.Batches(corpus.token_ids("train"), args.seq_len, micro * world, seed=args.seed)
+    val_batches = list(corpus.validation_batches(args.seq_len, micro, args.eval_batches * world))[rank::world]
+    device = engine.device
+
+    start = 0
+    if args.resume and args.save_dir and os.path.exists(os.path.join(args.save_dir, "latest")):
+        _, client = engine.load_checkpoint(args.save_dir)
+        start = int(client["step"])
+    if rank == 0:
+        print(f"[sara_ds] launcher={source} world={world} device={device} zero_stage={engine.zero_optimization_stage()} "
+              f"dtype={'bf16' if engine.bfloat16_enabled() else 'fp16' if engine.fp16_enabled() else 'fp32'} "
+              f"optimizer={type(sara_opt).__name__} params={sum(p.numel() for p in model.parameters())/1e6:.2f}M "
+              f"global_batch={global_batch}x{args.seq_len} steps={start}->{steps}", flush=True)
+
+    def evaluate():
+        engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for x, y in val_batches:
+                total += torch.tensor([engine(x.to(device), y.to(device)).item() * y.numel(), y.numel()], dtype=torch.float64)
+        dist.all_reduce(total)
+        engine.train()
+        return math.exp(total[0].item() / total[1].item())
+
+    def overlaps():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, sara_opt.subspace_overlaps())
+        merged = {}
+        for part in gathered:
+            merged.update(part)
+        return {k: v for k, v in merged.items() if not math.isnan(v)}
+
+    progress = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+        progress = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stdout)
+    gap = next((g["update_proj_gap"] for g in sara_opt.param_groups if "rank" in g), None)
+    t0, loss_value, history = time.time(), float("nan"), []
+    for step in range(start, steps):
+        for micro_step in range(gas):
+            x, y = data.get(step * gas + micro_step, rank, world)
+            loss = engine(x.to(device), y.to(device))
+            engine.backward(loss)
+            engine.step()
+        loss_value = loss.item()
+        done = step + 1
+        if progress:
+            progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{engine.get_lr()[0]:.2e}")
+            progress.update(1)
+        if gap and done % gap == 1 and done > gap:  # the step right after a refresh
+            ov = overlaps()
+            if rank == 0 and ov and engine.monitor.enabled:
+                events = [(f"Train/subspace_overlap/{k}", v, done) for k, v in sorted(ov.items())]
+                events.append(("Train/subspace_overlap/mean", statistics.mean(ov.values()), done))
+                engine.monitor.write_events(events)
+        if done % args.eval_interval == 0 or done == steps:
+            ppl = evaluate()
+            history.append((done, ppl))
+            if rank == 0:
+                msg = f"[sara_ds] step {done}/{steps} loss {loss_value:.4f} val_ppl {ppl:.2f}"
+                (progress.write(msg) if progress else print(msg, flush=True))
+                if engine.monitor.enabled:
+                    engine.monitor.write_events([("Eval/val_ppl", ppl, done), ("Train/loss", loss_value, done)])
+        if args.save_dir and ((args.save_interval and done % args.save_interval == 0) or done == steps):
+            engine.save_checkpoint(args.save_dir, tag=f"step{done}", client_state={"step": done})
+    if progress:
+        progress.close()
+
+    elapsed = time.time() - t0
+    state_bytes = [None] * world
+    dist.all_gather_object(state_bytes, sara_opt.state_bytes())
+    ov = overlaps()
+    counts = [None] * world
+    dist.all_gather_object(counts, sara_opt.refresh_counts())
+    full = {}
+    for n, p in model.named_parameters():
+        from deepspeed.utils import safe_get_full_fp32_param
+        value = safe_get_full_fp32_param(p) if engine.zero_optimization() else p.detach().float()
+        full[n] = value.detach().cpu().clone()
+    if rank == 0:
+        tokens = (steps - start) * global_batch * args.seq_len
+        summary = {
+            "steps": steps, "world": world, "launcher": source, "final_loss": loss_value,
+            "val_ppl": history[-1][1] if history else None, "val_history": history,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "seconds": elapsed,
+            "optimizer_state_bytes_per_rank": state_bytes,
+            "mean_subspace_overlap": statistics.mean(ov.values()) if ov else None,
+            "refreshes": sum(c["refreshes"] for c in counts),
+            "weights_checksum": float(sum(t.double().sum() for t in full.values())),
+        }
+        print("=" * 72)
+        print(f"[sara_ds] summary: {steps - start} steps in {elapsed:.1f}s "
+              f"({summary['tokens_per_s']:.0f} tok/s) on {world} rank(s) via {source}")
+        print(f"[sara_ds]   final train loss {loss_value:.4f} | val ppl "
+              + " ".join(f"{s}:{p:.2f}" for s, p in history))
+        print(f"[sara_ds]   optimizer state per rank: {', '.join(f'{b/1024:.1f} KiB' for b in state_bytes)} | "
+              f"subspace refreshes {summary['refreshes']} | mean overlap "
+              f"{summary['mean_subspace_overlap'] if summary['mean_subspace_overlap'] is None else round(summary['mean_subspace_overlap'], 3)}")
+        print("=" * 72, flush=True)
+        if args.summary_json:
+            with open(args.summary_json, "w") as f:
+                json.dump(summary, f, indent=1)
+        if args.dump_weights:
+            torch.save(full, args.dump_weights)
+    dist.barrier()
+    del engine, optimizer, sara_opt, model
+    gc.collect()  # a gloo worker thread touching Python during interpreter exit aborts the process otherwise
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

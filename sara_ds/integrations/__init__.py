@@ -1,0 +1,1 @@
+"""Engine adapters: DeepSpeed (config registration, ZeRO) and Megatron (optimizer builder, launcher)."""

@@ -1,0 +1,155 @@
+"""DeepSpeed: ``"optimizer": {"type": "SaraAdamW", "params": {...}}`` in the config JSON.
+
+DeepSpeed has no optimizer registry: an unknown ``type`` is resolved with
+``getattr(torch.optim, type)(model_parameters, **params)``. ``register()`` (run by
+``import sara_ds``) therefore puts one validating factory per optimizer on
+``torch.optim``. The factory
+
+  * checks every key under ``params`` and names any it does not know;
+  * builds the projected / regular groups by the papers' rule (attn/mlp linears),
+    or ``include`` / ``exclude`` regexes from the config, using the parameter names
+    of the engine that is calling it;
+  * refuses engine settings that would corrupt low-rank state
+    (``zero_optimization.elastic_checkpoint``, universal checkpoint loading, ZeRO-3);
+  * adds the class to DeepSpeed's ZeRO allow-list, so no
+    ``zero_allow_untested_optimizer`` is needed.
+
+Under ZeRO-1/2 the optimizer maps DeepSpeed's flat partitions back to matrices
+itself (``sara_ds.sharding.zero``); nothing in DeepSpeed is patched for that.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+import time
+
+import torch
+
+from .. import groups as _groups
+from ..optim import OPTIMIZERS
+
+SELECTION_KEYS = {"rank", "update_proj_gap", "scale", "proj_type", "include", "exclude"}
+
+
+def _constructor_keys(cls) -> set:
+    return {name for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name not in ("self", "params") and p.kind is not p.VAR_KEYWORD}
+
+
+def _calling_engine():
+    """The DeepSpeedEngine that is configuring its optimizer, found on the call stack (or None)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if owner is not None and type(owner).__name__ in ("DeepSpeedEngine", "PipelineEngine") and hasattr(owner, "module"):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _refuse_unsupported(engine) -> None:
+    if engine.zero_optimization_stage() not in (0, 1, 2):
+        raise ValueError(
+            f"sara_ds: zero_optimization.stage={engine.zero_optimization_stage()} is not supported; "
+            "use stage 0, 1 or 2 (ZeRO-3 shards each matrix across ranks, so no rank holds a 2-D gradient)"
+        )
+    if engine.zero_optimization() and engine.zero_elastic_checkpoint():
+        raise ValueError(
+            "sara_ds: zero_optimization.elastic_checkpoint=true is not supported: DeepSpeed truncates every "
+            "optimizer-state tensor to the flat partition size when saving elastically, which would corrupt the "
+            "low-rank moments and bases. Set it to false (the default)."
+        )
+    if engine.load_universal_checkpoint():
+        raise ValueError(
+            "sara_ds: checkpoint.load_universal=true is not supported: universal checkpoints carry only "
+            "flat-shaped optimizer state and would silently drop the low-rank state. Resume from the regular "
+            "checkpoint at the same data-parallel size."
+        )
+
+
+def _build_groups(model_parameters, selection: dict, engine):
+    params = list(model_parameters) if model_parameters is not None else None
+    if params and isinstance(params[0], dict):
+        if selection:
+            raise ValueError(
+                f"sara_ds: model_parameters are already param groups, so optimizer params "
+                f"{sorted(selection)} would be ignored; pass either groups or those keys, not both"
+            )
+        return params
+    if engine is None:
+        raise ValueError(
+            "sara_ds: cannot see the model's parameter names, so the projected layers cannot be chosen. "
+            "Pass model_parameters=sara_ds.param_groups(model, rank=...) to deepspeed.initialize."
+        )
+    include = selection.pop("include", _groups.PAPER_INCLUDE)
+    exclude = selection.pop("exclude", ())
+    rank = selection.pop("rank", 128)
+    return _groups.param_groups(engine.module, rank=rank, include=include, exclude=exclude, only=params, **selection)
+
+
+def _factory(cls):
+    allowed = _constructor_keys(cls) | SELECTION_KEYS
+
+    def build(model_parameters=None, **params):
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ValueError(
+                f"sara_ds: unknown key(s) {unknown} under optimizer.params for type {cls.__name__}; "
+                f"valid keys are {sorted(allowed)}"
+            )
+        engine = _calling_engine()
+        if engine is not None:
+            _refuse_unsupported(engine)
+        selection = {k: params.pop(k) for k in list(params) if k in SELECTION_KEYS}
+        optimizer = cls(_build_groups(model_parameters, selection, engine), **params)
+        _allow_under_zero(cls)
+        return optimizer
+
+    build.__name__ = build.__qualname__ = cls.__name__
+    build.__doc__ = f"DeepSpeed config factory for sara_ds.{cls.__name__}.\n\n{cls.__doc__}"
+    build.optimizer_class = cls
+    return build
+
+
+def _allow_under_zero(cls) -> None:
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    if cls not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(cls)
+
+
+def register() -> None:
+    """Make ``"type": "SaraAdamW" | "SaraAdafactor" | "SaraAdamMini"`` resolvable from a DeepSpeed config."""
+    for name, cls in OPTIMIZERS.items():
+        current = getattr(torch.optim, name, None)
+        if getattr(current, "optimizer_class", None) is not cls:
+            setattr(torch.optim, name, _factory(cls))
+
+
+def prepare_cpu_launch(extensions_dir: str | None = None) -> None:
+    """Avoid DeepSpeed's CPU start-up traps; call before ``deepspeed.init_distributed``.
+
+    * ``init_distributed`` JIT-compiles the ``deepspeed_shm_comm`` op on CPU (1-2 min of g++,
+      and it leaks a 66 MB /dev/shm buffer per rank that is never unlinked). Training never
+      uses it (only inference all-reduce does), so it is not built.
+    * JIT builds go to a private extensions directory, so other projects' half-finished
+      builds cannot block this run, and ``lock`` files there older than 15 minutes (left
+      by a killed build) are removed, since torch would otherwise wait on them forever.
+    No-op on GPU accelerators.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    ext = extensions_dir or os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not ext:
+        ext = os.path.join(os.path.expanduser("~"), ".cache", "sara_ds", "torch_extensions")
+        os.environ["TORCH_EXTENSIONS_DIR"] = ext
+    if os.path.isdir(ext) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        for root, _dirs, files in os.walk(ext):
+            lock = os.path.join(root, "lock")
+            if "lock" in files and time.time() - os.path.getmtime(lock) > 15 * 60:
+                os.remove(lock)
