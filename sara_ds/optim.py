@@ -160,8 +160,8 @@ class SaraOptimizer(torch.optim.Optimizer):
                 stacklevel=3,
             )
             rank = min(rows, cols)
-        st.update(step=0, base_step=0, left=left, rank=rank, refreshes=0, refresh_skips=0, nonfinite_skips=0,
-                  overlap=float("nan"))
+        st.update(matrix_id=index, step=0, base_step=0, left=left, rank=rank, refreshes=0, refresh_skips=0,
+                  nonfinite_skips=0, overlap=float("nan"))
         if group["residual"] == "fira":
             st["fira_norm"] = torch.tensor(float("inf"))
 
@@ -229,17 +229,17 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     def matrix_states(self):
         """(matrix id, per-matrix state) for every projected matrix this process holds state for."""
-        for key, st in self.state.items():
+        for st in self.state.values():
             if "basis" in st:
-                yield self._index_of.get(id(key)), st
-            else:
-                for index, sub in st.items():
-                    if isinstance(index, int) and isinstance(sub, dict) and "basis" in sub:
-                        yield index, sub
+                yield st["matrix_id"], st
+            else:  # a ZeRO flat partition: {matrix id: state}
+                for sub in st.values():
+                    if isinstance(sub, dict) and "basis" in sub:
+                        yield sub["matrix_id"], sub
 
     def subspace_overlaps(self) -> dict:
         """name -> ||B_old^T B_new||_F^2 / r at the latest refresh (NaN before the second one)."""
-        return {self.param_names[i]: st["overlap"] for i, st in self.matrix_states() if i is not None}
+        return {self.param_names[i]: st["overlap"] for i, st in self.matrix_states()}
 
     def refresh_counts(self) -> dict:
         totals = {"refreshes": 0, "refresh_skips": 0, "nonfinite_skips": 0}

@@ -1,0 +1,202 @@
+"""One rank of a DeepSpeed test: runs a list of scenarios in one process group (start-up is paid once).
+
+Importable without side effects: tests use ``build_model``, ``global_batch`` and ``reference_weights``.
+"""
+import copy
+import gc
+import json
+import os
+import sys
+import traceback
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sara_ds  # noqa: E402
+from sara_ds import llama  # noqa: E402
+
+GLOBAL_BATCH, SEQ = 12, 8
+
+
+GRID = 2.0**-24  # fixed-point grid for per-rank gradients: sums of three are exact in fp32, in any order
+
+
+def _to_grid(g):
+    return (g.clamp(-0.25, 0.25) / GRID).round() * GRID
+
+
+def build_model(seed=0, grid_grads=False):
+    """Five identical layers: each param group is partitioned on its own, and an odd layer count puts the
+    2- and 3-rank partition boundaries inside matrices (straddlers)."""
+    torch.manual_seed(seed)
+    model = llama.Llama(llama.LlamaConfig(vocab_size=64, hidden=16, layers=5, heads=2, intermediate=48, max_seq=SEQ))
+    if grid_grads:
+        for p in model.parameters():
+            p.register_hook(_to_grid)
+    return model
+
+
+def global_batch(step):
+    g = torch.Generator().manual_seed(500 + step)
+    tokens = torch.randint(0, 64, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def reference_weights(optimizer="SaraAdamW", params=None, steps=7, world=1, grid_grads=False):
+    """The same training on one process with no DeepSpeed: the layout-invariance oracle.
+
+    With ``world`` > 1 the gradient is formed the way data parallelism forms it:
+    each rank's micro-batch gradient, divided by the world size, summed in rank
+    order. The optimizer then sees the same bits a ZeRO rank sees, so what is
+    compared is the optimizer's layout invariance rather than the round-off of a
+    global-batch mean (which the importance rule can amplify, see test_deepspeed).
+    With ``grid_grads`` per-rank gradients are on a fixed-point grid, summed exactly,
+    then scaled by fl(1/world) as DeepSpeed's all-reduce path does.
+    """
+    params = dict(params or {})
+    selection = {k: params.pop(k) for k in list(params) if k in ("rank", "update_proj_gap", "scale", "proj_type")}
+    model = build_model(grid_grads=grid_grads)
+    opt = sara_ds.OPTIMIZERS[optimizer](sara_ds.param_groups(model, **selection), **params)
+    per = GLOBAL_BATCH // world
+    for step in range(steps):
+        x, y = global_batch(step)
+        total = None
+        for r in range(world):
+            opt.zero_grad()
+            model(x[r * per:(r + 1) * per], y[r * per:(r + 1) * per]).backward()
+            grads = [p.grad.clone() if grid_grads else p.grad / world for p in model.parameters()]
+            total = grads if total is None else [t + g for t, g in zip(total, grads)]
+        if grid_grads:
+            total = [t * (1.0 / world) for t in total]
+        for p, g in zip(model.parameters(), total):
+            p.grad = g
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
+
+
+def ds_config(sc, world):
+    zero = {"stage": 2, "reduce_scatter": True, "overlap_comm": False, "contiguous_gradients": True}
+    zero.update(sc.get("zero", {}))
+    cfg = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "optimizer": {"type": sc.get("optimizer", "SaraAdamW"), "params": sc["params"]},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+    }
+    if sc.get("dtype") == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    if sc.get("dtype") == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": sc.get("initial_scale_power", 8), "loss_scale_window": 2}
+    if zero.get("offload_optimizer"):
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    cfg.update(sc.get("extra_config", {}))
+    return cfg
+
+
+def make_engine(sc, world):
+    import deepspeed
+
+    model = build_model(grid_grads=sc.get("grid_grads", False))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(sc, world))
+    return model, engine
+
+
+def inner(engine):
+    opt = engine.optimizer
+    return opt.optimizer if hasattr(opt, "optimizer") else opt
+
+
+def full_weights(model, engine):
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for n, p in model.named_parameters():
+        v = safe_get_full_fp32_param(p) if engine.zero_optimization() else p.detach().float()
+        out[n] = v.detach().clone()
+    return out
+
+
+def train(engine, start, steps, rank, world):
+    per = GLOBAL_BATCH // world
+    losses = []
+    for step in range(start, steps):
+        x, y = global_batch(step)
+        loss = engine(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def run_scenario(sc, rank, world, tmp):
+    import torch.distributed as dist
+
+    result = {"name": sc.get("name")}
+    model, engine = make_engine(sc, world)
+    opt = inner(engine)
+    steps = sc.get("steps", 7)
+    if "load_from" in sc:
+        engine.load_checkpoint(sc["load_from"])
+        train(engine, sc.get("resume_step", 0), sc.get("resume_step", 0) + 1, rank, world)
+    elif sc.get("resume_at"):
+        train(engine, 0, sc["resume_at"], rank, world)
+        ckpt = os.path.join(tmp, f"ckpt-{sc['name']}")
+        engine.save_checkpoint(ckpt, tag="mid")
+        dist.barrier()
+        del engine
+        gc.collect()
+        model, engine = make_engine(sc, world)
+        engine.load_checkpoint(ckpt, tag="mid")
+        opt = inner(engine)
+        train(engine, sc["resume_at"], steps, rank, world)
+    else:
+        result["losses"] = train(engine, 0, steps, rank, world)
+    if "save_to" in sc:
+        engine.save_checkpoint(sc["save_to"], tag="final")
+    result["weights"] = full_weights(model, engine)
+    gathered = [None] * world
+    layouts = getattr(opt, "_zero_layouts", {})
+    straddlers = sum(1 for lay in layouts.values() for f in lay.fragments
+                     if f.numel < opt.original_params[f.index].numel() and opt.original_params[f.index].dim() == 2)
+    mine = {"state_bytes": opt.state_bytes(), "straddlers": straddlers, "counts": opt.refresh_counts(),
+            "matrices": sorted(i for i, _ in opt.matrix_states()),
+            "overlaps": opt.subspace_overlaps(), "type": type(opt).__name__, "wrapper": type(engine.optimizer).__name__}
+    dist.all_gather_object(gathered, mine)
+    result["ranks"] = gathered
+    dist.barrier()
+    del engine
+    gc.collect()
+    return result
+
+
+def main(spec_path):
+    import deepspeed
+    import torch.distributed as dist
+
+    from sara_ds.integrations import deepspeed as sara_deepspeed
+
+    warnings.filterwarnings("ignore")
+    spec = json.load(open(spec_path))
+    sara_deepspeed.prepare_cpu_launch()
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    for sc in spec["scenarios"]:
+        try:
+            results.append(run_scenario(sc, rank, world, spec["tmp"]))
+        except Exception as exc:  # scenarios that expect an error report it instead of dying
+            if not sc.get("expect_error"):
+                traceback.print_exc()
+                raise
+            results.append({"name": sc.get("name"), "error": f"{type(exc).__name__}: {exc}"})
+            gc.collect()
+    if rank == 0:
+        torch.save(results, spec["out"])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
