@@ -1,0 +1,116 @@
+"""The main job (examples/train.py) through the real `deepspeed` launcher, every shipped config, and a rank crash."""
+import csv
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from launch_utils import ROOT, base_env, free_port, run_ranks  # noqa: E402
+
+TRAIN = os.path.join(ROOT, "examples", "train.py")
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+SMALL = ["--hidden", "64", "--layers", "2", "--heads", "2", "--seq_len", "64", "--no_progress"]
+
+
+def _deepspeed(args, cwd, timeout=300, env=None):
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, *args]
+    return subprocess.run(cmd, cwd=cwd, env=env or base_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _shm_files():
+    return set(glob.glob("/dev/shm/deepspeed*"))
+
+
+def test_main_job_through_the_deepspeed_launcher(tmp_path):
+    ext = tmp_path / "ext"
+    shm_before = _shm_files()
+    config = os.path.join(ROOT, "configs", "ds", "sara.json")
+    summary = tmp_path / "summary.json"
+    run = _deepspeed(["--deepspeed_config", config, "--steps", "60", "--eval_interval", "30", "--eval_batches", "2",
+                      "--summary_json", str(summary), *SMALL], cwd=tmp_path, env=base_env(TORCH_EXTENSIONS_DIR=ext))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    out = run.stdout + run.stderr
+    assert "[sara_ds] summary:" in out and "val ppl 30:" in out
+    result = json.loads(summary.read_text())
+    assert result["world"] == 2 and result["launcher"] == "deepspeed" and result["val_history"][-1][1] < 4096
+    assert result["refreshes"] == 2 * 7 * 2  # 14 matrices, refreshed at steps 0 and 50
+    # subspace overlap logged through DeepSpeed's csv_monitor
+    overlap_files = glob.glob(str(tmp_path / "runs" / "sara" / "Train_subspace_overlap_mean.csv"))
+    assert overlap_files, os.listdir(tmp_path / "runs" / "sara")
+    rows = list(csv.reader(open(overlap_files[0])))
+    assert len(rows) >= 2 and 0.0 <= float(rows[-1][1]) <= 1.0
+    # the CPU traps: nothing JIT-compiled, nothing left in /dev/shm
+    assert not any(ext.rglob("*.so")) and _shm_files() <= shm_before
+
+
+@pytest.mark.parametrize("name", sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "configs", "ds", "*.json"))))
+def test_every_shipped_config_trains(name, tmp_path):
+    config = os.path.join(ROOT, "configs", "ds", f"{name}.json")
+    summary = tmp_path / "summary.json"
+    results = run_ranks(TRAIN, 2, ["--deepspeed_config", config, "--steps", "4", "--eval_interval", "4",
+                                   "--eval_batches", "1", "--summary_json", summary, *SMALL], timeout=300)
+    for rank, (code, log) in enumerate(results):
+        assert code == 0, f"rank {rank}: {log[-3000:]}"
+    result = json.loads(summary.read_text())
+    cfg = json.load(open(config))
+    expected_type = cfg["optimizer"]["type"]
+    if cfg["zero_optimization"]["stage"] == 0:
+        assert result["refreshes"] == 2 * 14  # replicated: every rank refreshes every matrix
+    else:
+        assert 14 <= result["refreshes"] <= 14 + 2  # partitioned; a straddler is refreshed by each owner
+    assert result["final_loss"] < 8.4, result
+    assert f"optimizer={expected_type}" in results[0][1]
+
+
+def _children_with(pid, marker):
+    import psutil
+
+    return [c for c in psutil.Process(pid).children(recursive=True) if marker in " ".join(c.cmdline())]
+
+
+def test_a_killed_rank_ends_the_job_and_resume_reaches_the_same_weights(tmp_path):
+    config = os.path.join(ROOT, "configs", "ds", "sara.json")
+    common = ["--deepspeed_config", config, "--steps", "40", "--eval_interval", "40", "--eval_batches", "1", *SMALL]
+    straight = tmp_path / "straight.pt"
+    run = _deepspeed([*common, "--dump_weights", str(straight)], cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:]
+
+    ckpt = tmp_path / "ckpt"
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, *common,
+           "--save_dir", str(ckpt), "--save_interval", "10"]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (ckpt / "step20").exists() and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+        assert (ckpt / "step20").exists(), "no checkpoint appeared"
+        victims = _children_with(launcher.pid, "--local_rank=1")
+        assert victims, "rank 1 not found"
+        killed_at = time.time()
+        victims[0].send_signal(signal.SIGKILL)
+        launcher.wait(timeout=120)  # must end, not hang on the dead peer
+        ended_after = time.time() - killed_at
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    print(f"\nrank 1 SIGKILLed; the job ended after {ended_after:.1f}s with code {launcher.returncode}")
+    assert launcher.returncode != 0
+
+    latest = (ckpt / "latest").read_text().strip()
+    assert latest in ("step20", "step30"), latest
+    resumed = tmp_path / "resumed.pt"
+    run = _deepspeed([*common, "--save_dir", str(ckpt), "--resume", "--dump_weights", str(resumed)], cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert f"steps={latest[4:]}->40" in run.stdout
+    a, b = torch.load(straight), torch.load(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
