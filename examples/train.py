@@ -115,7 +115,12 @@ def main():
         progress = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stdout)
     gap = next((g["update_proj_gap"] for g in sara_opt.param_groups if "rank" in g), None)
     t0, loss_value, history = time.time(), float("nan"), []
+    # SARA_DS_FAULT=RANK:STEP makes that rank die at that step (for testing that a crash ends the job)
+    fault = tuple(int(v) for v in os.environ["SARA_DS_FAULT"].split(":")) if os.environ.get("SARA_DS_FAULT") else None
     for step in range(start, steps):
+        if fault and fault == (rank, step):
+            print(f"[sara_ds] rank {rank}: injected fault at step {step}", flush=True)
+            os._exit(3)
         for micro_step in range(gas):
             x, y = data.get(step * gas + micro_step, rank, world)
             loss = engine(x.to(device), y.to(device))
@@ -156,6 +161,11 @@ def main():
         from deepspeed.utils import safe_get_full_fp32_param
         value = safe_get_full_fp32_param(p) if engine.zero_optimization() else p.detach().float()
         full[n] = value.detach().cpu().clone()
+    global_loss = torch.tensor([loss_value], dtype=torch.float64)
+    dist.all_reduce(global_loss)
+    checksum = float(sum(t.double().sum() for t in full.values()))
+    print(f"[sara_ds] rank {rank}/{world}: mean final loss {global_loss.item() / world:.6f} "
+          f"weights checksum {checksum:.10e}", flush=True)
     if rank == 0:
         tokens = (steps - start) * global_batch * args.seq_len
         summary = {
@@ -165,7 +175,7 @@ def main():
             "optimizer_state_bytes_per_rank": state_bytes,
             "mean_subspace_overlap": statistics.mean(ov.values()) if ov else None,
             "refreshes": sum(c["refreshes"] for c in counts),
-            "weights_checksum": float(sum(t.double().sum() for t in full.values())),
+            "weights_checksum": checksum,
         }
         print("=" * 72)
         print(f"[sara_ds] summary: {steps - start} steps in {elapsed:.1f}s "
