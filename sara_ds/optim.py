@@ -5,7 +5,7 @@ One projected matrix, one step (the whole algorithm):
     if step % T == 0:  B = rule(G)                       # subspace.py, every T steps
     A = G or G^T;  R = B^T A                            # projector.py, canonical orientation
     N, c = base(R, moments)                             # updates.py: AdamW / Adafactor / Adam-mini
-    D = scale * B N  (+ fira_residual(A, R, N))         # updates.py
+    D = scale * B N  (+ fira_residual(G, R, N))         # back in the weight's own layout
     W -= lr * c * D;  W -= lr * wd * W                  # decoupled decay after the step, as galore-torch
 
 Groups that carry ``rank`` are projected (galore-torch's convention); other
@@ -141,11 +141,12 @@ class SaraOptimizer(torch.optim.Optimizer):
         if st["base_step"] == 1 and "exp_avg" not in st and "exp_avg_sq_row" not in st:
             st.update(self.base.init(r, True, group))
         n, step_scale = self.base.direction(r, st, group, st["base_step"])
-        update = projector.project_back(n, basis).mul_(group["scale"])
+        update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
         if group["residual"] == "fira":
-            update += updates.fira_residual(a, r, n, projector.project_back(r, basis).mul_(group["scale"]), st["fira_norm"])
-        delta = projector.oriented(update, left).reshape(slot.grad.shape)
-        self._apply(slot, delta, group["lr"] * step_scale, group)
+            back_r = projector.project_back_to_param(r, basis, left).mul_(group["scale"])
+            factor = projector.rank_axis_factor(updates.fira_scaling(r, n), left)
+            update += updates.fira_residual(grad.float(), back_r, factor, st["fira_norm"])
+        self._apply(slot, update.reshape(slot.grad.shape), group["lr"] * step_scale, group)
         if group["subspace"] == "online_pca":
             self._online_pca_step(st, a, group)
 

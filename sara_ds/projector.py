@@ -42,6 +42,17 @@ def project_back(n: Tensor, basis: Tensor) -> Tensor:
     return basis @ n
 
 
+def project_back_to_param(n: Tensor, basis: Tensor, left: bool) -> Tensor:
+    """B N, produced directly in the parameter's layout ((B N)^T = N^T B^T for a right basis), so
+    the update is contiguous where the weight is and adding it is not a strided walk."""
+    return basis @ n if left else n.mT @ basis.mT
+
+
+def rank_axis_factor(factor: Tensor, left: bool) -> Tensor:
+    """A per-column factor of the canonical orientation, shaped to broadcast over the parameter."""
+    return factor.unsqueeze(0) if left else factor.unsqueeze(1)
+
+
 def change_of_basis(new: Tensor, old: Tensor) -> Tensor:
     """C = B_new^T B_old, so coordinates in the old basis map to the new one by C @ x."""
     return new.mT @ old

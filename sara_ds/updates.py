@@ -142,17 +142,22 @@ BASES = {
 FIRA_GROWTH_LIMIT = 1.01
 
 
-def fira_residual(a: Tensor, r: Tensor, n: Tensor, back_r: Tensor, prev_norm: Tensor) -> Tensor:
+def fira_scaling(r: Tensor, n: Tensor) -> Tensor:
+    """Fira's norm ratio ||N_col|| / ||R_col||, one per column (norms along the rank axis)."""
+    return n.norm(dim=0) / (r.norm(dim=0) + 1e-8)
+
+
+def fira_residual(g: Tensor, back_r: Tensor, factor: Tensor, prev_norm: Tensor) -> Tensor:
     """Fira's norm-based scaling of the gradient the subspace misses, with its norm-growth limiter.
 
     Follows the official code, which produced the published numbers: the residual
-    is A - scale * B R (``back_r`` carries the scale), each column is scaled by
-    ||N_col|| / ||R_col|| (norms along the rank axis), and if the residual norm
-    grows by more than 1.01x since the last step it is cut back to 1.01x.
-    ``prev_norm`` (a 0-d tensor, +inf before the first step) is updated in place.
+    is G - scale * B R (``back_r`` carries the scale), scaled by ``factor``
+    (``fira_scaling``, broadcast along the rank axis), and if its norm grows by
+    more than 1.01x since the last step it is cut back to 1.01x. ``prev_norm``
+    (a 0-d tensor, +inf before the first step) is updated in place. Layout-agnostic:
+    pass ``g`` and ``back_r`` in any one orientation with ``factor`` shaped to match.
     """
-    factor = n.norm(dim=0) / (r.norm(dim=0) + 1e-8)
-    residual = (a - back_r) * factor
+    residual = (g - back_r).mul_(factor)
     norm = residual.norm()
     limiter = torch.clamp(norm / (prev_norm + 1e-8), min=FIRA_GROWTH_LIMIT) / FIRA_GROWTH_LIMIT
     residual.div_(limiter)
