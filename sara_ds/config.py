@@ -129,6 +129,15 @@ def validate_group(group: dict, base: str, group_index=None) -> None:
             f"got moments_on_refresh={group['moments_on_refresh']!r}{w}"
         )
     _number("grass_walk_angle", group["grass_walk_angle"], w, low=0.0, low_open=True, high=3.1416)
+    from .sharding.tensor_parallel import TP_SPECTRA
+
+    if group["tp_spectrum"] not in TP_SPECTRA:
+        raise ValueError(f"sara_ds: tp_spectrum must be one of {TP_SPECTRA}, got tp_spectrum={group['tp_spectrum']!r}{w}")
+    _positive_int("sketch_oversample", group["sketch_oversample"], w)
+    if isinstance(group["sketch_power_iters"], bool) or not isinstance(group["sketch_power_iters"], numbers.Integral) \
+            or group["sketch_power_iters"] < 0:
+        raise ValueError(f"sara_ds: sketch_power_iters must be a non-negative integer, "
+                         f"got sketch_power_iters={group['sketch_power_iters']!r}{w}")
     if group["osd_lr"] is not None:
         _number("osd_lr", group["osd_lr"], w, low=0.0)
     _number("osd_orth_penalty", group["osd_orth_penalty"], w, low=0.0)

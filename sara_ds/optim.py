@@ -33,10 +33,12 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     base_name = "adamw"
 
-    def __init__(self, params, defaults: dict, preset, subspace_rule, residual, moments_on_refresh):
+    def __init__(self, params, defaults: dict, preset, subspace_rule, residual, moments_on_refresh, tp_group=None):
         rules = resolve_preset(preset, subspace_rule, residual, moments_on_refresh)
         defaults = dict(defaults, **rules, **PROJECTION_DEFAULTS)
         super().__init__(params, defaults)
+        # Process group over which Megatron-style TP-sharded weights are split (not saved: not a hyperparameter).
+        self.tp_group = tp_group
         self.base = updates.BASES[self.base_name]
         # Stable matrix ids: position in the parameter order given at construction.
         # Engines (ZeRO, mixed-precision wrappers) later swap group['params'] for
@@ -67,13 +69,18 @@ class SaraOptimizer(torch.optim.Optimizer):
     def _slots(self, group) -> list[Slot]:
         members = self.group_members[group["sara_group"]]
         params = group["params"]
+
+        def spectral_for(p):
+            return tensor_parallel.spectral_for(p, self.tp_group, group["tp_spectrum"], group["sketch_oversample"],
+                                                group["sketch_power_iters"])
+
         if all(id(p) in self._index_of for p in params):
-            return plain_slots(params, [self._index_of[id(p)] for p in params], self.state)
+            return plain_slots(params, [self._index_of[id(p)] for p in params], self.state, spectral_for)
         if zero.is_flat_partition(params, self.original_params):
             return zero.partition_slots(params, members, self.original_params, self.state, self._zero_layouts,
-                                        needs_full=lambda i: self._needs_full_matrix(group, i))
+                                        needs_full=lambda i: self._needs_full_matrix(group, i), spectral_for=spectral_for)
         if len(params) == len(members) and all(p.shape == self.original_params[i].shape for p, i in zip(params, members)):
-            return plain_slots(params, members, self.state)  # fp32 master copies of the same params, in order
+            return plain_slots(params, members, self.state, spectral_for)  # fp32 master copies, in order
         raise RuntimeError(
             "sara_ds: cannot map the tensors in param group "
             f"{group['sara_group']} back to the model parameters this optimizer was built with. "
@@ -118,13 +125,13 @@ class SaraOptimizer(torch.optim.Optimizer):
             st.update(self.base.init(grad, False, group))
         st["step"] += 1
         direction, step_scale = self.base.direction(grad, st, group, st["step"])
-        self._apply(slot, direction, group["lr"] * step_scale, group)
+        self._apply(slot, direction, group["lr"] * step_scale, group)  # full-rank params are never TP-split here
 
     def _projected_step(self, slot: Slot, group) -> None:
         st = slot.state
         grad = projector.as_matrix(slot.grad)
         if "basis" not in st:
-            self._init_matrix_state(st, grad, group, slot.index)
+            self._init_matrix_state(st, grad, group, slot.index, slot.spectral)
         if self._refresh_due(st, group):
             self._refresh(st, grad, group, slot)
         if "basis" not in st:  # first refresh saw a non-finite gradient: nothing to project on yet
@@ -140,18 +147,19 @@ class SaraOptimizer(torch.optim.Optimizer):
         st["base_step"] += 1
         if st["base_step"] == 1 and "exp_avg" not in st and "exp_avg_sq_row" not in st:
             st.update(self.base.init(r, True, group))
-        n, step_scale = self.base.direction(r, st, group, st["base_step"])
+        reduce = slot.spectral.reduce_sum
+        n, step_scale = self.base.direction(r, st, group, st["base_step"], reduce)
         update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
         if group["residual"] == "fira":
             back_r = projector.project_back_to_param(r, basis, left).mul_(group["scale"])
             factor = projector.rank_axis_factor(updates.fira_scaling(r, n), left)
-            update += updates.fira_residual(grad.float(), back_r, factor, st["fira_norm"])
+            update += updates.fira_residual(grad.float(), back_r, factor, st["fira_norm"], reduce)
         self._apply(slot, update.reshape(slot.grad.shape), group["lr"] * step_scale, group)
         if group["subspace"] == "online_pca":
-            self._online_pca_step(st, a, group)
+            self._online_pca_step(st, a, group, reduce)
 
-    def _init_matrix_state(self, st: dict, grad: Tensor, group, index: int) -> None:
-        rows, cols = grad.shape
+    def _init_matrix_state(self, st: dict, grad: Tensor, group, index: int, spectral) -> None:
+        rows, cols = spectral.full_shape(grad.shape)
         left = tensor_parallel.basis_on_left(self.original_params[index], rows, cols, group["proj_type"])
         rank = group["rank"]
         if rank > min(rows, cols):
@@ -175,10 +183,10 @@ class SaraOptimizer(torch.optim.Optimizer):
         old = st.get("basis")
         refresh_index = st["step"] // group["update_proj_gap"]
         gen = subspace.refresh_generator(group["seed"], slot.index, refresh_index)
-        if not slot.grad_is_finite():
+        if not slot.spectral.all_finite(slot.grad):
             st["refresh_skips"] += 1  # keep the old basis; a NaN spectrum would poison it
             return
-        new = self._choose_basis(group, grad, st, old, gen, slot)
+        new = slot.spectral.synchronize(self._choose_basis(group, grad, st, old, gen, slot))
         st["refreshes"] += 1
         if old is None:
             st["basis"] = new
@@ -204,14 +212,14 @@ class SaraOptimizer(torch.optim.Optimizer):
             return subspace.grassmann_walk(old, group["grass_walk_angle"], gen)
         # dominant, importance, and the SVD start of online_pca and grass_walk
         spectral_rule = rule if rule in subspace.SPECTRAL_RULES else "dominant"
-        sigma, vectors = slot.spectrum(grad, left)
-        idx = subspace.spectral_indices(spectral_rule, sigma, rank, gen)
+        sigma, vectors = slot.spectral.spectrum(grad, left, gen, rank)
+        idx = subspace.spectral_indices(spectral_rule, sigma, min(rank, sigma.numel()), gen)
         return vectors[:, idx.to(vectors.device)].contiguous()
 
-    def _online_pca_step(self, st: dict, a: Tensor, group) -> None:
+    def _online_pca_step(self, st: dict, a: Tensor, group, reduce) -> None:
         """One Adam step on B for the online-PCA loss (OSD); lr follows the weight schedule."""
         basis = st["basis"]
-        g = subspace.online_pca_gradient(basis, a, group["osd_orth_penalty"])
+        g = subspace.online_pca_gradient(basis, a, group["osd_orth_penalty"], reduce)
         st["basis_step"] += 1
         moments = {"exp_avg": st["basis_exp_avg"], "exp_avg_sq": st["basis_exp_avg_sq"]}
         direction, step_scale = updates.adamw_direction(g, moments, _OSD_BASIS_ADAM, st["basis_step"])
@@ -266,9 +274,11 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
-def _common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty):
+def _common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum, sketch_oversample,
+            sketch_power_iters):
     return dict(lr=lr, weight_decay=weight_decay, eps=eps, seed=seed, grass_walk_angle=grass_walk_angle,
-                osd_lr=osd_lr, osd_orth_penalty=osd_orth_penalty)
+                osd_lr=osd_lr, osd_orth_penalty=osd_orth_penalty, tp_spectrum=tp_spectrum,
+                sketch_oversample=sketch_oversample, sketch_power_iters=sketch_power_iters)
 
 
 class SaraAdamW(SaraOptimizer):
@@ -277,17 +287,21 @@ class SaraAdamW(SaraOptimizer):
     Drop-in for galore-torch's ``GaLoreAdamW``: groups with ``rank`` (and
     ``update_proj_gap``, ``scale``, ``proj_type``) are projected. ``preset`` picks a
     paper's switches (see ``sara_ds.config.PRESETS``); ``subspace``, ``residual``
-    and ``moments_on_refresh`` set them one by one.
+    and ``moments_on_refresh`` set them one by one. For Megatron tensor-parallel
+    weights pass ``tp_group``; ``tp_spectrum`` ('tsqr', 'gram' or 'sketch') says how
+    the full matrix's spectrum is formed from the shards at a refresh.
     """
 
     base_name = "adamw"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, *,
                  preset=None, subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0,
-                 grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1):
-        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty),
+                 grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr",
+                 sketch_oversample=8, sketch_power_iters=2):
+        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
+                                sketch_oversample, sketch_power_iters),
                         betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, correct_bias=correct_bias)
-        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh)
+        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
 
 
 class SaraAdafactor(SaraOptimizer):
@@ -301,10 +315,12 @@ class SaraAdafactor(SaraOptimizer):
 
     def __init__(self, params, lr=1e-2, beta1=None, decay_rate=-0.8, eps=1e-30, clip_threshold=1.0, weight_decay=0.0,
                  *, preset=None, subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0,
-                 grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1):
-        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty),
+                 grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr",
+                 sketch_oversample=8, sketch_power_iters=2):
+        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
+                                sketch_oversample, sketch_power_iters),
                         beta1=beta1, decay_rate=decay_rate, clip_threshold=clip_threshold)
-        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh)
+        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
 
 
 class SaraAdamMini(SaraOptimizer):
@@ -314,10 +330,12 @@ class SaraAdamMini(SaraOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, preset=None,
                  subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0, grass_walk_angle=0.5,
-                 osd_lr=None, osd_orth_penalty=0.1):
-        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty),
+                 osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr", sketch_oversample=8,
+                 sketch_power_iters=2):
+        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
+                                sketch_oversample, sketch_power_iters),
                         betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas)
-        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh)
+        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
 
 
 OPTIMIZERS = {"SaraAdamW": SaraAdamW, "SaraAdafactor": SaraAdafactor, "SaraAdamMini": SaraAdamMini}

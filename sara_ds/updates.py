@@ -3,7 +3,8 @@
 Each base is three functions on a plain dict of tensors:
 
     init(x, projected, hp)      -> state dict for a gradient shaped like x
-    direction(x, state, hp, n)  -> (N, step_scale); n counts base updates so far (1-based)
+    direction(x, state, hp, n, reduce)  -> (N, step_scale); n counts base updates so far (1-based);
+                                  reduce sums a tensor over tensor-parallel shards of x's columns
     transport(state, C)         -> rotate rank-axis statistics into a new basis (C = B_new^T B_old)
 
 The weight moves by  -lr * step_scale * scale * back(N). For projected tensors the
@@ -38,7 +39,7 @@ def adamw_init(x: Tensor, projected: bool, hp: dict) -> dict:
     return {"exp_avg": torch.zeros_like(x), "exp_avg_sq": torch.zeros_like(x)}
 
 
-def adamw_direction(x: Tensor, state: dict, hp: dict, n: int):
+def adamw_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None):
     beta1, beta2 = hp["betas"]
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m.mul_(beta1).add_(x, alpha=1.0 - beta1)
@@ -68,12 +69,14 @@ def adafactor_init(x: Tensor, projected: bool, hp: dict) -> dict:
     return state
 
 
-def adafactor_direction(x: Tensor, state: dict, hp: dict, n: int):
+def adafactor_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None):
+    reduce = reduce or (lambda t: t)
     beta2t = 1.0 - math.pow(n, hp["decay_rate"])
     sq = x.square().add_(hp["eps"])
+    columns = reduce(torch.tensor(float(x.shape[-1]), device=x.device))  # the row mean runs over all shards
     if "exp_avg_sq_row" in state:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        row.mul_(beta2t).add_(sq.mean(dim=1), alpha=1.0 - beta2t)
+        row.mul_(beta2t).add_(reduce(sq.sum(dim=1)) / columns, alpha=1.0 - beta2t)
         col.mul_(beta2t).add_(sq.mean(dim=0), alpha=1.0 - beta2t)
         r_factor = (row / row.mean()).rsqrt_().unsqueeze(1)
         update = x * r_factor * col.rsqrt().unsqueeze(0)
@@ -81,7 +84,7 @@ def adafactor_direction(x: Tensor, state: dict, hp: dict, n: int):
         v = state["exp_avg_sq"]
         v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
         update = x * v.rsqrt()
-    rms = update.norm() / math.sqrt(update.numel())
+    rms = (reduce(update.square().sum()) / (columns * (update.numel() // x.shape[-1]))).sqrt()
     update.div_((rms / hp["clip_threshold"]).clamp_(min=1.0))
     if hp["beta1"]:
         m = state["exp_avg"]
@@ -115,7 +118,7 @@ def adam_mini_init(x: Tensor, projected: bool, hp: dict) -> dict:
     return {"exp_avg": torch.zeros_like(x), "v_block": x.new_zeros(v_shape), "v_over_rank_axis": projected}
 
 
-def adam_mini_direction(x: Tensor, state: dict, hp: dict, n: int):
+def adam_mini_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None):
     beta1, beta2 = hp["betas"]
     m, v = state["exp_avg"], state["v_block"]
     dims = _mini_dims(x, state["v_over_rank_axis"])
@@ -147,7 +150,7 @@ def fira_scaling(r: Tensor, n: Tensor) -> Tensor:
     return n.norm(dim=0) / (r.norm(dim=0) + 1e-8)
 
 
-def fira_residual(g: Tensor, back_r: Tensor, factor: Tensor, prev_norm: Tensor) -> Tensor:
+def fira_residual(g: Tensor, back_r: Tensor, factor: Tensor, prev_norm: Tensor, reduce=lambda t: t) -> Tensor:
     """Fira's norm-based scaling of the gradient the subspace misses, with its norm-growth limiter.
 
     Follows the official code, which produced the published numbers: the residual
@@ -158,7 +161,7 @@ def fira_residual(g: Tensor, back_r: Tensor, factor: Tensor, prev_norm: Tensor) 
     pass ``g`` and ``back_r`` in any one orientation with ``factor`` shaped to match.
     """
     residual = (g - back_r).mul_(factor)
-    norm = residual.norm()
+    norm = reduce(residual.square().sum()).sqrt()  # the norm of the whole matrix, across TP shards
     limiter = torch.clamp(norm / (prev_norm + 1e-8), min=FIRA_GROWTH_LIMIT) / FIRA_GROWTH_LIMIT
     residual.div_(limiter)
     prev_norm.copy_(norm / limiter)

@@ -35,7 +35,7 @@ SELECTION_KEYS = {"rank", "update_proj_gap", "scale", "proj_type", "include", "e
 
 def _constructor_keys(cls) -> set:
     return {name for name, p in inspect.signature(cls.__init__).parameters.items()
-            if name not in ("self", "params") and p.kind is not p.VAR_KEYWORD}
+            if name not in ("self", "params", "tp_group") and p.kind is not p.VAR_KEYWORD}
 
 
 def _calling_engine():

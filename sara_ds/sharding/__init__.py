@@ -23,13 +23,22 @@ def _identity(t: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class LocalSpectral:
-    """Single-process spectra: nothing is communicated."""
+    """The whole matrix is here: nothing is communicated (see tensor_parallel for the sharded case)."""
 
-    def spectrum(self, matrix: Tensor, left: bool):
+    def spectrum(self, matrix: Tensor, left: bool, generator=None, rank=None):
         return spectral.local_spectrum(matrix, left)
 
     def all_finite(self, grad: Tensor) -> bool:
         return bool(torch.isfinite(grad).all())
+
+    def synchronize(self, basis: Tensor) -> Tensor:
+        return basis
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        return t
+
+    def full_shape(self, local_shape):
+        return tuple(local_shape)
 
 
 LOCAL = LocalSpectral()
@@ -45,14 +54,5 @@ class Slot:
     fragment: bool = False
     spectral: LocalSpectral = LOCAL
 
-    def grad_is_finite(self) -> bool:
-        return self.spectral.all_finite(self.grad)
-
-    def spectrum(self, matrix: Tensor, left: bool):
-        return self.spectral.spectrum(matrix, left)
-
-
-def plain_slots(params, indices, state) -> list[Slot]:
-    from . import tensor_parallel
-
-    return [Slot(i, p.grad, p, state[p], spectral=tensor_parallel.spectral_for(p)) for p, i in zip(params, indices)]
+def plain_slots(params, indices, state, spectral_for) -> list[Slot]:
+    return [Slot(i, p.grad, p, state[p], spectral=spectral_for(p)) for p, i in zip(params, indices)]

@@ -1,16 +1,38 @@
-"""Tensor-parallel (Megatron) weights: which side the basis goes on and how spectra are reduced.
+"""Tensor-parallel (Megatron) weights: spectra of the full matrix from the local shards.
 
 Megatron marks a sharded weight with ``tensor_model_parallel=True`` and
 ``partition_dim`` (0: column-parallel, rows sharded; 1: row-parallel, columns
 sharded). The basis goes on the *unsharded* axis, so projection, the base update
-and back-projection are local on every step and only refreshes communicate.
+and back-projection are local on every step; only a refresh communicates, and
+only small factors.
+
+Write A_i for the local block oriented so that the full matrix is A = [A_1; A_2; ...]
+stacked by rows (A_i = G_i for column-parallel, G_i^T for row-parallel). The basis
+is made of right singular vectors of A, computed by one of:
+
+  tsqr    all-gather the R factors of the local QRs (each min(rows_i, n) x n), then
+          one SVD of the stacked R's. Backward-stable: small singular values, which
+          importance sampling still draws, are as accurate as a direct SVD. Default.
+  gram    all-reduce A_i^T A_i (n x n), then eigh. Fewer bytes at large TP, but
+          squares the condition number: singular values below ~sqrt(eps)*sigma_max
+          lose their accuracy.
+  sketch  shared-seed randomized range finder (k = r + oversample columns, q power
+          iterations, Rayleigh-Ritz for the singular values): all-reduces n x k and
+          k x k only. Rules then choose among the top-k estimated directions.
+
+Every TP rank then takes the basis chosen on TP rank 0 (a broadcast of n x r), so all
+ranks hold bit-identical bases even where their LAPACKs would differ in the last bit.
 """
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .. import projector
 from .. import sharding
+
+TP_SPECTRA = ("tsqr", "gram", "sketch")
 
 
 def is_tp_sharded(param: Tensor) -> bool:
@@ -23,5 +45,82 @@ def basis_on_left(param: Tensor, rows: int, cols: int, proj_type: str) -> bool:
     return projector.basis_on_left(rows, cols, proj_type)
 
 
-def spectral_for(param: Tensor):
+class TensorParallelSpectral:
+    """Spectra of a TP-sharded matrix; counts the bytes this rank puts into collectives."""
+
+    def __init__(self, group, partition_dim: int, method: str = "tsqr", oversample: int = 8, power_iters: int = 2):
+        if method not in TP_SPECTRA:
+            raise ValueError(f"sara_ds: tp_spectrum must be one of {TP_SPECTRA}, got tp_spectrum={method!r}")
+        self.group, self.partition_dim, self.method = group, partition_dim, method
+        self.oversample, self.power_iters = oversample, power_iters
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.bytes_sent = 0
+
+    # -- collectives (all byte accounting goes through here)
+    def _all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        self.bytes_sent += t.numel() * t.element_size()
+        dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    def _all_gather(self, t: Tensor) -> list:
+        self.bytes_sent += t.numel() * t.element_size()
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t.contiguous(), group=self.group)
+        return out
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        return self._all_reduce(t)
+
+    def full_shape(self, local_shape):
+        rows, cols = local_shape
+        return (rows * self.world, cols) if self.partition_dim == 0 else (rows, cols * self.world)
+
+    def all_finite(self, grad: Tensor) -> bool:
+        flag = torch.tensor([1.0 if bool(torch.isfinite(grad).all()) else 0.0], device=grad.device)
+        return bool(self._all_reduce(flag, op=dist.ReduceOp.MIN).item() > 0)
+
+    def synchronize(self, basis: Tensor) -> Tensor:
+        self.bytes_sent += basis.numel() * basis.element_size() if self.rank == 0 else 0
+        dist.broadcast(basis, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return basis
+
+    # -- spectra
+    def spectrum(self, matrix: Tensor, left: bool, generator=None, rank: int | None = None):
+        if left != (self.partition_dim == 1):
+            raise RuntimeError("sara_ds: a tensor-parallel basis must lie on the unsharded axis")
+        a = (matrix if self.partition_dim == 0 else matrix.mT).float()
+        if self.method == "gram":
+            evals, evecs = torch.linalg.eigh(self._all_reduce(a.mT @ a))
+            return evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
+        if self.method == "tsqr":
+            r = torch.linalg.qr(a, mode="r").R
+            _, s, vh = torch.linalg.svd(torch.cat(self._all_gather(r)), full_matrices=False)
+            return s, vh.mT
+        return self._sketch(a, generator, rank)
+
+    def _sketch(self, a: Tensor, generator, rank: int):
+        rows, n = a.shape
+        k = min(n, rank + self.oversample)
+        seed = int(generator.initial_seed()) ^ 0x5EED if generator is not None else 0
+        omega = torch.randn(rows * self.world, k, generator=torch.Generator().manual_seed(seed))
+        omega = omega[self.rank * rows:(self.rank + 1) * rows].to(a)  # this rank's rows of one shared sketch
+        y = self._all_reduce(a.mT @ omega)                            # n x k
+        for _ in range(self.power_iters):
+            q = torch.linalg.qr(y).Q
+            y = self._all_reduce(a.mT @ (a @ q))
+        q = torch.linalg.qr(y).Q
+        b = a @ q
+        evals, evecs = torch.linalg.eigh(self._all_reduce(b.mT @ b))  # Rayleigh-Ritz on span(Q)
+        return evals.flip(0).clamp_min(0).sqrt(), q @ evecs.flip(1)
+
+
+def spectral_for(param: Tensor, tp_group=None, method: str = "tsqr", oversample: int = 8, power_iters: int = 2):
+    """The spectral strategy for one parameter: TP-aware when it is sharded over a real TP group."""
+    if tp_group is not None and is_tp_sharded(param) and dist.get_world_size(tp_group) > 1:
+        cache = param.__dict__.setdefault("_sara_tp_spectral", {})
+        key = (id(tp_group), method, oversample, power_iters)
+        if key not in cache:
+            cache[key] = TensorParallelSpectral(tp_group, param.partition_dim, method, oversample, power_iters)
+        return cache[key]
     return sharding.LOCAL

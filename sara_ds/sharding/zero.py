@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import Slot, tensor_parallel
+from . import Slot
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def _reassemble(layout: Layout, flat_grad: Tensor, wanted, original_params) -> d
     return full
 
 
-def partition_slots(params, members, original_params, state, cache: LayoutCache, needs_full) -> list[Slot]:
+def partition_slots(params, members, original_params, state, cache: LayoutCache, needs_full, spectral_for) -> list[Slot]:
     slots = []
     for flat in params:
         layout = cache.get(id(flat))
@@ -126,7 +126,7 @@ def partition_slots(params, members, original_params, state, cache: LayoutCache,
             st = root.setdefault(f.index, {})
             grad = flat.grad.narrow(0, f.hp_start, f.numel)
             target = flat.narrow(0, f.hp_start, f.numel)
-            spectral = tensor_parallel.spectral_for(q)
+            spectral = spectral_for(q)
             if f.numel == q.numel():
                 slots.append(Slot(f.index, grad.view(q.shape), target.view(q.shape), st, spectral=spectral))
             elif f.index in straddlers:
