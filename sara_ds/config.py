@@ -130,7 +130,11 @@ def validate_group(group: dict, base: str, group_index=None) -> None:
         )
     _number("grass_walk_angle", group["grass_walk_angle"], w, low=0.0, low_open=True, high=3.1416)
     from .sharding.tensor_parallel import TP_SPECTRA
+    from .subspace import SIGN_CONVENTIONS
 
+    if group["basis_signs"] not in SIGN_CONVENTIONS:
+        raise ValueError(f"sara_ds: basis_signs must be one of {SIGN_CONVENTIONS}, "
+                         f"got basis_signs={group['basis_signs']!r}{w}")
     if group["tp_spectrum"] not in TP_SPECTRA:
         raise ValueError(f"sara_ds: tp_spectrum must be one of {TP_SPECTRA}, got tp_spectrum={group['tp_spectrum']!r}{w}")
     _positive_int("sketch_oversample", group["sketch_oversample"], w)

@@ -186,7 +186,10 @@ class SaraOptimizer(torch.optim.Optimizer):
         if not slot.spectral.all_finite(slot.grad):
             st["refresh_skips"] += 1  # keep the old basis; a NaN spectrum would poison it
             return
-        new = slot.spectral.synchronize(self._choose_basis(group, grad, st, old, gen, slot))
+        new = self._choose_basis(group, grad, st, old, gen, slot)
+        if group["basis_signs"] == "aligned":
+            new = subspace.align_signs(new, old)
+        new = slot.spectral.synchronize(new)
         st["refreshes"] += 1
         if old is None:
             st["basis"] = new
@@ -275,8 +278,9 @@ def _tensors(obj):
 
 
 def _common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum, sketch_oversample,
-            sketch_power_iters):
+            sketch_power_iters, basis_signs):
     return dict(lr=lr, weight_decay=weight_decay, eps=eps, seed=seed, grass_walk_angle=grass_walk_angle,
+                basis_signs=basis_signs,
                 osd_lr=osd_lr, osd_orth_penalty=osd_orth_penalty, tp_spectrum=tp_spectrum,
                 sketch_oversample=sketch_oversample, sketch_power_iters=sketch_power_iters)
 
@@ -290,6 +294,10 @@ class SaraAdamW(SaraOptimizer):
     and ``moments_on_refresh`` set them one by one. For Megatron tensor-parallel
     weights pass ``tp_group``; ``tp_spectrum`` ('tsqr', 'gram' or 'sketch') says how
     the full matrix's spectrum is formed from the shards at a refresh.
+    ``basis_signs='aligned'`` (default) fixes singular-vector signs so that kept
+    moments mean the same thing however the SVD was computed (1 process, TP, any
+    LAPACK); ``'lapack'`` keeps LAPACK's signs, which is what galore-torch does
+    and reproduces it bit for bit on one process.
     """
 
     base_name = "adamw"
@@ -297,9 +305,9 @@ class SaraAdamW(SaraOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, *,
                  preset=None, subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0,
                  grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr",
-                 sketch_oversample=8, sketch_power_iters=2):
+                 sketch_oversample=8, sketch_power_iters=2, basis_signs="aligned"):
         defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
-                                sketch_oversample, sketch_power_iters),
+                                sketch_oversample, sketch_power_iters, basis_signs),
                         betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, correct_bias=correct_bias)
         super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
 
@@ -316,9 +324,9 @@ class SaraAdafactor(SaraOptimizer):
     def __init__(self, params, lr=1e-2, beta1=None, decay_rate=-0.8, eps=1e-30, clip_threshold=1.0, weight_decay=0.0,
                  *, preset=None, subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0,
                  grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr",
-                 sketch_oversample=8, sketch_power_iters=2):
+                 sketch_oversample=8, sketch_power_iters=2, basis_signs="aligned"):
         defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
-                                sketch_oversample, sketch_power_iters),
+                                sketch_oversample, sketch_power_iters, basis_signs),
                         beta1=beta1, decay_rate=decay_rate, clip_threshold=clip_threshold)
         super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
 
@@ -331,9 +339,9 @@ class SaraAdamMini(SaraOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, preset=None,
                  subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0, grass_walk_angle=0.5,
                  osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr", sketch_oversample=8,
-                 sketch_power_iters=2):
+                 sketch_power_iters=2, basis_signs="aligned"):
         defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
-                                sketch_oversample, sketch_power_iters),
+                                sketch_oversample, sketch_power_iters, basis_signs),
                         betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas)
         super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
 

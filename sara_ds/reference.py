@@ -11,11 +11,11 @@ import math
 
 import torch
 
-from .subspace import importance_indices, refresh_generator
+from .subspace import align_signs, importance_indices, refresh_generator
 
 
 def reference_run(weight, grads, *, rank, gap, scale, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                  rule="importance", fira=False, moments="keep", seed=0, matrix_id=0):
+                  rule="importance", fira=False, moments="keep", seed=0, matrix_id=0, aligned_signs=True):
     """Apply len(grads) SARA-AdamW steps to a copy of ``weight``; return the final weight."""
     w = weight.detach().clone().float()
     m_rows, n_cols = w.shape
@@ -34,6 +34,10 @@ def reference_run(weight, grads, *, rank, gap, scale, lr, betas=(0.9, 0.999), ep
             else:
                 idx = importance_indices(s, r, refresh_generator(seed, matrix_id, t // gap))
             new = u[:, idx] if left else vh[idx, :]            # left: m x r ; right: r x n
+            if aligned_signs:                                   # columns of the d x r basis
+                old_cols = None if proj is None else (proj if left else proj.T)
+                new = align_signs(new if left else new.T, old_cols)
+                new = new if left else new.T
             if proj is not None and exp_avg is not None:
                 c = new.T @ proj if left else new @ proj.T     # r x r change of basis
                 if moments == "transport":

@@ -107,6 +107,27 @@ def online_pca_gradient(basis: Tensor, a: Tensor, orth_penalty: float, reduce=la
     return grad
 
 
+SIGN_CONVENTIONS = ("aligned", "lapack")
+
+
+def align_signs(new: Tensor, old: Tensor | None, min_cosine: float = 0.1) -> Tensor:
+    """Fix the arbitrary sign of each basis vector, so trajectories do not depend on how the SVD was computed.
+
+    Kept moments are reused coordinate by coordinate, so vector j of the new basis
+    takes the sign that agrees with vector j of the old one. Where the two are
+    nearly orthogonal (a different direction was drawn) or there is no old basis,
+    the entry of largest magnitude is made positive.
+    """
+    rows = torch.arange(new.shape[1], device=new.device)
+    canonical = torch.sign(new[new.abs().argmax(dim=0), rows])
+    if old is None:
+        signs = canonical
+    else:
+        cosine = (old * new).sum(dim=0)
+        signs = torch.where(cosine.abs() > min_cosine, torch.sign(cosine), canonical)
+    return new * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
 def overlap(old: Tensor, new: Tensor) -> float:
     """||B_old^T B_new||_F^2 / r: mean squared cosine of the principal angles, in [0, 1]."""
     return float((old.mT @ new).square().sum() / new.shape[1])

@@ -55,13 +55,13 @@ def run_ranks(script, world, args=(), timeout=300, env_extra=None):
     return out
 
 
-def run_scenarios(world, scenarios, timeout=300):
-    """Run tests/ds_worker.py on ``world`` ranks; return rank 0's results (one dict per scenario)."""
+def run_scenarios(world, scenarios, timeout=300, worker="ds_worker.py"):
+    """Run a tests/ worker on ``world`` ranks; return rank 0's results (one dict per scenario)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = os.path.join(tmp, "spec.json")
         with open(spec, "w") as f:
             json.dump({"scenarios": scenarios, "out": os.path.join(tmp, "result.pt"), "tmp": tmp}, f)
-        results = run_ranks(os.path.join(ROOT, "tests", "ds_worker.py"), world, [spec], timeout=timeout)
+        results = run_ranks(os.path.join(ROOT, "tests", worker), world, [spec], timeout=timeout)
         for rank, (code, log) in enumerate(results):
             assert code == 0, f"rank {rank} exited {code}:\n{log[-6000:]}"
         import torch

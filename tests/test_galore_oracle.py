@@ -14,7 +14,9 @@ galore_torch = pytest.importorskip("galore_torch")
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_dominant_adamw_matches_galore_torch_step_for_step(shapes_net, weight_decay):
     ours_model, peer_model = shapes_net, copy.deepcopy(shapes_net)
-    ours = sara_ds.SaraAdamW(galore_groups(ours_model), lr=1e-2, weight_decay=weight_decay, preset="galore")
+    # galore-torch keeps LAPACK's singular-vector signs; so does basis_signs="lapack"
+    ours = sara_ds.SaraAdamW(galore_groups(ours_model), lr=1e-2, weight_decay=weight_decay, preset="galore",
+                             basis_signs="lapack")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peer = galore_torch.GaLoreAdamW(galore_groups(peer_model), lr=1e-2, weight_decay=weight_decay,

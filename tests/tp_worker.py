@@ -1,0 +1,116 @@
+"""One rank of a tensor-parallel test on megatron-core's own ColumnParallelLinear / RowParallelLinear.
+
+Importable without side effects: tests use ``dense_reference`` (the same training on one
+process with plain tensors) and ``TOKENS``.
+"""
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sara_ds  # noqa: E402
+
+HIDDEN, FFN, TOKENS = 16, 48, 6   # gradients have rank <= 6 tokens, so the sampled spectrum is well separated
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(900 + step)
+    return torch.randn(TOKENS, HIDDEN, generator=g), torch.randn(TOKENS, HIDDEN, generator=g)
+
+
+def master_weights(seed=0):
+    """What megatron's CPU initialisation draws for the two layers, before splitting."""
+    torch.manual_seed(seed)
+    w1 = torch.empty(FFN, HIDDEN)
+    torch.nn.init.normal_(w1, std=0.2)
+    w2 = torch.empty(HIDDEN, FFN)
+    torch.nn.init.normal_(w2, std=0.2)
+    return w1, w2
+
+
+def _groups(params, sc):
+    return [dict(params=params, rank=sc.get("rank", 4), update_proj_gap=2, scale=0.5)]
+
+
+def _opt_kwargs(sc):
+    kw = dict(lr=0.02, seed=3, preset=sc["preset"], tp_spectrum=sc.get("mode", "tsqr"))
+    if sc["preset"] == "osd":
+        kw["osd_lr"] = 0.01
+    return kw
+
+
+def dense_reference(sc, steps=7):
+    w1, w2 = (torch.nn.Parameter(w) for w in master_weights())
+    opt = sara_ds.OPTIMIZERS[sc.get("optimizer", "SaraAdamW")](_groups([w1, w2], sc), **_opt_kwargs(sc))
+    for step in range(steps):
+        x, y = batch(step)
+        opt.zero_grad()
+        F.mse_loss(F.gelu(x @ w1.T) @ w2.T, y).backward()
+        opt.step()
+    return {"w1": w1.detach().clone(), "w2": w2.detach().clone()}
+
+
+def run(sc, steps=7):
+    from megatron.core import ModelParallelConfig, parallel_state
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, gather_from_tensor_model_parallel_region
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    cfg = ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True, perform_initialization=True,
+                              sequence_parallel=False, gradient_accumulation_fusion=False)
+    init = lambda w: torch.nn.init.normal_(w, std=0.2)  # noqa: E731
+    torch.manual_seed(0)
+    col = ColumnParallelLinear(HIDDEN, FFN, config=cfg, init_method=init, bias=False, gather_output=False)
+    row = RowParallelLinear(FFN, HIDDEN, config=cfg, init_method=init, bias=False, input_is_parallel=True,
+                            skip_bias_add=False)
+    group = parallel_state.get_tensor_model_parallel_group()
+    opt = sara_ds.OPTIMIZERS[sc.get("optimizer", "SaraAdamW")](_groups([col.weight, row.weight], sc),
+                                                              tp_group=group, **_opt_kwargs(sc))
+    for step in range(steps):
+        x, y = batch(step)
+        opt.zero_grad()
+        h, _ = col(x)
+        out, _ = row(F.gelu(h))
+        F.mse_loss(out, y).backward()
+        opt.step()
+    # all-gather the shards back into full matrices
+    w1 = torch.cat(_gather(col.weight.detach(), group), dim=0)
+    w2 = torch.cat(_gather(row.weight.detach(), group), dim=1)
+    bases = {i: st["basis"].clone() for i, st in opt.matrix_states()}
+    sent = sum(getattr(p, "_sara_tp_spectral", {}) and sum(s.bytes_sent for s in p._sara_tp_spectral.values()) or 0
+               for p in (col.weight, row.weight))
+    return {"w1": w1, "w2": w2, "bases": bases, "bytes_sent": sent, "counts": opt.refresh_counts()}
+
+
+def _gather(t, group):
+    out = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(out, t.contiguous(), group=group)
+    return out
+
+
+def main(spec_path):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    warnings.filterwarnings("ignore")
+    spec = json.load(open(spec_path))
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
+    results = [run(sc, sc.get("steps", 7)) for sc in spec["scenarios"]]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, [{k: r[k] for k in ("bases", "bytes_sent")} for r in results])
+    if dist.get_rank() == 0:
+        for r, *others in zip(results, *gathered):
+            r["bases_per_rank"] = [o["bases"] for o in others]
+            r["bytes_per_rank"] = [o["bytes_sent"] for o in others]
+        torch.save(results, spec["out"])
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
