@@ -115,6 +115,27 @@ class TensorParallelSpectral:
         return evals.flip(0).clamp_min(0).sqrt(), q @ evecs.flip(1)
 
 
+def refresh_bytes(method: str, local_rows: int, n: int, rank: int, oversample: int = 8, power_iters: int = 2,
+                  root: bool = False, itemsize: int = 4) -> int:
+    """Bytes one TP rank puts into collectives at one refresh of one matrix (what ``bytes_sent`` counts).
+
+    A_i is local_rows x n with n the unsharded (basis) side. All methods also all-reduce a
+    4-byte finiteness flag, and TP rank 0 broadcasts the chosen n x r basis.
+    """
+    if method == "tsqr":
+        spectrum = min(local_rows, n) * n
+    elif method == "gram":
+        spectrum = n * n
+    elif method == "sketch":
+        k = min(n, rank + oversample)
+        spectrum = n * k * (1 + power_iters) + k * k
+    elif method == "gather":  # the baseline: all-gather the gradient shard and decompose it everywhere
+        spectrum = local_rows * n
+    else:
+        raise ValueError(f"sara_ds: unknown method={method!r}")
+    return itemsize * (spectrum + 1 + (n * rank if root else 0))
+
+
 def spectral_for(param: Tensor, tp_group=None, method: str = "tsqr", oversample: int = 8, power_iters: int = 2):
     """The spectral strategy for one parameter: TP-aware when it is sharded over a real TP group."""
     if tp_group is not None and is_tp_sharded(param) and dist.get_world_size(tp_group) > 1:
