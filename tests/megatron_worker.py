@@ -1,0 +1,133 @@
+"""One rank: a tiny megatron-core GPTModel trained with get_sara_megatron_optimizer (CPU, gloo).
+
+Megatron's DDP and optimizer wrappers hard-code CUDA devices; the shims that move them to
+the CPU live here, in the tests, and nowhere in the package.
+"""
+import io
+import json
+import os
+import sys
+import warnings
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class CudaToCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if kwargs.get("device") is not None and str(kwargs["device"]).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def install_cpu_shims():
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    CudaToCpu().__enter__()
+
+
+def build(tp_seed=1234):
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    torch.manual_seed(0)
+    tensor_parallel.model_parallel_cuda_manual_seed(tp_seed, inference_rng_tracker=True)
+    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                            tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+                            use_cpu_initialization=True, gated_linear_unit=True, hidden_dropout=0.0,
+                            attention_dropout=0.0, bias_activation_fusion=False, masked_softmax_fusion=False,
+                            apply_rope_fusion=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False)
+    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=128,
+                     max_sequence_length=16, position_embedding_type="rope")
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=False), model)
+    return ddp
+
+
+def make_optimizer(model, sc):
+    from megatron.core.optimizer import OptimizerConfig
+
+    from sara_ds.integrations.megatron import get_sara_megatron_optimizer
+
+    ocfg = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, clip_grad=0.0, bf16=False,
+                           adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-6,
+                           use_distributed_optimizer=sc.get("distributed_optimizer", False))
+    return get_sara_megatron_optimizer(ocfg, [model], rank=4, update_proj_gap=2, preset=sc.get("preset", "sara"),
+                                       seed=7)
+
+
+def train(model, opt, start, steps):
+    from megatron.core import parallel_state
+
+    losses = []
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed(50 + step)
+        tokens = torch.randint(0, 128, (2, 17), generator=g)
+        pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+        opt.zero_grad()
+        model.zero_grad_buffer()
+        loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        if parallel_state.get_data_parallel_world_size() > 1:
+            model.finish_grad_sync()
+        ok, _, _ = opt.step()
+        assert ok
+        losses.append(loss.item())
+    return losses
+
+
+def main(spec_path):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    warnings.filterwarnings("ignore")
+    spec = json.load(open(spec_path))
+    install_cpu_shims()
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=spec["tp"])
+    results = []
+    for sc in spec["scenarios"]:
+        try:
+            model = build()
+            opt = make_optimizer(model, sc)
+        except Exception as exc:  # refusals are reported, not fatal
+            results.append({"error": f"{type(exc).__name__}: {exc}"})
+            continue
+        kinds = [type(o).__name__ + ":" + type(o.optimizer).__name__ for o in opt.chained_optimizers]
+        if sc.get("resume_at"):
+            train(model, opt, 0, sc["resume_at"])
+            buf_m, buf_o = io.BytesIO(), io.BytesIO()
+            torch.save(model.state_dict(), buf_m)
+            torch.save(opt.state_dict(), buf_o)
+            straight = train(model, opt, sc["resume_at"], sc["steps"])
+            buf_m.seek(0), buf_o.seek(0)
+            model = build()
+            opt = make_optimizer(model, sc)
+            model.load_state_dict(torch.load(buf_m, weights_only=False))
+            opt.load_state_dict(torch.load(buf_o, weights_only=False))
+            resumed = train(model, opt, sc["resume_at"], sc["steps"])
+            try:
+                opt.sharded_state_dict(model.sharded_state_dict())
+                torch_dist = "no error"
+            except NotImplementedError as exc:
+                torch_dist = str(exc)
+            results.append({"straight": straight, "resumed": resumed, "kinds": kinds, "torch_dist": torch_dist})
+        else:
+            sara = opt.chained_optimizers[0].optimizer
+            losses = train(model, opt, 0, sc["steps"])
+            results.append({"losses": losses, "kinds": kinds, "refreshes": sara.refresh_counts()["refreshes"],
+                            "projected": sorted(sara.param_names[i] for i, _ in sara.matrix_states())})
+    if dist.get_rank() == 0:
+        torch.save(results, spec["out"])
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,45 @@
+"""get_sara_megatron_optimizer on a tiny megatron-core GPTModel (local layer spec) at TP=1 and TP=2, on CPU."""
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from launch_utils import ROOT, run_ranks  # noqa: E402
+
+
+def _run(tp, scenarios):
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = os.path.join(tmp, "spec.json")
+        json.dump({"tp": tp, "scenarios": scenarios, "out": os.path.join(tmp, "r.pt")}, open(spec, "w"))
+        for rank, (code, log) in enumerate(run_ranks(os.path.join(ROOT, "tests", "megatron_worker.py"), tp, [spec],
+                                                     timeout=300)):
+            assert code == 0, f"rank {rank}:\n{log[-4000:]}"
+        return torch.load(os.path.join(tmp, "r.pt"), weights_only=False)
+
+
+def test_gpt_model_trains_identically_at_tp1_and_tp2():
+    scenarios = [dict(preset=p, steps=5) for p in ("sara", "galore", "sara_fira")]
+    tp1, tp2 = _run(1, scenarios), _run(2, scenarios)
+    for sc, a, b in zip(scenarios, tp1, tp2):
+        print(f"\n{sc['preset']}: TP=1 losses {[round(x, 5) for x in a['losses']]}\n"
+              f"{'':>{len(sc['preset'])}}  TP=2 losses {[round(x, 5) for x in b['losses']]}  ({b['kinds']})")
+        assert b["kinds"][0] == "FP32Optimizer:SaraAdamW" and len(b["kinds"]) >= 2
+        assert all(n.split(".")[-2] in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2") for n in b["projected"])
+        assert len(b["projected"]) == 8 and b["refreshes"] == 8 * 3
+        assert a["losses"][-1] < a["losses"][0]
+        assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) < 1e-5
+
+
+def test_torch_format_checkpoint_resumes_exactly_and_torch_dist_is_refused():
+    (res,) = _run(2, [dict(preset="sara", steps=6, resume_at=3)])  # refresh at step 4 happens after the resume
+    assert res["straight"] == res["resumed"]
+    assert "--ckpt-format torch" in res["torch_dist"]
+
+
+def test_distributed_optimizer_is_refused_with_a_clear_message():
+    (res,) = _run(1, [dict(preset="sara", steps=1, distributed_optimizer=True)])
+    assert "--use-distributed-optimizer" in res["error"]
