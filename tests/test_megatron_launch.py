@@ -1,0 +1,84 @@
+"""The Megatron-LM launcher: --sara-* flags are split off and validated; incompatible Megatron flags are refused.
+
+Running it on Megatron-LM's own pretrain_gpt.py needs a Megatron-LM checkout (not on the package index, and
+megatron-core's wheel ships no megatron.training): set MEGATRON_LM to its path to run that test.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from sara_ds.integrations.megatron_launch import split_argv
+
+BASE = ["--num-layers", "2", "--optimizer", "adam", "--bf16"]
+
+
+def test_sara_flags_are_split_off_and_parsed():
+    opts, rest = split_argv(BASE + ["--sara-rank", "64", "--sara-preset", "sara_fira", "--sara-tp-spectrum", "sketch"])
+    assert rest == BASE and (opts.sara_rank, opts.sara_preset, opts.sara_tp_spectrum) == (64, "sara_fira", "sketch")
+    assert (opts.sara_update_proj_gap, opts.sara_scale, opts.sara_optimizer) == (200, 0.25, "SaraAdamW")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (BASE + ["--sara-preset", "sara"], "--sara-rank"),
+    (BASE + ["--sara-rank", "8", "--sara-rnak", "3"], "--sara-rnak"),
+    (BASE + ["--sara-rank", "8", "--use-distributed-optimizer"], "--use-distributed-optimizer"),
+    (BASE + ["--sara-rank", "8", "--fp16"], "--fp16"),
+    (["--optimizer", "muon", "--sara-rank", "8"], "--optimizer muon"),
+    (BASE + ["--sara-rank", "8", "--save", "ckpt"], "--ckpt-format torch"),
+    (BASE + ["--sara-rank", "8", "--save", "ckpt", "--ckpt-format", "torch_dist"], "--ckpt-format torch"),
+    (BASE, "no --sara-* flags"),
+], ids=["rank-required", "unknown-flag", "dist-opt", "fp16", "muon", "ckpt-default", "ckpt-torch-dist", "none"])
+def test_bad_flags_are_refused_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        split_argv(argv)
+    assert message in (str(err.value) + capsys.readouterr().err)
+
+
+def test_checkpoints_in_torch_format_are_accepted():
+    _, rest = split_argv(BASE + ["--sara-rank", "8", "--save", "c", "--load", "c", "--ckpt-format", "torch"])
+    assert "--ckpt-format" in rest
+
+
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM"), reason="set MEGATRON_LM to a Megatron-LM checkout")
+def test_patch_installs_on_megatron_lm_training():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from sara_ds.integrations import megatron_launch as m; "
+            "o, _ = m.split_argv(['--sara-rank', '8']); m.install(o); import megatron.training.training as t; "
+            "print(t.get_megatron_optimizer.sara_options.sara_rank)")
+    run = subprocess.run([sys.executable, "-c", code, os.environ["MEGATRON_LM"]], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip().endswith("8"), run.stderr[-3000:]
+
+
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM"), reason="set MEGATRON_LM to a Megatron-LM checkout")
+def test_pretrain_gpt_trains_with_sara_at_tp2(tmp_path):
+    """Megatron-LM's own pretrain_gpt.py, TP=2, mock data, through the launcher (CPU shims from this test only).
+
+    Needs in the venv: six, triton, pybind11, and megatron/core/datasets/helpers_cpp built for this Python.
+    """
+    from launch_utils import ROOT, base_env, free_port
+
+    checkout = os.environ["MEGATRON_LM"]
+    args = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --max-position-embeddings 16 "
+            "--micro-batch-size 2 --global-batch-size 2 --train-iters 6 --lr 1e-2 --mock-data --tokenizer-type "
+            "NullTokenizer --vocab-size 128 --tensor-model-parallel-size 2 --transformer-impl local "
+            "--no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion "
+            "--no-rope-fusion --use-cpu-initialization --distributed-backend gloo --clip-grad 0 --eval-iters 0 "
+            "--eval-interval 1000 --optimizer adam --swiglu --position-embedding-type rope --normalization RMSNorm "
+            "--disable-bias-linear --no-persist-layer-norm --log-interval 1 --save ckpt --save-interval 3 "
+            "--ckpt-format torch --sara-rank 4 --sara-update-proj-gap 2").split()
+    env = base_env(TORCHDYNAMO_DISABLE=1, CUDA_DEVICE_MAX_CONNECTIONS=1,
+                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env["PYTHONPATH"] = os.path.join(ROOT, "tests") + os.pathsep + env["PYTHONPATH"]
+    run = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+                          "--master_port", str(free_port()), os.path.join(ROOT, "tests", "megatron_lm_shims.py"),
+                          checkout, os.path.join(checkout, "pretrain_gpt.py"), *args],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-4000:]
+    assert "[sara_ds] Megatron-LM optimizer: SaraAdamW" in out
+    losses = [float(x) for x in re.findall(r"lm loss: ([0-9.E+-]+)", out)]
+    print("\npretrain_gpt.py TP=2 with SARA, lm loss per iteration:", losses)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert (tmp_path / "ckpt" / "iter_0000006").is_dir()
