@@ -38,10 +38,6 @@ def project(a: Tensor, basis: Tensor) -> Tensor:
     return basis.mT @ a
 
 
-def project_back(n: Tensor, basis: Tensor) -> Tensor:
-    return basis @ n
-
-
 def project_back_to_param(n: Tensor, basis: Tensor, left: bool) -> Tensor:
     """B N, produced directly in the parameter's layout ((B N)^T = N^T B^T for a right basis), so
     the update is contiguous where the weight is and adding it is not a strided walk."""

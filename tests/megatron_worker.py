@@ -118,7 +118,9 @@ def main(spec_path):
                 torch_dist = str(exc)
             results.append({"straight": straight, "resumed": resumed, "kinds": kinds, "torch_dist": torch_dist})
         else:
-            sara = opt.chained_optimizers[0].optimizer
+            from sara_ds.integrations.megatron import sara_state
+
+            sara = sara_state(opt)
             losses = train(model, opt, 0, sc["steps"])
             results.append({"losses": losses, "kinds": kinds, "refreshes": sara.refresh_counts()["refreshes"],
                             "projected": sorted(sara.param_names[i] for i, _ in sara.matrix_states())})
