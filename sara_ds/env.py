@@ -81,8 +81,16 @@ def _from_mpi4py():
     return "mpi4py", str(comm.Get_rank()), str(comm.Get_size()), str(local)
 
 
-def _mpi_rendezvous(env):
-    """Rank 0's host and a free port of its, broadcast over MPI (None if mpi4py is unavailable)."""
+def _mpi_rendezvous(env, source=None):
+    """Rank 0's host and a free port of its, broadcast over MPI (None if mpi4py is unavailable).
+
+    mpi4py's wheel loads an MPI library at run time; when several are installed (PyPI's
+    mpich next to Debian's Open MPI, say) it must load the one whose launcher started us,
+    or MPI_Init aborts. The launcher is known here, so its ABI is chosen unless the user did.
+    """
+    abi = {"openmpi": "openmpi", "mpich": "mpich"}.get(source)
+    if abi and "MPI4PY_MPIABI" not in os.environ and "MPI4PY_LIBMPI" not in os.environ:
+        os.environ["MPI4PY_MPIABI"] = abi
     try:
         from mpi4py import MPI
     except ImportError:
@@ -118,7 +126,7 @@ def discover(default_port: int | None = None, environ=None) -> str:
     if int(world) > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
         host, port = None, None
         if source in ("openmpi", "mpich", "mpi4py"):
-            rendezvous = _mpi_rendezvous(env)
+            rendezvous = _mpi_rendezvous(env, source)
             if rendezvous:
                 host, port = rendezvous
         if host is None:

@@ -8,13 +8,14 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[deepspeed,megatron,mpi,dev]"
-# A real SLURM for the cluster tests (Debian's slurm-wlm; the tests start it on localhost themselves).
-if ! command -v slurmctld >/dev/null 2>&1; then
+# A real SLURM for the cluster tests (Debian's slurm-wlm; the tests start it on localhost themselves),
+# and Debian's Open MPI next to PyPI's mpich, so both MPI flavours are exercised.
+if ! command -v slurmctld >/dev/null 2>&1 || [ ! -x /usr/bin/mpirun ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      slurmctld slurmd slurm-client >/dev/null
+      slurmctld slurmd slurm-client openmpi-bin >/dev/null
   else
-    echo "sara_ds: slurmctld not found and cannot apt-get install it; the SLURM tests will be skipped" >&2
+    echo "sara_ds: slurm-wlm / openmpi-bin missing and cannot apt-get install them; those tests will be skipped" >&2
   fi
 fi
 versions=$(DS_ACCELERATOR=cpu .venv/bin/python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null | tail -n 1)

@@ -166,3 +166,23 @@ def test_mpi4py_fallback_discovers_ranks_without_launcher_variables():
     found = sorted(re.findall(r"(\w+) (\d) (\d) (\d) (\S+?) (\d{2,5})(?!\d)", run.stdout))
     assert [f[:4] for f in found] == [("mpi4py", "0", "2", "0"), ("mpi4py", "1", "2", "1")], run.stdout
     assert found[0][4:] == found[1][4:]  # same rendezvous host and port on both ranks
+
+
+def _debian_open_mpi():
+    try:
+        out = subprocess.run(["/usr/bin/mpirun", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "Open MPI" in out
+
+
+@pytest.mark.skipif(not _debian_open_mpi(), reason="Debian's Open MPI (apt-get install openmpi-bin) not installed")
+def test_mpirun_template_with_debian_open_mpi(tmp_path):
+    # mpi4py must load Open MPI's libmpi here even though PyPI's mpich sits in the venv: sara_ds.env picks the ABI
+    env = base_env(OMPI_ALLOW_RUN_AS_ROOT=1, OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, PY=sys.executable, TRAIN_ARGS=SMALL,
+                   NP=2, MPIRUN="/usr/bin/mpirun -x PATH -x PYTHONPATH --mca btl_tcp_if_include lo")
+    run = subprocess.run([os.path.join(ROOT, "launch", "mpirun.sh")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "launcher=openmpi" in run.stdout
+    _assert_ranks_agree(run.stdout, 2)

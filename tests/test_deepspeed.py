@@ -117,6 +117,8 @@ def test_bf16_trains_under_zero_0_1_2():
     # amplifies bf16 round-off (see the round-off test).
     scenarios = [dict(name=f"bf16-{preset}-z{stage}", params=dict(BASE, preset=preset), zero={"stage": stage},
                       dtype="bf16") for stage in (0, 1, 2) for preset in ("galore", "sara")]
+    scenarios.append(dict(name="bf16-sara-z2-offload", params=dict(BASE, preset="sara"), dtype="bf16",
+                          zero={"stage": 2, "offload_optimizer": {"device": "cpu"}}))
     results = run_scenarios(2, scenarios)
     init = {k: v.detach() for k, v in build_model().named_parameters()}
     for sc, res in zip(scenarios, results):
