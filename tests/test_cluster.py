@@ -160,8 +160,10 @@ def test_mpirun_template_with_mpi_rank_discovery(tmp_path):
 def test_mpi4py_fallback_discovers_ranks_without_launcher_variables():
     probe = ("import os, sara_ds.env as e; env = {}; src = e.discover(environ=env); "
              "print(src, env['RANK'], env['WORLD_SIZE'], env['LOCAL_RANK'], env['MASTER_ADDR'], env['MASTER_PORT'])")
+    # With no launcher variables to go by, which MPI library mpi4py loads is the user's choice when several
+    # are installed (here PyPI's mpich and Debian's Open MPI): MPI4PY_MPIABI names it.
     run = subprocess.run([os.path.join(VENV_BIN, "mpiexec"), "-n", "2", sys.executable, "-c", probe],
-                         env=base_env(), capture_output=True, text=True, timeout=120)
+                         env=base_env(MPI4PY_MPIABI="mpich"), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     found = sorted(re.findall(r"(\w+) (\d) (\d) (\d) (\S+?) (\d{2,5})(?!\d)", run.stdout))
     assert [f[:4] for f in found] == [("mpi4py", "0", "2", "0"), ("mpi4py", "1", "2", "1")], run.stdout
