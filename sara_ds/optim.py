@@ -140,7 +140,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         basis, left = st["basis"], st["left"]
         a = projector.oriented(grad.float(), left)
         r = projector.project(a, basis)
-        if not bool(torch.isfinite(r).all()):
+        if not slot.spectral.all_finite(r):  # collective under TP: every shard must skip together
             st["nonfinite_skips"] += 1  # leave weights, moments and basis as they were
             return
         st["step"] += 1
