@@ -58,6 +58,9 @@ def adamw_transport(state: dict, c: Tensor) -> None:
 
 
 # ---------------------------------------------------------------- Adafactor (Shazeer & Stern 2018)
+# As HF's Adafactor with relative_step=False, scale_parameter=False, except that the optional first
+# moment (beta1) averages lr-free directions; HF averages lr-scaled updates, which differs only while lr
+# changes. Keeping lr out makes every base return a direction that the optimizer scales the same way.
 
 def adafactor_init(x: Tensor, projected: bool, hp: dict) -> dict:
     if x.dim() == 2:
