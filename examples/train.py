@@ -156,9 +156,10 @@ def main():
     ov = overlaps()
     counts = [None] * world
     dist.all_gather_object(counts, sara_opt.refresh_counts())
+    from deepspeed.utils import safe_get_full_fp32_param
+
     full = {}
     for n, p in model.named_parameters():
-        from deepspeed.utils import safe_get_full_fp32_param
         value = safe_get_full_fp32_param(p) if engine.zero_optimization() else p.detach().float()
         full[n] = value.detach().cpu().clone()
     global_loss = torch.tensor([loss_value], dtype=torch.float64)

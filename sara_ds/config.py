@@ -4,7 +4,8 @@ from __future__ import annotations
 import numbers
 
 from .projector import PROJ_TYPES
-from .subspace import RULES
+from .sharding.tensor_parallel import TP_SPECTRA
+from .subspace import RULES, SIGN_CONVENTIONS
 
 RESIDUALS = (None, "fira")
 MOMENT_POLICIES = ("keep", "reset", "transport")
@@ -129,9 +130,6 @@ def validate_group(group: dict, base: str, group_index=None) -> None:
             f"got moments_on_refresh={group['moments_on_refresh']!r}{w}"
         )
     _number("grass_walk_angle", group["grass_walk_angle"], w, low=0.0, low_open=True, high=3.1416)
-    from .sharding.tensor_parallel import TP_SPECTRA
-    from .subspace import SIGN_CONVENTIONS
-
     if group["basis_signs"] not in SIGN_CONVENTIONS:
         raise ValueError(f"sara_ds: basis_signs must be one of {SIGN_CONVENTIONS}, "
                          f"got basis_signs={group['basis_signs']!r}{w}")

@@ -152,5 +152,7 @@ def discover(default_port: int | None = None, environ=None) -> str:
         env.setdefault("MASTER_PORT", str(port or default_port or 29500))
     else:
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(default_port or _free_port() if int(world) == 1 else default_port or 29500))
+        # one process: any free port will do; several with no rendezvous info: the conventional default
+        fallback = _free_port() if int(world) == 1 else 29500
+        env.setdefault("MASTER_PORT", str(default_port or fallback))
     return source

@@ -145,8 +145,6 @@ class SaraOptimizer(torch.optim.Optimizer):
             return
         st["step"] += 1
         st["base_step"] += 1
-        if st["base_step"] == 1 and "exp_avg" not in st and "exp_avg_sq_row" not in st:
-            st.update(self.base.init(r, True, group))
         reduce = slot.spectral.reduce_sum
         n, step_scale = self.base.direction(r, st, group, st["base_step"], reduce)
         update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
@@ -193,6 +191,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         st["refreshes"] += 1
         if old is None:
             st["basis"] = new
+            self._fresh_moments(st, grad, group)
             if group["subspace"] == "online_pca":
                 st["basis_exp_avg"] = torch.zeros_like(new)
                 st["basis_exp_avg_sq"] = torch.zeros_like(new)
@@ -203,9 +202,14 @@ class SaraOptimizer(torch.optim.Optimizer):
         if policy == "transport" and st["base_step"] > 0:
             self.base.transport(st, projector.change_of_basis(new, old))
         elif policy == "reset" and st["base_step"] > 0:
-            st.update(self.base.init(projector.project(projector.oriented(grad.float(), st["left"]), new), True, group))
-            st["base_step"] = 0
+            self._fresh_moments(st, grad, group)
         old.copy_(new)
+
+    def _fresh_moments(self, st: dict, grad: Tensor, group) -> None:
+        """Zeroed base-update state for R = B^T A, which is r x (A's columns); its bias correction restarts."""
+        columns = grad.shape[1] if st["left"] else grad.shape[0]
+        st.update(self.base.init(grad.new_zeros((st["basis"].shape[1], columns), dtype=torch.float32), True, group))
+        st["base_step"] = 0
 
     def _choose_basis(self, group, grad, st, old, gen, slot: Slot) -> Tensor:
         rule, rank, left = group["subspace"], st["rank"], st["left"]
