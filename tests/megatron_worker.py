@@ -25,6 +25,7 @@ class CudaToCpu(TorchFunctionMode):
 
 def install_cpu_shims():
     torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None  # dist_checkpointing syncs before writing
     torch.Tensor.cuda = lambda self, *a, **k: self
     CudaToCpu().__enter__()
 
@@ -58,6 +59,7 @@ def make_optimizer(model, sc):
                            adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-6,
                            use_distributed_optimizer=sc.get("distributed_optimizer", False))
     return get_sara_megatron_optimizer(ocfg, [model], rank=4, update_proj_gap=2, preset=sc.get("preset", "sara"),
+                                       optimizer=sc.get("optimizer", "SaraAdamW"),
                                        seed=7)
 
 
@@ -81,6 +83,37 @@ def train(model, opt, start, steps):
     return losses
 
 
+def save_checkpoint(model, opt, ckpt_dir):
+    """torch format: per-rank state_dict() in memory. torch_dist: megatron's dist_checkpointing.save."""
+    if ckpt_dir is None:
+        buf_m, buf_o = io.BytesIO(), io.BytesIO()
+        torch.save(model.state_dict(), buf_m)
+        torch.save(opt.state_dict(), buf_o)
+        return buf_m, buf_o
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(ckpt_dir, exist_ok=True)
+    model_sd = model.module.sharded_state_dict()
+    dist_checkpointing.save({"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd)}, ckpt_dir)
+    return None
+
+
+def load_checkpoint(model, opt, saved, ckpt_dir):
+    if ckpt_dir is None:
+        buf_m, buf_o = saved
+        buf_m.seek(0), buf_o.seek(0)
+        model.load_state_dict(torch.load(buf_m, weights_only=False))
+        opt.load_state_dict(torch.load(buf_o, weights_only=False))
+        return
+    from megatron.core import dist_checkpointing
+
+    model_sd = model.module.sharded_state_dict()
+    template = {"model": model_sd, "optimizer": opt.sharded_state_dict(model_sd, is_loading=True)}
+    state = dist_checkpointing.load(template, ckpt_dir)
+    model.module.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+
+
 def main(spec_path):
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -91,7 +124,8 @@ def main(spec_path):
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=spec["tp"])
     results = []
-    for sc in spec["scenarios"]:
+    for index, sc in enumerate(spec["scenarios"]):
+        ckpt_dir = os.path.join(spec["ckpt_dir"], str(index))
         try:
             model = build()
             opt = make_optimizer(model, sc)
@@ -99,24 +133,27 @@ def main(spec_path):
             results.append({"error": f"{type(exc).__name__}: {exc}"})
             continue
         kinds = [type(o).__name__ + ":" + type(o.optimizer).__name__ for o in opt.chained_optimizers]
-        if sc.get("resume_at"):
+        if sc.get("mode") == "save":  # torch_dist checkpoint for another run (another TP size) to load
+            train(model, opt, 0, sc["steps"])
+            save_checkpoint(model, opt, sc["ckpt"])
+            results.append({"saved": True})
+        elif sc.get("mode") == "load":
+            try:
+                load_checkpoint(model, opt, None, sc["ckpt"])
+                results.append({"error": None})
+            except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+                results.append({"error": f"{type(exc).__name__}: {exc}"})
+        elif sc.get("resume_at"):
+            torch_dist = sc.get("format") == "torch_dist"
             train(model, opt, 0, sc["resume_at"])
-            buf_m, buf_o = io.BytesIO(), io.BytesIO()
-            torch.save(model.state_dict(), buf_m)
-            torch.save(opt.state_dict(), buf_o)
+            saved = save_checkpoint(model, opt, ckpt_dir if torch_dist else None)
             straight = train(model, opt, sc["resume_at"], sc["steps"])
-            buf_m.seek(0), buf_o.seek(0)
             model = build()
             opt = make_optimizer(model, sc)
-            model.load_state_dict(torch.load(buf_m, weights_only=False))
-            opt.load_state_dict(torch.load(buf_o, weights_only=False))
+            load_checkpoint(model, opt, saved, ckpt_dir if torch_dist else None)
             resumed = train(model, opt, sc["resume_at"], sc["steps"])
-            try:
-                opt.sharded_state_dict(model.sharded_state_dict())
-                torch_dist = "no error"
-            except NotImplementedError as exc:
-                torch_dist = str(exc)
-            results.append({"straight": straight, "resumed": resumed, "kinds": kinds, "torch_dist": torch_dist})
+            results.append({"straight": straight, "resumed": resumed, "kinds": kinds,
+                             "files": sorted(os.listdir(ckpt_dir)) if torch_dist else None})
         else:
             from sara_ds.integrations.megatron import sara_state
 

@@ -14,7 +14,8 @@ from launch_utils import ROOT, run_ranks  # noqa: E402
 def _run(tp, scenarios):
     with tempfile.TemporaryDirectory() as tmp:
         spec = os.path.join(tmp, "spec.json")
-        json.dump({"tp": tp, "scenarios": scenarios, "out": os.path.join(tmp, "r.pt")}, open(spec, "w"))
+        json.dump({"tp": tp, "scenarios": scenarios, "out": os.path.join(tmp, "r.pt"),
+                   "ckpt_dir": os.path.join(tmp, "ckpt")}, open(spec, "w"))
         for rank, (code, log) in enumerate(run_ranks(os.path.join(ROOT, "tests", "megatron_worker.py"), tp, [spec],
                                                      timeout=300)):
             assert code == 0, f"rank {rank}:\n{log[-4000:]}"
@@ -34,10 +35,30 @@ def test_gpt_model_trains_identically_at_tp1_and_tp2():
         assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) < 1e-5
 
 
-def test_torch_format_checkpoint_resumes_exactly_and_torch_dist_is_refused():
-    (res,) = _run(2, [dict(preset="sara", steps=6, resume_at=3)])  # refresh at step 4 happens after the resume
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_checkpoint_resumes_exactly(fmt):
+    # the refresh at step 4 happens after the resume, so the restored basis and its moments both matter
+    (res,) = _run(2, [dict(preset="sara", steps=6, resume_at=3, format=fmt)])
+    print(f"\n{fmt}: straight {res['straight']}\n{'':>{len(fmt)}}  resumed  {res['resumed']}")
     assert res["straight"] == res["resumed"]
-    assert "--ckpt-format torch" in res["torch_dist"]
+    if fmt == "torch_dist":
+        assert "metadata.json" in res["files"]  # a real dist_checkpointing folder, not a pickle
+
+
+def test_torch_dist_checkpoint_of_every_base_resumes_exactly():
+    scenarios = [dict(preset=p, optimizer=o, steps=6, resume_at=3, format="torch_dist")
+                 for p, o in (("sara_fira", "SaraAdamW"), ("osd", "SaraAdamW"), ("sara", "SaraAdafactor"),
+                              ("sara", "SaraAdamMini"))]
+    for sc, res in zip(scenarios, _run(2, scenarios)):
+        assert res["straight"] == res["resumed"], sc
+
+
+def test_torch_dist_state_saved_at_one_tp_size_is_refused_at_another(tmp_path):
+    ckpt = str(tmp_path / "tp2")
+    assert _run(2, [dict(preset="sara", steps=3, mode="save", ckpt=ckpt)]) == [{"saved": True}]
+    (res,) = _run(1, [dict(preset="sara", steps=0, mode="load", ckpt=ckpt)])
+    print("\nload at TP=1 of a TP=2 checkpoint:", res["error"])
+    assert res["error"] is not None and "Missing key" in res["error"] and "optimizer.sara.tp1_pp1.state" in res["error"]
 
 
 def test_distributed_optimizer_is_refused_with_a_clear_message():

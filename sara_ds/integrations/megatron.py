@@ -12,9 +12,17 @@ both carry the keys Megatron's LR scheduler reads (max_lr, min_lr, wd_mult, ...)
 Adam betas and eps come from the ``OptimizerConfig``, so ``--optimizer adam``
 flags keep their meaning.
 
+Checkpoints: ``--ckpt-format torch`` saves each rank's ``state_dict()``. For
+``torch_dist`` the SARA part's ``sharded_state_dict`` stores the low-rank state
+(bases, low-rank moments, refresh counters) as one ``ShardedObject`` per
+(pipeline, tensor) rank, written by data-parallel rank 0; the bf16 master weights
+keep Megatron's own per-parameter sharding. Megatron's stock mapping cannot be used
+because it requires optimizer state shaped like the parameter. The low-rank part
+therefore resumes at the same TP and PP sizes only; a load at other sizes
+fails in dist_checkpointing with "Missing key ... optimizer.sara.tp<T>_pp<P>".
+
 Refused with a clear error: Megatron's distributed optimizer (it flattens gradients
-across data-parallel ranks, so no rank holds a 2-D gradient), fp16 (use bf16), and
-``torch_dist`` checkpoints of the SARA part (use ``--ckpt-format torch``).
+across data-parallel ranks, so no rank holds a 2-D gradient) and fp16 (use bf16).
 """
 from __future__ import annotations
 
@@ -88,7 +96,7 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
             else FP32Optimizer(inner, config, init_state_fn))
     sara.grad_stats_parallel_group = parallel_state.get_model_parallel_group()
     sara.tp_group = parallel_state.get_tensor_model_parallel_group()
-    _refuse_torch_dist(sara)
+    _install_sharded_state_dict(sara)
 
     with frozen(targets):
         rest = get_megatron_optimizer(config, model_chunks, config_overrides=config_overrides,
@@ -96,13 +104,42 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
     return ChainedOptimizer([sara] + list(getattr(rest, "chained_optimizers", [rest])))
 
 
-def _refuse_torch_dist(wrapped) -> None:
-    def sharded_state_dict(*args, **kwargs):
-        raise NotImplementedError(
-            "sara_ds: torch_dist checkpoints of the SARA optimizer are not supported yet (Megatron's "
-            "dist-checkpointing requires optimizer state shaped like its parameter). Use --ckpt-format torch, "
-            "which saves each rank's optimizer.state_dict() and resumes exactly."
-        )
+SARA_CHECKPOINT_KEY = "optimizer.sara"
+
+
+def _install_sharded_state_dict(wrapped) -> None:
+    """torch_dist support: the low-rank state goes into per-(PP, TP)-rank ShardedObjects."""
+    from itertools import chain
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            make_sharded_optimizer_tensor)
+
+    def low_rank_objects(inner: dict) -> dict:
+        pp_size, tp_size = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+        # The sizes are in the key, so a load at other sizes fails with "Missing key ... sara.tp<T>_pp<P>"
+        # instead of handing one rank's bases to another rank's shard.
+        key = f"{SARA_CHECKPOINT_KEY}.tp{tp_size}_pp{pp_size}"
+        layout = dict(global_shape=(pp_size, tp_size),
+                      global_offset=(ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+                      replica_id=ps.get_data_parallel_rank(with_context_parallel=True))  # DP rank 0 writes
+        return {"state": ShardedObject(f"{key}.state", inner["state"], **layout),
+                "param_groups": ShardedObject(f"{key}.param_groups", inner["param_groups"], **layout)}
+
+    def sharded_state_dict(model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
+        state_dict = wrapped.state_dict()
+        if "fp32_from_fp16_params" not in state_dict:  # FP32Optimizer: the state dict is SaraOptimizer's
+            return low_rank_objects(state_dict)
+        # bf16: fp32 master weights are parameter-shaped, so Megatron's own mapping applies to them
+        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict,
+                                                   chain.from_iterable(wrapped.float16_groups))
+        state_dict["fp32_from_fp16_params"] = [
+            [make_sharded_optimizer_tensor(id_map[pid], master, prefix="optimizer.state.fp32_param")
+             for pid, master in zip(group["params"], masters)]
+            for masters, group in zip(state_dict["fp32_from_fp16_params"], state_dict["optimizer"]["param_groups"])]
+        state_dict["optimizer"] = low_rank_objects(state_dict["optimizer"])
+        return state_dict
 
     wrapped.sharded_state_dict = sharded_state_dict
 

@@ -1,7 +1,7 @@
 """Run Megatron-LM's own ``pretrain_gpt.py`` with SARA, selected by flags.
 
     torchrun --nproc_per_node 8 -m sara_ds.integrations.megatron_launch /path/to/Megatron-LM/pretrain_gpt.py \\
-        <the usual Megatron-LM arguments> --ckpt-format torch \\
+        <the usual Megatron-LM arguments> \\
         --sara-rank 256 --sara-preset sara --sara-update-proj-gap 200 --sara-scale 0.25
 
 The ``--sara-*`` flags are removed from ``sys.argv`` (so neither Megatron-LM argparse
@@ -58,6 +58,10 @@ def _flag_value(argv, flag):
     return None
 
 
+# torch: each rank's state_dict(); torch_dist: SARA's sharded_state_dict (sara_ds.integrations.megatron)
+CKPT_FORMATS = ("torch_dist", "torch")
+
+
 def _refuse_incompatible(argv):
     if "--use-distributed-optimizer" in argv:
         raise SystemExit("sara_ds: --use-distributed-optimizer is not supported with SARA (it flattens gradients "
@@ -68,9 +72,10 @@ def _refuse_incompatible(argv):
     if optimizer not in (None, "adam"):
         raise SystemExit(f"sara_ds: --optimizer {optimizer} would be replaced by SARA; use --optimizer adam "
                          "(its --adam-beta1/--adam-beta2/--adam-eps configure SARA's base update)")
-    if ("--save" in argv or "--load" in argv) and _flag_value(argv, "--ckpt-format") != "torch":
-        raise SystemExit("sara_ds: checkpoints of the SARA optimizer need --ckpt-format torch "
-                         "(the default torch_dist format cannot hold low-rank state yet)")
+    ckpt_format = _flag_value(argv, "--ckpt-format")
+    if ("--save" in argv or "--load" in argv) and ckpt_format not in (None,) + CKPT_FORMATS:
+        raise SystemExit(f"sara_ds: --ckpt-format {ckpt_format} cannot hold SARA's low-rank state; use one of "
+                         f"{', '.join(CKPT_FORMATS)} (torch_dist is Megatron-LM's default)")
 
 
 def install(options) -> None:
