@@ -1,0 +1,248 @@
+"""The evidence benchmark's report: a Markdown table and three PNGs from results.jsonl.
+
+    closure = (ppl_base - ppl_base+SARA) / (ppl_base - ppl_AdamW)
+
+with AdamW at its best lr of the grid (lowest mean validation perplexity).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+
+from .bench import CLOSURE_PAIRS, METHODS, load_results
+
+# Methods whose bases come from a rule with a subspace worth watching, for the overlap figure.
+OVERLAP_METHODS = ("GaLore", "SARA-GaLore", "Fira", "SARA-Fira", "OSD", "GoLore")
+LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAMW_PANEL = ("AdamW", "GaLore", "SARA-GaLore", "Fira", "SARA-Fira", "GoLore", "OSD", "GrassWalk", "GrassJump")
+OTHER_PANEL = ("AdamW", "GaLore", "SARA-GaLore", "GaLore-Adafactor", "SARA-Adafactor", "GaLore-Adam-mini",
+               "SARA-Adam-mini")
+STYLE = {  # SARA variants solid, their dominant-subspace bases dashed, in matching colours
+    "AdamW": ("black", "-"), "GaLore": ("tab:blue", "--"), "SARA-GaLore": ("tab:blue", "-"),
+    "Fira": ("tab:orange", "--"), "SARA-Fira": ("tab:orange", "-"), "GoLore": ("tab:gray", ":"),
+    "OSD": ("tab:purple", "-."), "GrassWalk": ("tab:brown", "-."), "GrassJump": ("tab:pink", "-."),
+    "GaLore-Adafactor": ("tab:green", "--"), "SARA-Adafactor": ("tab:green", "-"),
+    "GaLore-Adam-mini": ("tab:red", "--"), "SARA-Adam-mini": ("tab:red", "-"),
+}
+
+
+def _mean_std(values):
+    values = list(values)
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _ppl(rec) -> float:
+    return math.exp(rec["val_loss"]) if math.isfinite(rec["val_loss"]) else float("inf")
+
+
+def summarize(results: dict) -> dict:
+    """Per method: the runs that count (AdamW: its best lr), ppl mean/std, and the diagnostics."""
+    by_method = {}
+    for rec in results.values():
+        by_method.setdefault(rec["method"], {}).setdefault(rec["lr"], []).append(rec)
+    summary = {}
+    for name, by_lr in by_method.items():
+        grid = {lr: _mean_std(_ppl(r) for r in runs) + (len(runs),) for lr, runs in sorted(by_lr.items())}
+        best_lr = min(grid, key=lambda lr: grid[lr][0])
+        runs = sorted(by_lr[best_lr], key=lambda r: r["seed"])
+        mean, std = _mean_std(_ppl(r) for r in runs)
+        last_overlap = [statistics.mean(r["overlap"][-1][1].values()) for r in runs if r["overlap"]]
+        last_rank = [statistics.mean(r["effective_rank"][-1][1].values()) for r in runs if r["effective_rank"]]
+        summary[name] = dict(lr=best_lr, grid=grid, runs=runs, ppl=mean, ppl_std=std, n=len(runs),
+                             overlap=statistics.mean(last_overlap) if last_overlap else None,
+                             effective_rank=statistics.mean(last_rank) if last_rank else None,
+                             seconds=statistics.mean(r["seconds"] for r in runs),
+                             nonfinite=sum(r.get("nonfinite_steps", 0) for r in runs))
+    return summary
+
+
+def closures(summary: dict) -> list[dict]:
+    rows = []
+    adamw = summary.get("AdamW")
+    for base, sara in CLOSURE_PAIRS:
+        if adamw is None or base not in summary or sara not in summary:
+            continue
+        b, s, a = summary[base], summary[sara], adamw
+        gap = b["ppl"] - a["ppl"]
+        closure = (b["ppl"] - s["ppl"]) / gap if gap != 0 else float("nan")
+        # per seed, against the mean AdamW: how much of that number is seed noise
+        seeds = {r["seed"]: _ppl(r) for r in b["runs"]}
+        per_seed = [(seeds[r["seed"]] - _ppl(r)) / (seeds[r["seed"]] - a["ppl"])
+                    for r in s["runs"] if r["seed"] in seeds and seeds[r["seed"]] != a["ppl"]]
+        rows.append(dict(base=base, sara=sara, ppl_base=b["ppl"], ppl_sara=s["ppl"], ppl_adamw=a["ppl"], gap=gap,
+                         closure=closure, per_seed=_mean_std(per_seed), n=len(per_seed)))
+    return rows
+
+
+def markdown(summary: dict, meta: dict, command: str) -> str:
+    cfg = meta.get("config", {})
+    lines = [
+        "# Evidence benchmark: SARA against the rules it is measured with",
+        "",
+        f"Produced by `{command}` (sara_ds {_version()}, torch {meta.get('torch')}, device {meta.get('device')}).",
+        "",
+        f"Model: LLaMA-style, {cfg.get('layers')} layers x hidden {cfg.get('hidden')} (ffn "
+        f"{cfg.get('intermediate') or ((8 * cfg.get('hidden', 0) // 3 + 7) // 8) * 8}), {cfg.get('heads')} heads, "
+        f"vocabulary 4096, on the bundled Wikipedia + Austen corpus. {cfg.get('steps')} steps of "
+        f"{cfg.get('batch')} x {cfg.get('seq_len')} tokens "
+        f"({cfg.get('steps', 0) * cfg.get('batch', 0) * cfg.get('seq_len', 0) / 1e6:.2f}M tokens), "
+        f"validation on {cfg.get('eval_batches')} fixed batches of held-out text.",
+        f"Protocol: cosine schedule, 10% warmup, floor 10% of peak; rank r = hidden/4 = {meta.get('rank')}, "
+        f"scale alpha = 0.25, subspace refresh every T = {meta.get('update_proj_gap')} steps (steps/40); "
+        f"betas (0.9, 0.95), no weight decay, gradient clipping 1.0. Low-rank methods at lr {cfg.get('lowrank_lr')}; "
+        f"AdamW over lr {', '.join(f'{x:g}' for x in cfg.get('adamw_lrs', ()))}.",
+        "",
+        "## Validation perplexity (mean ± std over seeds)",
+        "",
+        "| method | lr | val ppl | vs AdamW | last subspace overlap | eff. rank of ΔW | s/run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    adamw = summary.get("AdamW", {}).get("ppl")
+    for m in METHODS:
+        s = summary.get(m.name)
+        if s is None:
+            continue
+        delta = f"{s['ppl'] - adamw:+.2f}" if adamw is not None else "–"
+        ov = f"{s['overlap']:.3f}" if s["overlap"] is not None else "–"
+        er = f"{s['effective_rank']:.1f}" if s["effective_rank"] is not None else "–"
+        bad = f" ({s['nonfinite']} non-finite steps)" if s["nonfinite"] else ""
+        lines.append(f"| {m.name} | {s['lr']:g} | {s['ppl']:.2f} ± {s['ppl_std']:.2f} (n={s['n']}){bad} | {delta} "
+                     f"| {ov} | {er} | {s['seconds']:.0f} |")
+    if "AdamW" in summary and len(summary["AdamW"]["grid"]) > 1:
+        lines += ["", "AdamW lr grid: " + "; ".join(
+            f"lr {lr:g}: {m:.2f} ± {sd:.2f} (n={n})" for lr, (m, sd, n) in summary["AdamW"]["grid"].items())]
+    rows = closures(summary)
+    if rows:
+        lines += ["", "## Gap closure", "",
+                  "closure = (ppl_base − ppl_base+SARA) / (ppl_base − ppl_AdamW); the per-seed column pairs "
+                  "each seed's base and SARA runs against mean AdamW and shows how much of the figure is noise.", "",
+                  "| base | + SARA | ppl base | ppl base+SARA | ppl AdamW | closure | per seed |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            m, sd = r["per_seed"]
+            lines.append(f"| {r['base']} | {r['sara']} | {r['ppl_base']:.2f} | {r['ppl_sara']:.2f} | "
+                         f"{r['ppl_adamw']:.2f} | {r['closure']:+.1%} | {m:+.1%} ± {sd:.1%} (n={r['n']}) |")
+    lines += ["", "## Figures", "", "![validation curves](val_curves.png)", "",
+              "![subspace overlap per layer type](overlap.png)", "",
+              "![effective rank of the accumulated update](effective_rank.png)", "",
+              "*Subspace overlap* is ‖B_oldᵀ B_new‖²_F / r between consecutive bases (1 = the same subspace), "
+              "averaged over layers of a type. *Effective rank* is exp(entropy of the normalised singular values) of "
+              "W_t − W_0 for the projected matrices (max = min(m, n)).", ""]
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _curve(runs, key, reducer):
+    """Mean over seeds of a per-run [(step, value)] series, where every run has the step."""
+    series = {}
+    for r in runs:
+        for step, value in r[key]:
+            series.setdefault(step, []).append(reducer(value))
+    steps = sorted(s for s, v in series.items() if len(v) == len(runs))
+    return steps, [statistics.mean(series[s]) for s in steps]
+
+
+def plots(summary: dict, out: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+
+    def panels(key, reducer, ylabel, title, fname, transform=lambda v: v, zoom=False):
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+        lows, highs = [], []
+        for ax, names, sub in ((axes[0], ADAMW_PANEL, "AdamW base and the subspace rules"),
+                               (axes[1], OTHER_PANEL, "Adafactor and Adam-mini bases")):
+            for name in names:
+                if name not in summary:
+                    continue
+                steps, values = _curve(summary[name]["runs"], key, reducer)
+                values = [transform(v) for v in values]
+                if not steps:
+                    continue
+                color, style = STYLE.get(name, (None, "-"))
+                ax.plot(steps, values, style, color=color, label=name, lw=1.6)
+                tail = values[len(values) // 4:]
+                lows.append(min(tail))
+                highs.append(max(tail))
+            ax.set_title(sub)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel(ylabel)
+        if zoom and lows:
+            pad = 0.05 * (max(highs) - min(lows))
+            axes[0].set_ylim(min(lows) - pad, max(highs) + pad)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = os.path.join(out, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    panels("val", lambda v: v, "validation perplexity", "Validation perplexity (mean over seeds)", "val_curves.png",
+           transform=math.exp, zoom=True)
+    panels("effective_rank", lambda v: statistics.mean(v.values()), "effective rank of W_t - W_0",
+           "Effective rank of the accumulated update (mean over projected matrices and seeds)", "effective_rank.png")
+
+    fig, grid = plt.subplots(2, 4, figsize=(14, 7), sharey=True)
+    axes = list(grid.flat)
+    for ax, lt in zip(axes, LAYER_TYPES):
+        for name in OVERLAP_METHODS:
+            if name not in summary:
+                continue
+            runs = [r for r in summary[name]["runs"] if r["overlap"]]
+            if not runs:
+                continue
+            steps, values = _curve(runs, "overlap", lambda v, lt=lt: v.get(lt, float("nan")))
+            color, style = STYLE.get(name, (None, "-"))
+            ax.plot(steps, values, style, color=color, label=name, lw=1.4)
+        ax.set_title(lt)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in grid[1]:
+        ax.set_xlabel("step")
+    for ax in grid[:, 0]:
+        ax.set_ylabel("overlap of consecutive subspaces")
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].axis("off")
+    axes[-1].legend(handles, labels, loc="center")
+    fig.suptitle("The frozen subspace: dominant (dashed) vs importance-sampled (solid) bases, mean over layers and seeds")
+    fig.tight_layout()
+    path = os.path.join(out, "overlap.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+def write_report(results_dir: str, out: str, command: str) -> list[str]:
+    """Table and figures for ``results_dir/results.jsonl``, written into ``out``."""
+    os.makedirs(out, exist_ok=True)
+    results = load_results(os.path.join(results_dir, "results.jsonl"))
+    if not results:
+        raise ValueError(f"sara_ds bench: no finished runs in {results_dir}/results.jsonl to report on")
+    with open(os.path.join(results_dir, "meta.json")) as f:
+        meta = json.load(f)
+    summary = summarize(results)
+    md_path = os.path.join(out, "results.md")
+    with open(md_path, "w") as f:
+        f.write(markdown(summary, meta, command))
+    paths = [md_path] + plots(summary, out)
+    if os.path.abspath(out) != os.path.abspath(results_dir):
+        for name in ("results.jsonl", "meta.json"):
+            with open(os.path.join(results_dir, name)) as src, open(os.path.join(out, name), "w") as dst:
+                dst.write(src.read())
+            paths.append(os.path.join(out, name))
+    return paths

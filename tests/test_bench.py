@@ -1,0 +1,128 @@
+"""The evidence benchmark harness: a smoke run of every method, the report, and exact resume."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sara_ds import bench, bench_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "sara_ds", "bench", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _records(folder):
+    return bench.load_results(os.path.join(folder, "results.jsonl"))
+
+
+@pytest.mark.timeout(600)
+def test_smoke_run_covers_every_method_and_writes_the_report(tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    proc = _cli("--size", "smoke", "--out", str(out), "--docs", str(docs))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = _records(out)
+    assert sorted(r["method"] for r in records.values()) == sorted(m.name for m in bench.METHODS)
+    for rec in records.values():
+        assert rec["nonfinite_steps"] == 0 and 1 < rec["val_ppl"] < 4096 * 2, rec["run_id"]
+        assert [s for s, _ in rec["val"]] == [8, 16, 24]
+        if rec["method"] == "AdamW":
+            assert rec["overlap"] == [] and "state_bytes" not in rec
+        else:
+            # every projected layer type reports an overlap in [0, 1] at each refresh after the first
+            types = set(rec["overlap"][-1][1])
+            assert types == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+            assert all(0.0 <= v <= 1.0 + 1e-6 for v in rec["overlap"][-1][1].values())
+        ranks = rec["effective_rank"][-1][1]
+        assert all(1.0 <= v <= 32 for v in ranks.values())
+    md = (docs / "results.md").read_text()
+    for m in bench.METHODS:
+        assert f"| {m.name} |" in md
+    assert "## Gap closure" in md and "| GaLore | SARA-GaLore |" in md
+    assert "sara-ds bench --size smoke" in md  # the command that produced it
+    for png in ("val_curves.png", "overlap.png", "effective_rank.png"):
+        assert (docs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (docs / "results.jsonl").read_text() == (out / "results.jsonl").read_text()
+    assert "[bench] finished" in proc.stdout
+    # a second invocation has nothing to do: every run is already in results.jsonl
+    again = _cli("--size", "smoke", "--out", str(out))
+    assert again.returncode == 0 and "13 of 13 runs already" in again.stdout and "[bench] finished" not in again.stdout
+
+
+@pytest.mark.timeout(600)
+def test_an_interrupted_benchmark_resumes_bit_for_bit(tmp_path):
+    methods = "SARA-Fira,OSD"
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert _cli("--size", "smoke", "--methods", methods, "--out", str(straight)).returncode == 0
+    stopped = _cli("--size", "smoke", "--methods", methods, "--out", str(broken), "--stop-after", "12")
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert "resume from their checkpoints" in stopped.stdout
+    assert not (broken / "results.jsonl").exists() or _records(broken) == {}
+    ckpts = sorted(os.listdir(broken / "checkpoints"))
+    assert ckpts, "the interrupted runs left no checkpoint"
+    # checkpoints are plain tensors and numbers
+    torch.load(broken / "checkpoints" / ckpts[0], weights_only=True)
+    resumed = _cli("--size", "smoke", "--methods", methods, "--out", str(broken))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    a, b = _records(straight), _records(broken)
+    assert sorted(a) == sorted(b)
+    for run_id in a:
+        for key in ("val", "overlap", "effective_rank", "train_loss"):
+            assert a[run_id][key] == b[run_id][key], (run_id, key)
+    assert os.listdir(broken / "checkpoints") == []
+
+
+def test_a_folder_of_another_configuration_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"size": "cpu", "fingerprint": "0123456789ab"}))
+    with pytest.raises(ValueError, match="different configuration"):
+        bench.run_benchmark("smoke", str(out), methods=["AdamW"])
+    with pytest.raises(ValueError, match="method='Adam'"):
+        bench.run_benchmark("smoke", str(tmp_path / "x"), methods=["Adam"])
+    with pytest.raises(ValueError, match="size='huge'"):
+        bench.run_benchmark("huge", str(tmp_path / "y"))
+
+
+def test_effective_rank_spans_one_to_full():
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(40, 1, generator=g), torch.randn(1, 30, generator=g)
+    assert bench.effective_rank(u @ v) == pytest.approx(1.0, abs=1e-4)  # fp32 product: tiny noise sigmas
+    assert bench.effective_rank(torch.eye(30)) == pytest.approx(30.0, rel=1e-9)
+    assert 1.0 < bench.effective_rank(torch.randn(40, 30, generator=g)) < 30.0
+
+
+def test_gap_closure_is_computed_against_the_best_adamw_lr():
+    def rec(method, lr, seed, ppl):
+        import math
+        return dict(run_id=f"{method}{lr}{seed}", method=method, lr=lr, seed=seed, val_loss=math.log(ppl),
+                    val=[[1, math.log(ppl)]], overlap=[], effective_rank=[], seconds=1.0)
+
+    results = {}
+    for seed, noise in enumerate((-0.5, 0.0, 0.5)):
+        for r in (rec("AdamW", 1e-3, seed, 120 + noise), rec("AdamW", 3e-3, seed, 100 + noise),
+                  rec("GaLore", 1e-2, seed, 110 + noise), rec("SARA-GaLore", 1e-2, seed, 105 + noise)):
+            results[r["run_id"]] = r
+    summary = bench_report.summarize(results)
+    assert summary["AdamW"]["lr"] == 3e-3 and summary["AdamW"]["ppl"] == pytest.approx(100.0)
+    (row,) = bench_report.closures(summary)
+    assert row["closure"] == pytest.approx(0.5)
+    assert row["per_seed"][0] == pytest.approx(0.5, abs=0.03)
+
+
+def test_the_plan_tunes_adamw_and_runs_every_method_per_seed():
+    size = bench.SIZES["cpu"]
+    runs = bench.plan(size)
+    assert len(runs) == (len(bench.METHODS) - 1 + len(size.adamw_lrs)) * len(size.seeds)
+    assert len({r.run_id for r in runs}) == len(runs)
+    assert size.rank == size.hidden // 4 and size.update_proj_gap == size.steps // 40
+    lam = bench.lr_lambda(size)
+    warm = size.steps // 10
+    assert lam(warm - 1) == pytest.approx(1.0) and lam(size.steps) == pytest.approx(0.1)
+    assert bench.SIZES["gpu60m"].hidden == 512 and bench.SIZES["gpu60m"].ffn == 1376
