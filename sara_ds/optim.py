@@ -59,6 +59,7 @@ class SaraOptimizer(torch.optim.Optimizer):
             self.group_members.append(members)
         self._index_of = {id(p): i for i, p in enumerate(self.original_params)}
         self._zero_layouts = zero.LayoutCache()
+        self._tp_spectral: dict = {}  # one TensorParallelSpectral per TP-sharded matrix
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -72,7 +73,7 @@ class SaraOptimizer(torch.optim.Optimizer):
 
         def spectral_for(p):
             return tensor_parallel.spectral_for(p, self.tp_group, group["tp_spectrum"], group["sketch_oversample"],
-                                                group["sketch_power_iters"])
+                                                group["sketch_power_iters"], cache=self._tp_spectral)
 
         if all(id(p) in self._index_of for p in params):
             return plain_slots(params, [self._index_of[id(p)] for p in params], self.state, spectral_for)
@@ -263,6 +264,10 @@ class SaraOptimizer(torch.optim.Optimizer):
             for k in totals:
                 totals[k] += st[k]
         return totals
+
+    def tp_bytes_sent(self) -> int:
+        """Bytes this process has put into tensor-parallel collectives at subspace refreshes."""
+        return sum(s.bytes_sent for s in self._tp_spectral.values())
 
     def state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state on this process."""

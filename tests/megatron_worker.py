@@ -27,10 +27,19 @@ def install_cpu_shims():
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None  # dist_checkpointing syncs before writing
     torch.Tensor.cuda = lambda self, *a, **k: self
+    cpu_type = torch.Tensor.type
+
+    def type_as_cuda(self, *a, **k):  # Megatron's fp16/bf16 wrappers accept only 'torch.cuda.*Tensor' names
+        if a or k:
+            return cpu_type(self, *a, **k)
+        name = cpu_type(self)
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_as_cuda
     CudaToCpu().__enter__()
 
 
-def build(tp_seed=1234):
+def build(tp_seed=1234, bf16=False):
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -43,9 +52,14 @@ def build(tp_seed=1234):
                             tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
                             use_cpu_initialization=True, gated_linear_unit=True, hidden_dropout=0.0,
                             attention_dropout=0.0, bias_activation_fusion=False, masked_softmax_fusion=False,
+                            bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
                             apply_rope_fusion=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False)
     model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=128,
                      max_sequence_length=16, position_embedding_type="rope")
+    if bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(cfg, model)
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=False), model)
     return ddp
 
@@ -55,7 +69,7 @@ def make_optimizer(model, sc):
 
     from sara_ds.integrations.megatron import get_sara_megatron_optimizer
 
-    ocfg = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, clip_grad=0.0, bf16=False,
+    ocfg = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, clip_grad=0.0, bf16=sc.get("bf16", False),
                            adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-6,
                            use_distributed_optimizer=sc.get("distributed_optimizer", False))
     return get_sara_megatron_optimizer(ocfg, [model], rank=4, update_proj_gap=2, preset=sc.get("preset", "sara"),
@@ -127,7 +141,7 @@ def main(spec_path):
     for index, sc in enumerate(spec["scenarios"]):
         ckpt_dir = os.path.join(spec["ckpt_dir"], str(index))
         try:
-            model = build()
+            model = build(bf16=sc.get("bf16", False))
             opt = make_optimizer(model, sc)
         except Exception as exc:  # refusals are reported, not fatal
             results.append({"error": f"{type(exc).__name__}: {exc}"})
@@ -148,7 +162,7 @@ def main(spec_path):
             train(model, opt, 0, sc["resume_at"])
             saved = save_checkpoint(model, opt, ckpt_dir if torch_dist else None)
             straight = train(model, opt, sc["resume_at"], sc["steps"])
-            model = build()
+            model = build(bf16=sc.get("bf16", False))
             opt = make_optimizer(model, sc)
             load_checkpoint(model, opt, saved, ckpt_dir if torch_dist else None)
             resumed = train(model, opt, sc["resume_at"], sc["steps"])

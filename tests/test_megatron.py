@@ -36,10 +36,13 @@ def test_gpt_model_trains_identically_at_tp1_and_tp2():
 
 
 @pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
-def test_checkpoint_resumes_exactly(fmt):
-    # the refresh at step 4 happens after the resume, so the restored basis and its moments both matter
-    (res,) = _run(2, [dict(preset="sara", steps=6, resume_at=3, format=fmt)])
-    print(f"\n{fmt}: straight {res['straight']}\n{'':>{len(fmt)}}  resumed  {res['resumed']}")
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_checkpoint_resumes_exactly(fmt, bf16):
+    # the refresh at step 4 happens after the resume, so the restored basis and its moments both matter;
+    # bf16 goes through Float16OptimizerWithFloat16Params, whose fp32 master weights are checkpointed too
+    (res,) = _run(2, [dict(preset="sara", steps=6, resume_at=3, format=fmt, bf16=bf16)])
+    print(f"\n{fmt}: straight {res['straight']}\n{'':>{len(fmt)}}  resumed  {res['resumed']}  ({res['kinds'][0]})")
+    assert res["kinds"][0] == ("Float16OptimizerWithFloat16Params" if bf16 else "FP32Optimizer") + ":SaraAdamW"
     assert res["straight"] == res["resumed"]
     if fmt == "torch_dist":
         assert "metadata.json" in res["files"]  # a real dist_checkpointing folder, not a pickle

@@ -80,8 +80,8 @@ def run(sc, steps=7):
     w1 = torch.cat(_gather(col.weight.detach(), group), dim=0)
     w2 = torch.cat(_gather(row.weight.detach(), group), dim=1)
     bases = {i: st["basis"].clone() for i, st in opt.matrix_states()}
-    sent = sum(getattr(p, "_sara_tp_spectral", {}) and sum(s.bytes_sent for s in p._sara_tp_spectral.values()) or 0
-               for p in (col.weight, row.weight))
+    sent = opt.tp_bytes_sent()
+    assert not any(k.startswith("_sara") for k in col.weight.__dict__), "optimizer bookkeeping leaked onto a parameter"
     return {"w1": w1, "w2": w2, "bases": bases, "bytes_sent": sent, "counts": opt.refresh_counts()}
 
 

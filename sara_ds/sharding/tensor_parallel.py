@@ -136,11 +136,16 @@ def refresh_bytes(method: str, local_rows: int, n: int, rank: int, oversample: i
     return itemsize * (spectrum + 1 + (n * rank if root else 0))
 
 
-def spectral_for(param: Tensor, tp_group=None, method: str = "tsqr", oversample: int = 8, power_iters: int = 2):
-    """The spectral strategy for one parameter: TP-aware when it is sharded over a real TP group."""
+def spectral_for(param: Tensor, tp_group=None, method: str = "tsqr", oversample: int = 8, power_iters: int = 2,
+                 cache: dict | None = None):
+    """The spectral strategy for one parameter: TP-aware when it is sharded over a real TP group.
+
+    ``cache`` (owned by the optimizer, never by the parameter: a process group must not
+    ride along when a parameter is pickled) keeps one strategy, and its byte count, per matrix.
+    """
     if tp_group is not None and is_tp_sharded(param) and dist.get_world_size(tp_group) > 1:
-        cache = param.__dict__.setdefault("_sara_tp_spectral", {})
-        key = (id(tp_group), method, oversample, power_iters)
+        cache = {} if cache is None else cache
+        key = (id(param), id(tp_group), method, oversample, power_iters)
         if key not in cache:
             cache[key] = TensorParallelSpectral(tp_group, param.partition_dim, method, oversample, power_iters)
         return cache[key]
