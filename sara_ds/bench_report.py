@@ -2,7 +2,8 @@
 
     closure = (ppl_base - ppl_base+SARA) / (ppl_base - ppl_AdamW)
 
-with AdamW at its best lr of the grid (lowest mean validation perplexity).
+with ppl_AdamW the best full-rank AdamW: the lowest mean validation perplexity over the
+uniform-lr grid and the split-lr control (the low-rank methods' own per-group lrs at full rank).
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from .bench import CLOSURE_PAIRS, METHODS, load_results
 # Methods whose bases come from a rule with a subspace worth watching, for the overlap figure.
 OVERLAP_METHODS = ("GaLore", "SARA-GaLore", "Fira", "SARA-Fira", "OSD", "GoLore")
 LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAMW_PANEL = ("AdamW", "GaLore", "SARA-GaLore", "Fira", "SARA-Fira", "GoLore", "OSD", "GrassWalk", "GrassJump")
-OTHER_PANEL = ("AdamW", "GaLore", "SARA-GaLore", "GaLore-Adafactor", "SARA-Adafactor", "GaLore-Adam-mini",
+ADAMW_PANEL = ("AdamW", "AdamW-split", "GaLore", "SARA-GaLore", "Fira", "SARA-Fira", "GoLore", "OSD", "GrassWalk", "GrassJump")
+OTHER_PANEL = ("AdamW-split", "GaLore", "SARA-GaLore", "GaLore-Adafactor", "SARA-Adafactor", "GaLore-Adam-mini",
                "SARA-Adam-mini")
 STYLE = {  # SARA variants solid, their dominant-subspace bases dashed, in matching colours
-    "AdamW": ("black", "-"), "GaLore": ("tab:blue", "--"), "SARA-GaLore": ("tab:blue", "-"),
+    "AdamW": ("black", ":"), "AdamW-split": ("black", "-"), "GaLore": ("tab:blue", "--"), "SARA-GaLore": ("tab:blue", "-"),
     "Fira": ("tab:orange", "--"), "SARA-Fira": ("tab:orange", "-"), "GoLore": ("tab:gray", ":"),
     "OSD": ("tab:purple", "-."), "GrassWalk": ("tab:brown", "-."), "GrassJump": ("tab:pink", "-."),
     "GaLore-Adafactor": ("tab:green", "--"), "SARA-Adafactor": ("tab:green", "-"),
@@ -60,9 +61,19 @@ def summarize(results: dict) -> dict:
     return summary
 
 
+FULL_RANK = ("AdamW", "AdamW-split")
+
+
+def full_rank_reference(summary: dict):
+    """The name of the best full-rank AdamW configuration present, or None."""
+    present = [n for n in FULL_RANK if n in summary]
+    return min(present, key=lambda n: summary[n]["ppl"]) if present else None
+
+
 def closures(summary: dict) -> list[dict]:
     rows = []
-    adamw = summary.get("AdamW")
+    reference = full_rank_reference(summary)
+    adamw = summary.get(reference) if reference else None
     for base, sara in CLOSURE_PAIRS:
         if adamw is None or base not in summary or sara not in summary:
             continue
@@ -73,7 +84,7 @@ def closures(summary: dict) -> list[dict]:
         seeds = {r["seed"]: _ppl(r) for r in b["runs"]}
         per_seed = [(seeds[r["seed"]] - _ppl(r)) / (seeds[r["seed"]] - a["ppl"])
                     for r in s["runs"] if r["seed"] in seeds and seeds[r["seed"]] != a["ppl"]]
-        rows.append(dict(base=base, sara=sara, ppl_base=b["ppl"], ppl_sara=s["ppl"], ppl_adamw=a["ppl"], gap=gap,
+        rows.append(dict(base=base, sara=sara, reference=reference, ppl_base=b["ppl"], ppl_sara=s["ppl"], ppl_adamw=a["ppl"], gap=gap,
                          closure=closure, per_seed=_mean_std(per_seed), n=len(per_seed)))
     return rows
 
@@ -98,10 +109,12 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
         "",
         "## Validation perplexity (mean ± std over seeds)",
         "",
-        "| method | lr | val ppl | vs AdamW | last subspace overlap | eff. rank of ΔW | s/run |",
+        f"| method | lr | val ppl | vs {full_rank_reference(summary) or 'AdamW'} | last subspace overlap "
+        "| eff. rank of ΔW | s/run |",
         "|---|---|---|---|---|---|---|",
     ]
-    adamw = summary.get("AdamW", {}).get("ppl")
+    reference = full_rank_reference(summary)
+    adamw = summary[reference]["ppl"] if reference else None
     for m in METHODS:
         s = summary.get(m.name)
         if s is None:
@@ -110,7 +123,8 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
         ov = f"{s['overlap']:.3f}" if s["overlap"] is not None else "–"
         er = f"{s['effective_rank']:.1f}" if s["effective_rank"] is not None else "–"
         bad = f" ({s['nonfinite']} non-finite steps)" if s["nonfinite"] else ""
-        lines.append(f"| {m.name} | {s['lr']:g} | {s['ppl']:.2f} ± {s['ppl_std']:.2f} (n={s['n']}){bad} | {delta} "
+        lr = f"{s['lr']:g}" + (" (×0.25 on matrices)" if m.name == "AdamW-split" else "")
+        lines.append(f"| {m.name} | {lr} | {s['ppl']:.2f} ± {s['ppl_std']:.2f} (n={s['n']}){bad} | {delta} "
                      f"| {ov} | {er} | {s['seconds']:.0f} |")
     if "AdamW" in summary and len(summary["AdamW"]["grid"]) > 1:
         lines += ["", "AdamW lr grid: " + "; ".join(
@@ -118,14 +132,18 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
     rows = closures(summary)
     if rows:
         lines += ["", "## Gap closure", "",
-                  "closure = (ppl_base − ppl_base+SARA) / (ppl_base − ppl_AdamW); the per-seed column pairs "
-                  "each seed's base and SARA runs against mean AdamW and shows how much of the figure is noise.", "",
+                  f"closure = (ppl_base − ppl_base+SARA) / (ppl_base − ppl_AdamW), with ppl_AdamW the best full-rank "
+                  f"configuration ({rows[0]['reference']}). The per-seed column pairs each seed's base and SARA runs "
+                  "against that mean and shows how much of the figure is noise. A negative gap (the low-rank base "
+                  "already beats full rank) makes closure meaningless; it is marked n/a.", "",
                   "| base | + SARA | ppl base | ppl base+SARA | ppl AdamW | closure | per seed |",
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
             m, sd = r["per_seed"]
+            closure = f"{r['closure']:+.1%}" if r["gap"] > 0 else f"n/a (gap {r['gap']:+.2f})"
+            per_seed = f"{m:+.1%} ± {sd:.1%} (n={r['n']})" if r["gap"] > 0 else "n/a"
             lines.append(f"| {r['base']} | {r['sara']} | {r['ppl_base']:.2f} | {r['ppl_sara']:.2f} | "
-                         f"{r['ppl_adamw']:.2f} | {r['closure']:+.1%} | {m:+.1%} ± {sd:.1%} (n={r['n']}) |")
+                         f"{r['ppl_adamw']:.2f} | {closure} | {per_seed} |")
     lines += ["", "## Figures", "", "![validation curves](val_curves.png)", "",
               "![subspace overlap per layer type](overlap.png)", "",
               "![effective rank of the accumulated update](effective_rank.png)", "",

@@ -32,7 +32,7 @@ def test_smoke_run_covers_every_method_and_writes_the_report(tmp_path):
     for rec in records.values():
         assert rec["nonfinite_steps"] == 0 and 1 < rec["val_ppl"] < 4096 * 2, rec["run_id"]
         assert [s for s, _ in rec["val"]] == [8, 16, 24]
-        if rec["method"] == "AdamW":
+        if rec["method"].startswith("AdamW"):
             assert rec["overlap"] == [] and "state_bytes" not in rec
         else:
             # every projected layer type reports an overlap in [0, 1] at each refresh after the first
@@ -52,7 +52,8 @@ def test_smoke_run_covers_every_method_and_writes_the_report(tmp_path):
     assert "[bench] finished" in proc.stdout
     # a second invocation has nothing to do: every run is already in results.jsonl
     again = _cli("--size", "smoke", "--out", str(out))
-    assert again.returncode == 0 and "13 of 13 runs already" in again.stdout and "[bench] finished" not in again.stdout
+    n = len(bench.METHODS)
+    assert again.returncode == 0 and f"{n} of {n} runs already" in again.stdout and "[bench] finished" not in again.stdout
 
 
 @pytest.mark.timeout(600)
@@ -112,14 +113,20 @@ def test_gap_closure_is_computed_against_the_best_adamw_lr():
     summary = bench_report.summarize(results)
     assert summary["AdamW"]["lr"] == 3e-3 and summary["AdamW"]["ppl"] == pytest.approx(100.0)
     (row,) = bench_report.closures(summary)
-    assert row["closure"] == pytest.approx(0.5)
+    assert row["closure"] == pytest.approx(0.5) and row["reference"] == "AdamW"
     assert row["per_seed"][0] == pytest.approx(0.5, abs=0.03)
+    # a better full-rank control (the split-lr AdamW) becomes the reference the gap is measured to
+    for seed in range(3):
+        r = rec("AdamW-split", 1e-2, seed, 98)
+        results[r["run_id"]] = r
+    (row,) = bench_report.closures(bench_report.summarize(results))
+    assert row["reference"] == "AdamW-split" and row["closure"] == pytest.approx(5 / 12)
 
 
 def test_the_plan_tunes_adamw_and_runs_every_method_per_seed():
     size = bench.SIZES["cpu"]
     runs = bench.plan(size)
-    assert len(runs) == (len(bench.METHODS) - 1 + len(size.adamw_lrs)) * len(size.seeds)
+    assert len(runs) == (len(bench.METHODS) - 1 + len(size.adamw_lrs)) * len(size.seeds)  # AdamW over its grid
     assert len({r.run_id for r in runs}) == len(runs)
     assert size.rank == size.hidden // 4 and size.update_proj_gap == size.steps // 40
     lam = bench.lr_lambda(size)
