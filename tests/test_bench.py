@@ -133,3 +133,19 @@ def test_the_plan_tunes_adamw_and_runs_every_method_per_seed():
     warm = size.steps // 10
     assert lam(warm - 1) == pytest.approx(1.0) and lam(size.steps) == pytest.approx(0.1)
     assert bench.SIZES["gpu60m"].hidden == 512 and bench.SIZES["gpu60m"].ffn == 1376
+
+
+def test_the_gpu_size_builds_llama_60m_shapes_and_steps():
+    size = bench.SIZES["gpu60m"]
+    model, opt, sched, projected = bench.build(bench.RunSpec("SARA-GaLore", size.lowrank_lr, 0), size, "cpu")
+    shapes = {bench.layer_type(n): tuple(p.shape) for n, p in projected.items()}
+    assert shapes == {"q_proj": (512, 512), "k_proj": (512, 512), "v_proj": (512, 512), "o_proj": (512, 512),
+                      "gate_proj": (1376, 512), "up_proj": (1376, 512), "down_proj": (512, 1376)}
+    assert len(projected) == 7 * 8 and size.rank == 128 and size.update_proj_gap == 250
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    opt.step()
+    sched.step()
+    assert sum(st["refreshes"] for _, st in opt.matrix_states()) == 56
+    assert all(st["basis"].shape == (512, 128) for _, st in opt.matrix_states())
