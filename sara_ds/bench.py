@@ -186,14 +186,10 @@ def build(spec: RunSpec, size: Size, device: str):
         if method.preset == "split":
             params = [dict(params=groups[0]["params"]), dict(params=groups[-1]["params"], lr=spec.lr * 0.25)]
         opt = torch.optim.AdamW(params, lr=spec.lr, betas=betas, eps=1e-8, weight_decay=0.0)
-    elif method.optimizer == "SaraAdamW":
-        opt = sara_ds.SaraAdamW(groups, lr=spec.lr, betas=betas, eps=1e-8, preset=method.preset, seed=spec.seed)
-    elif method.optimizer == "SaraAdamMini":
-        opt = sara_ds.SaraAdamMini(groups, lr=spec.lr, betas=betas, eps=1e-8, preset=method.preset, seed=spec.seed)
-    elif method.optimizer == "SaraAdafactor":
-        opt = sara_ds.SaraAdafactor(groups, lr=spec.lr, preset=method.preset, seed=spec.seed)
     else:
-        raise ValueError(f"sara_ds bench: unknown optimizer={method.optimizer!r} for method {spec.method!r}")
+        cls = sara_ds.OPTIMIZERS[method.optimizer]
+        moments = {} if cls is sara_ds.SaraAdafactor else dict(betas=betas, eps=1e-8)  # Adafactor keeps its own
+        opt = cls(groups, lr=spec.lr, preset=method.preset, seed=spec.seed, **moments)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(size))
     return model, opt, sched, projected
 
