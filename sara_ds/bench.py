@@ -333,7 +333,8 @@ def _fmt_seconds(s: float) -> str:
 
 
 def run_benchmark(size_name: str, out_dir: str, jobs: int | None = None, device: str = "cpu", methods=None,
-                  seeds=None, steps: int | None = None, stop_after: int | None = None, log=print) -> dict:
+                  seeds=None, steps: int | None = None, stop_after: int | None = None, log=print,
+                  command: str | None = None) -> dict:
     """Run every planned (method, lr, seed) not yet in ``out_dir/results.jsonl``; returns all results."""
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -352,7 +353,7 @@ def run_benchmark(size_name: str, out_dir: str, jobs: int | None = None, device:
     meta_path = os.path.join(out_dir, "meta.json")
     fingerprint = size_fingerprint(size, device)
     meta = dict(size=size_name, config=dataclasses.asdict(size), device=device, fingerprint=fingerprint,
-                rank=size.rank, update_proj_gap=size.update_proj_gap, torch=torch.__version__)
+                rank=size.rank, update_proj_gap=size.update_proj_gap, torch=torch.__version__, command=command)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
@@ -444,7 +445,7 @@ def main(argv=None) -> int:
     if not args.report_only:
         try:
             run_benchmark(args.size, out, args.jobs, args.device, methods, seeds, args.steps, args.stop_after,
-                          log=lambda m: print(m, flush=True))
+                          log=lambda m: print(m, flush=True), command=command)
         except (RunInterrupted, KeyboardInterrupt) as e:
             print(f"[bench] interrupted ({e or 'Ctrl-C'}); finished runs are in {out}/results.jsonl and unfinished "
                   "ones resume from their checkpoints when the same command is run again", flush=True)

@@ -179,7 +179,7 @@ def plots(summary: dict, out: str) -> list[str]:
 
     def panels(key, reducer, ylabel, title, fname, transform=lambda v: v, zoom=False):
         fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-        lows, highs = [], []
+        lows, highs, last_step = [], [], None
         for ax, names, sub in ((axes[0], ADAMW_PANEL, "AdamW base and the subspace rules"),
                                (axes[1], OTHER_PANEL, "Adafactor and Adam-mini bases")):
             for name in names:
@@ -191,17 +191,22 @@ def plots(summary: dict, out: str) -> list[str]:
                     continue
                 color, style = STYLE.get(name, (None, "-"))
                 ax.plot(steps, values, style, color=color, label=name, lw=1.6)
-                tail = values[len(values) // 4:]
+                tail = [v for st, v in zip(steps, values) if st >= 0.4 * steps[-1]]  # where methods separate
                 lows.append(min(tail))
                 highs.append(max(tail))
+                last_step = steps[-1]
             ax.set_title(sub)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         axes[0].set_ylabel(ylabel)
         if zoom and lows:
-            pad = 0.05 * (max(highs) - min(lows))
-            axes[0].set_ylim(min(lows) - pad, max(highs) + pad)
+            top = sorted(highs)[len(highs) * 3 // 4]  # an outlier method may leave the frame
+            pad = 0.05 * (top - min(lows))
+            axes[0].set_ylim(min(lows) - pad, top + pad)
+            for ax in axes:
+                ax.set_xlim(0.4 * last_step, last_step * 1.01)
+            title += " (last 60% of training)"
         fig.suptitle(title)
         fig.tight_layout()
         path = os.path.join(out, fname)
@@ -254,6 +259,7 @@ def write_report(results_dir: str, out: str, command: str) -> list[str]:
     with open(os.path.join(results_dir, "meta.json")) as f:
         meta = json.load(f)
     summary = summarize(results)
+    command = meta.get("command") or command  # the run's own command, not that of a --report-only rewrite
     md_path = os.path.join(out, "results.md")
     with open(md_path, "w") as f:
         f.write(markdown(summary, meta, command))
