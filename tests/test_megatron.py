@@ -61,7 +61,7 @@ def test_torch_dist_state_saved_at_one_tp_size_is_refused_at_another(tmp_path):
     assert _run(2, [dict(preset="sara", steps=3, mode="save", ckpt=ckpt)]) == [{"saved": True}]
     (res,) = _run(1, [dict(preset="sara", steps=0, mode="load", ckpt=ckpt)])
     print("\nload at TP=1 of a TP=2 checkpoint:", res["error"])
-    assert res["error"] is not None and "Missing key" in res["error"] and "optimizer.sara.tp1_pp1.state" in res["error"]
+    assert res["error"] is not None and "Missing key" in res["error"] and "optimizer.sara.tp1_pp1." in res["error"]
 
 
 def test_distributed_optimizer_is_refused_with_a_clear_message():
