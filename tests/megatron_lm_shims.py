@@ -48,9 +48,12 @@ if __name__ == "__main__":
         return original_seed(seed, te_rng_tracker, True, *a, **k)  # the tracker that needs no CUDA RNG
 
     tensor_parallel.model_parallel_cuda_manual_seed = mp_random.model_parallel_cuda_manual_seed = cpu_seed
-    import megatron.legacy.fused_kernels as fused_kernels
+    try:  # Megatron-LM up to core_v0.16 builds fused CUDA kernels at start-up; nothing to build on a CPU
+        import megatron.legacy.fused_kernels as fused_kernels
 
-    fused_kernels.load = lambda args: None  # CUDA kernels: nothing to build on a CPU
+        fused_kernels.load = lambda args: None
+    except ModuleNotFoundError:  # later versions have no megatron.legacy
+        pass
     from sara_ds.integrations.megatron_launch import main
 
     main(sys.argv[2:])
