@@ -22,7 +22,9 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -327,6 +329,10 @@ def _progress_line(status, first_seen, finished_here, todo, steps, jobs, t0, now
     return f"[bench] {done}/{total} runs done | running: {running} | {pace:.1f} steps/s | ETA {eta}"
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -375,6 +381,9 @@ def run_benchmark(size_name: str, out_dir: str, jobs: int | None = None, device:
         return done
     for k, v in MALLOC_ENV.items():  # inherited by the spawned workers (glibc reads them at process start)
         os.environ.setdefault(k, v)
+    if threading.current_thread() is threading.main_thread():
+        # SLURM (preemption, time limit) and `kill` send SIGTERM: stop the way Ctrl-C does, runs resumable
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     queue = manager.Queue()

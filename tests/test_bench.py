@@ -149,3 +149,35 @@ def test_the_gpu_size_builds_llama_60m_shapes_and_steps():
     sched.step()
     assert sum(st["refreshes"] for _, st in opt.matrix_states()) == 56
     assert all(st["basis"].shape == (512, 128) for _, st in opt.matrix_states())
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_stops_every_run_and_the_rerun_finishes(tmp_path):
+    """SLURM preemption and time limits send SIGTERM: workers must go too, and a rerun must resume."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "sara_ds", "bench", "--size", "smoke", "--steps", "600", "--methods",
+            "SARA-GaLore,Fira", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ((out / "checkpoints").exists() and os.listdir(out / "checkpoints")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted (signal 15)" in stdout, stdout[-2000:]
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"workers outlived the benchmark: {alive}"
+    saved = {name: torch.load(out / "checkpoints" / name, weights_only=True)["step"]
+             for name in os.listdir(out / "checkpoints")}
+    assert saved and all(0 < step < 600 for step in saved.values())
+    rerun = _cli("--size", "smoke", "--steps", "600", "--methods", "SARA-GaLore,Fira", "--out", str(out))
+    assert rerun.returncode == 0, rerun.stdout[-2000:]
+    assert sorted(_records(out)) == ["Fira_lr0.01_s0", "SARA-GaLore_lr0.01_s0"]
