@@ -126,6 +126,8 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
         lr = f"{s['lr']:g}" + (" (×0.25 on matrices)" if m.name == "AdamW-split" else "")
         lines.append(f"| {m.name} | {lr} | {s['ppl']:.2f} ± {s['ppl_std']:.2f} (n={s['n']}){bad} | {delta} "
                      f"| {ov} | {er} | {s['seconds']:.0f} |")
+    lines += ["", "s/run is wall-clock time with runs sharing the machine; it is not a speed benchmark "
+              "(see benchmarks/optimizer_step.py for that)."]
     if "AdamW" in summary and len(summary["AdamW"]["grid"]) > 1:
         lines += ["", "AdamW lr grid: " + "; ".join(
             f"lr {lr:g}: {m:.2f} ± {sd:.2f} (n={n})" for lr, (m, sd, n) in summary["AdamW"]["grid"].items())]
