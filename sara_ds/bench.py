@@ -318,9 +318,9 @@ def load_results(path: str) -> dict:
     return results
 
 
-def _progress_line(status, first_seen, finished_here, todo, steps, jobs, t0, now, done, total) -> str:
-    """What is running and an ETA from this session's own pace (steps per second per job slot)."""
-    walked = finished_here * steps + sum(s - first_seen[r][0] for r, (s, _, _) in status.items())
+def _progress_line(status, first_seen, finished_here, todo, steps, t0, now, done, total) -> str:
+    """What is running, and an ETA from this invocation's own pace (steps per second over all runs)."""
+    walked = finished_here * steps + sum(s - first_seen[r] for r, (s, _, _) in status.items())
     pace = walked / max(now - t0, 1e-9)  # steps/s over all job slots
     unstarted = todo - finished_here - len(status)
     left = sum(t - s for s, t, _ in status.values()) + unstarted * steps
@@ -389,7 +389,7 @@ def run_benchmark(size_name: str, out_dir: str, jobs: int | None = None, device:
     queue = manager.Queue()
     threads = 1 if device == "cpu" else max(1, (os.cpu_count() or 1) // jobs)
     status, finished_here, t0, last_print = {}, 0, time.time(), 0.0
-    first_seen = {}  # run_id -> (step, time) when its first progress report arrived
+    first_seen = {}  # run_id -> its step at the first progress report (resumed runs start mid-way)
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                 initargs=(threads,)) as pool:
         futures = {pool.submit(_worker, s, size, out_dir, device, queue, stop_after): s for s in todo}
@@ -399,7 +399,7 @@ def run_benchmark(size_name: str, out_dir: str, jobs: int | None = None, device:
                 finished, pending = cf.wait(pending, timeout=1.0)
                 while not queue.empty():
                     run_id, step, total, loss = queue.get()
-                    first_seen.setdefault(run_id, (step, time.time()))
+                    first_seen.setdefault(run_id, step)
                     status[run_id] = (step, total, loss)
                 for fut in finished:
                     spec = futures[fut]
@@ -417,7 +417,7 @@ def run_benchmark(size_name: str, out_dir: str, jobs: int | None = None, device:
                 now = time.time()
                 if status and now - last_print >= 15:
                     last_print = now
-                    log(_progress_line(status, first_seen, finished_here, len(todo), size.steps, jobs, t0, now,
+                    log(_progress_line(status, first_seen, finished_here, len(todo), size.steps, t0, now,
                                        len(done), total_runs))
         except BaseException:
             # Ctrl-C or a failed run: stop the other runs now; their checkpoints are on disk

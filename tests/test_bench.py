@@ -49,7 +49,7 @@ def test_smoke_run_covers_every_method_and_writes_the_report(tmp_path):
     for png in ("val_curves.png", "overlap.png", "effective_rank.png"):
         assert (docs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (docs / "results.jsonl").read_text() == (out / "results.jsonl").read_text()
-    assert "[bench] finished" in proc.stdout
+    assert "[bench] finished" in proc.stdout and "| ETA " in proc.stdout  # progress lines while it runs
     # a second invocation has nothing to do: every run is already in results.jsonl
     again = _cli("--size", "smoke", "--out", str(out))
     n = len(bench.METHODS)
