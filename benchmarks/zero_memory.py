@@ -36,7 +36,7 @@ def state_bytes(opt):
 def build(args):
     torch.manual_seed(0)
     return llama.Llama(llama.LlamaConfig(vocab_size=4096, hidden=args.hidden, layers=args.layers, heads=max(1, args.hidden // 64),
-                                         intermediate=((8 * args.hidden // 3 + 7) // 8) * 8, max_seq=32))
+                                         intermediate=llama.swiglu_width(args.hidden), max_seq=32))
 
 
 def worker(args):

@@ -71,7 +71,7 @@ def main():
     steps = args.steps or ds_config.get("scheduler", {}).get("params", {}).get("total_num_steps", 300)
     torch.manual_seed(args.seed)
     cfg = llama.LlamaConfig(vocab_size=corpus.VOCAB_SIZE, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                            intermediate=((8 * args.hidden // 3 + 7) // 8) * 8, max_seq=args.seq_len)
+                            intermediate=llama.swiglu_width(args.hidden), max_seq=args.seq_len)
     model = llama.Llama(cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
     sara_opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer

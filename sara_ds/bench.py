@@ -89,7 +89,9 @@ class Size:
 
     @property
     def ffn(self) -> int:
-        return self.intermediate or ((8 * self.hidden // 3 + 7) // 8) * 8
+        from .llama import swiglu_width
+
+        return self.intermediate or swiglu_width(self.hidden)
 
     @property
     def rank(self) -> int:
@@ -372,8 +374,9 @@ def run_benchmark(size_name: str, out_dir: str, jobs: int | None = None, device:
         json.dump(meta, f, indent=1)
     results_path = os.path.join(out_dir, "results.jsonl")
     done = load_results(results_path)
-    todo = [s for s in plan(size, methods, seeds) if s.run_id not in done]
-    total_runs = len(todo) + sum(1 for s in plan(size, methods, seeds) if s.run_id in done)
+    planned = plan(size, methods, seeds)
+    todo = [s for s in planned if s.run_id not in done]
+    total_runs = len(planned)
     log(f"[bench] size={size_name} ({size.layers}x{size.hidden} LLaMA, r={size.rank}, T={size.update_proj_gap}, "
         f"{size.steps} steps of {size.batch}x{size.seq_len}) device={device} jobs={jobs}: "
         f"{total_runs - len(todo)} of {total_runs} runs already in {results_path}, {len(todo)} to go")

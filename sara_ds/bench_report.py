@@ -12,7 +12,7 @@ import math
 import os
 import statistics
 
-from .bench import CLOSURE_PAIRS, METHODS, load_results
+from .bench import CLOSURE_PAIRS, METHODS, Size, load_results
 
 # Methods whose bases come from a rule with a subspace worth watching, for the overlap figure.
 OVERLAP_METHODS = ("GaLore", "SARA-GaLore", "Fira", "SARA-Fira", "OSD", "GoLore")
@@ -36,10 +36,6 @@ def _mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _ppl(rec) -> float:
-    return math.exp(rec["val_loss"]) if math.isfinite(rec["val_loss"]) else float("inf")
-
-
 def summarize(results: dict) -> dict:
     """Per method: the runs that count (AdamW: its best lr), ppl mean/std, and the diagnostics."""
     by_method = {}
@@ -47,10 +43,10 @@ def summarize(results: dict) -> dict:
         by_method.setdefault(rec["method"], {}).setdefault(rec["lr"], []).append(rec)
     summary = {}
     for name, by_lr in by_method.items():
-        grid = {lr: _mean_std(_ppl(r) for r in runs) + (len(runs),) for lr, runs in sorted(by_lr.items())}
+        grid = {lr: _mean_std(r["val_ppl"] for r in runs) + (len(runs),) for lr, runs in sorted(by_lr.items())}
         best_lr = min(grid, key=lambda lr: grid[lr][0])
         runs = sorted(by_lr[best_lr], key=lambda r: r["seed"])
-        mean, std = _mean_std(_ppl(r) for r in runs)
+        mean, std = _mean_std(r["val_ppl"] for r in runs)
         last_overlap = [statistics.mean(r["overlap"][-1][1].values()) for r in runs if r["overlap"]]
         last_rank = [statistics.mean(r["effective_rank"][-1][1].values()) for r in runs if r["effective_rank"]]
         summary[name] = dict(lr=best_lr, grid=grid, runs=runs, ppl=mean, ppl_std=std, n=len(runs),
@@ -81,8 +77,8 @@ def closures(summary: dict) -> list[dict]:
         gap = b["ppl"] - a["ppl"]
         closure = (b["ppl"] - s["ppl"]) / gap if gap != 0 else float("nan")
         # per seed, against the mean AdamW: how much of that number is seed noise
-        seeds = {r["seed"]: _ppl(r) for r in b["runs"]}
-        per_seed = [(seeds[r["seed"]] - _ppl(r)) / (seeds[r["seed"]] - a["ppl"])
+        seeds = {r["seed"]: r["val_ppl"] for r in b["runs"]}
+        per_seed = [(seeds[r["seed"]] - r["val_ppl"]) / (seeds[r["seed"]] - a["ppl"])
                     for r in s["runs"] if r["seed"] in seeds and seeds[r["seed"]] != a["ppl"]]
         rows.append(dict(base=base, sara=sara, reference=reference, ppl_base=b["ppl"], ppl_sara=s["ppl"], ppl_adamw=a["ppl"], gap=gap,
                          closure=closure, per_seed=_mean_std(per_seed), n=len(per_seed)))
@@ -90,30 +86,28 @@ def closures(summary: dict) -> list[dict]:
 
 
 def markdown(summary: dict, meta: dict, command: str) -> str:
-    cfg = meta.get("config", {})
+    size = Size(**meta["config"])
+    reference = full_rank_reference(summary)
     lines = [
         "# Evidence benchmark: SARA against the rules it is measured with",
         "",
         f"Produced by `{command}` (sara_ds {_version()}, torch {meta.get('torch')}, device {meta.get('device')}).",
         "",
-        f"Model: LLaMA-style, {cfg.get('layers')} layers x hidden {cfg.get('hidden')} (ffn "
-        f"{cfg.get('intermediate') or ((8 * cfg.get('hidden', 0) // 3 + 7) // 8) * 8}), {cfg.get('heads')} heads, "
-        f"vocabulary 4096, on the bundled Wikipedia + Austen corpus. {cfg.get('steps')} steps of "
-        f"{cfg.get('batch')} x {cfg.get('seq_len')} tokens "
-        f"({cfg.get('steps', 0) * cfg.get('batch', 0) * cfg.get('seq_len', 0) / 1e6:.2f}M tokens), "
-        f"validation on {cfg.get('eval_batches')} fixed batches of held-out text.",
-        f"Protocol: cosine schedule, 10% warmup, floor 10% of peak; rank r = hidden/4 = {meta.get('rank')}, "
-        f"scale alpha = 0.25, subspace refresh every T = {meta.get('update_proj_gap')} steps (steps/40); "
-        f"betas (0.9, 0.95), no weight decay, gradient clipping 1.0. Low-rank methods at lr {cfg.get('lowrank_lr')}; "
-        f"AdamW over lr {', '.join(f'{x:g}' for x in cfg.get('adamw_lrs', ()))}.",
+        f"Model: LLaMA-style, {size.layers} layers x hidden {size.hidden} (ffn {size.ffn}), {size.heads} heads, "
+        f"vocabulary 4096, on the bundled Wikipedia + Austen corpus. {size.steps} steps of "
+        f"{size.batch} x {size.seq_len} tokens ({size.steps * size.batch * size.seq_len / 1e6:.2f}M tokens), "
+        f"validation on {size.eval_batches} fixed batches of held-out text.",
+        f"Protocol: cosine schedule, 10% warmup, floor 10% of peak; rank r = hidden/4 = {size.rank}, "
+        f"scale alpha = 0.25, subspace refresh every T = {size.update_proj_gap} steps (steps/40); "
+        f"betas (0.9, 0.95), no weight decay, gradient clipping 1.0. Low-rank methods at lr {size.lowrank_lr}; "
+        f"AdamW over lr {', '.join(f'{x:g}' for x in size.adamw_lrs)}.",
         "",
         "## Validation perplexity (mean ± std over seeds)",
         "",
-        f"| method | lr | val ppl | vs {full_rank_reference(summary) or 'AdamW'} | last subspace overlap "
+        f"| method | lr | val ppl | vs {reference or 'AdamW'} | last subspace overlap "
         "| eff. rank of ΔW | s/run |",
         "|---|---|---|---|---|---|---|",
     ]
-    reference = full_rank_reference(summary)
     adamw = summary[reference]["ppl"] if reference else None
     for m in METHODS:
         s = summary.get(m.name)

@@ -13,6 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def swiglu_width(hidden: int) -> int:
+    """LLaMA's SwiGLU intermediate size: 8/3 * hidden, rounded up to a multiple of 8."""
+    return ((8 * hidden // 3 + 7) // 8) * 8
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 4096

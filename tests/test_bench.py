@@ -102,7 +102,7 @@ def test_effective_rank_spans_one_to_full():
 def test_gap_closure_is_computed_against_the_best_adamw_lr():
     def rec(method, lr, seed, ppl):
         import math
-        return dict(run_id=f"{method}{lr}{seed}", method=method, lr=lr, seed=seed, val_loss=math.log(ppl),
+        return dict(run_id=f"{method}{lr}{seed}", method=method, lr=lr, seed=seed, val_loss=math.log(ppl), val_ppl=ppl,
                     val=[[1, math.log(ppl)]], overlap=[], effective_rank=[], seconds=1.0)
 
     results = {}
