@@ -413,8 +413,9 @@ def run_benchmark(size_name: str, out_dir: str, jobs: int | None = None, device:
                     finished_here += 1
                     status.pop(spec.run_id, None)
                     ckpt = os.path.join(out_dir, "checkpoints", f"{spec.run_id}.pt")
-                    if os.path.exists(ckpt):
-                        os.remove(ckpt)
+                    for path in (ckpt, f"{ckpt}.tmp"):  # .tmp: a save cut short by an earlier kill
+                        if os.path.exists(path):
+                            os.remove(path)
                     log(f"[bench] finished {spec.run_id}: val ppl {rec['val_ppl']:.2f} in {rec['seconds']:.0f}s "
                         f"({len(done)}/{total_runs})")
                 now = time.time()

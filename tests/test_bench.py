@@ -165,7 +165,11 @@ def test_sigterm_stops_every_run_and_the_rerun_finishes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while not ((out / "checkpoints").exists() and os.listdir(out / "checkpoints")):
+    def checkpoints():  # a worker killed mid-save may leave its *.pt.tmp; only renamed *.pt files are checkpoints
+        folder = out / "checkpoints"
+        return [n for n in os.listdir(folder) if n.endswith(".pt")] if folder.exists() else []
+
+    while not checkpoints():
         assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.5)
     children = psutil.Process(proc.pid).children(recursive=True)
@@ -175,8 +179,7 @@ def test_sigterm_stops_every_run_and_the_rerun_finishes(tmp_path):
     assert proc.returncode == 130 and "interrupted (signal 15)" in stdout, stdout[-2000:]
     gone, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, f"workers outlived the benchmark: {alive}"
-    saved = {name: torch.load(out / "checkpoints" / name, weights_only=True)["step"]
-             for name in os.listdir(out / "checkpoints")}
+    saved = {name: torch.load(out / "checkpoints" / name, weights_only=True)["step"] for name in checkpoints()}
     assert saved and all(0 < step < 600 for step in saved.values())
     rerun = _cli("--size", "smoke", "--steps", "600", "--methods", "SARA-GaLore,Fira", "--out", str(out))
     assert rerun.returncode == 0, rerun.stdout[-2000:]
