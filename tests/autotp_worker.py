@@ -34,11 +34,17 @@ def optimizer_block(sc):
     if sc["optimizer"] == "AdamW":
         return {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0,
                                             "torch_adam": True}}
-    return {"type": sc["optimizer"], "params": {"lr": 0.01, "rank": 4, "update_proj_gap": 2, "scale": 0.25,
-                                                "preset": sc["preset"], "seed": 3}}
+    params = {"lr": 0.01, "rank": 4, "update_proj_gap": 2, "scale": 0.25, "preset": sc["preset"], "seed": 3}
+    if sc["preset"] == "osd":  # the default, 1/update_proj_gap = 0.5 here, turns round-off into sign flips of B
+        params["osd_lr"] = 0.01
+    return {"type": sc["optimizer"], "params": params}
 
 
 def dense_reference(sc, dp=1):
+    """One process on the full matrices: {"weights": name -> tensor, "norms": the clipped steps' gradient norms}.
+
+    ``jitter``: multiply every gradient by (1 + jitter * N(0, 1)), to measure how far a rule carries
+    fp32 round-off (a relative 1e-7 is about one ulp)."""
     model = build_model()
     block = optimizer_block(sc)
     params = dict(block["params"])
@@ -48,8 +54,9 @@ def dense_reference(sc, dp=1):
     else:
         selection = {k: params.pop(k) for k in ("rank", "update_proj_gap", "scale")}
         opt = sara_ds.OPTIMIZERS[sc["optimizer"]](sara_ds.param_groups(model, **selection), **params)
-    named = list(model.named_parameters())
-    for step in range(STEPS):
+    named, norms = list(model.named_parameters()), []
+    noise = torch.Generator().manual_seed(sc.get("noise_seed", 5))
+    for step in range(sc.get("steps", STEPS)):
         total = None
         for d in range(dp):
             t = tokens(step, d, dp)
@@ -58,9 +65,11 @@ def dense_reference(sc, dp=1):
             grads = [p.grad / dp for _, p in named]
             total = grads if total is None else [a + b for a, b in zip(total, grads)]
         for (_, p), g in zip(named, total):
-            p.grad = g
+            p.grad = g * (1 + sc["jitter"] * torch.randn(g.shape, generator=noise)) if sc.get("jitter") else g
+        if sc.get("dense_clip"):  # as DeepSpeed: grads * clip / (||g|| + 1e-6) when the norm exceeds clip
+            norms.append(torch.nn.utils.clip_grad_norm_([p for _, p in named], sc["dense_clip"]).item())
         opt.step()
-    return {n: p.detach().clone() for n, p in named}
+    return {"weights": {n: p.detach().clone() for n, p in named}, "norms": norms}
 
 
 def run(sc, tp, dp):
@@ -75,12 +84,17 @@ def run(sc, tp, dp):
               "optimizer": optimizer_block(sc), "zero_optimization": {"stage": sc["stage"]},
               "gradient_clipping": sc.get("clip", 0.0), "tensor_parallel": {"autotp_size": tp},
               "steps_per_print": 10**9}
+    if sc.get("clip", 0.0) is None:  # the key left out, as a user would: DeepSpeed then clips at 1.0
+        del config["gradient_clipping"]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     tp_group, dp_rank = groups.get_tensor_model_parallel_group(), groups.get_data_parallel_rank()
-    for step in range(STEPS):
+    norms = []  # DeepSpeed's global gradient norm, the one it clips with (ZeRO-1/2 keep it)
+    for step in range(sc.get("steps", STEPS)):
         t = tokens(step, dp_rank, dp)
         engine.backward(engine(input_ids=t[:, :-1], labels=t[:, 1:]).loss)
         engine.step()
+        norm = engine.get_global_grad_norm()
+        norms.append(None if norm is None else float(norm))
     from deepspeed.utils import safe_get_full_fp32_param
 
     weights = {}
@@ -93,7 +107,7 @@ def run(sc, tp, dp):
             w = torch.cat(parts, dim=dim)
         weights[name.replace("module.", "")] = w
     opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-    result = {"weights": weights}
+    result = {"weights": weights, "norms": norms}
     if isinstance(opt, sara_ds.SaraOptimizer):
         result.update(bases={i: st["basis"].clone() for i, st in opt.matrix_states()}, counts=opt.refresh_counts(),
                       tp_group_size=dist.get_world_size(opt.tp_group) if opt.tp_group is not None else 1,

@@ -1,9 +1,10 @@
 """A counting wrapper around torch.distributed's collectives, for tests only.
 
 ``install()`` replaces the collectives on ``torch.distributed`` (which is what library code
-calls) with wrappers that record (op, number of ranks in the group, bytes this rank puts in)
-and then call the real collective. This counts what really crosses the wire, independently of
-any counter the library keeps itself.
+calls, and what DeepSpeed's and megatron-core's communication wrappers call in turn) with
+wrappers that record (op, number of ranks in the group, bytes this rank puts in), and the
+group's global ranks beside it, then call the real collective. This counts what really crosses
+the wire, independently of any counter the library keeps itself.
 """
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ _OPS = ("all_reduce", "all_gather", "broadcast", "all_gather_into_tensor", "redu
 class Counter:
     def __init__(self):
         self.records = []  # (op, group size, bytes sent by this rank)
+        self.groups = []   # the global ranks of each record's group: tells TP from DP when both have 2 ranks
         self.enabled = True
 
     def bytes(self, op=None):
@@ -24,8 +26,18 @@ class Counter:
     def ops(self):
         return [o for o, _, _ in self.records]
 
+    def on(self, ranks):
+        """(op, bytes) of the records made over the group whose global ranks are ``ranks``."""
+        return [(o, b) for (o, _, b), g in zip(self.records, self.groups) if g == tuple(ranks)]
+
+    def record(self, op, group, nbytes):
+        self.records.append((op, dist.get_world_size(group), nbytes))
+        self.groups.append(tuple(dist.get_process_group_ranks(group)) if group is not None
+                           else tuple(range(dist.get_world_size())))
+
     def clear(self):
         self.records.clear()
+        self.groups.clear()
 
 
 def _nbytes(t):
@@ -33,14 +45,19 @@ def _nbytes(t):
 
 
 def _sent(op, args, kwargs):
-    if op in ("all_reduce", "broadcast", "send", "all_to_all_single"):
-        t = args[0] if op != "all_to_all_single" else args[1]
-        if op == "broadcast":  # only the source puts the tensor on the wire
-            src = kwargs.get("src", args[1] if len(args) > 1 else None)
-            return _nbytes(t) if src == dist.get_rank() else 0
-        return _nbytes(t)
-    if op in ("all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"):
-        return _nbytes(args[1] if len(args) > 1 else kwargs.get("tensor", kwargs.get("input")))
+    def arg(i, name):  # DeepSpeed's comm layer passes keywords, library code positions
+        return args[i] if len(args) > i else kwargs.get(name)
+
+    if op == "broadcast":  # only the source puts the tensor on the wire
+        return _nbytes(arg(0, "tensor")) if arg(1, "src") == dist.get_rank() else 0
+    if op in ("all_reduce", "send"):
+        return _nbytes(arg(0, "tensor"))
+    if op == "all_to_all_single":
+        return _nbytes(arg(1, "input"))
+    if op == "all_gather":
+        return _nbytes(arg(1, "tensor"))
+    if op in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        return _nbytes(arg(1, "input_tensor" if op == "all_gather_into_tensor" else "input"))
     return 0
 
 
@@ -51,8 +68,7 @@ def install() -> Counter:
 
         def wrapped(*args, _real=real, _op=op, **kwargs):
             if counter.enabled:
-                group = kwargs.get("group")
-                counter.records.append((_op, dist.get_world_size(group), _sent(_op, args, kwargs)))
+                counter.record(_op, kwargs.get("group"), _sent(_op, args, kwargs))
             return _real(*args, **kwargs)
 
         setattr(dist, op, wrapped)
@@ -62,7 +78,7 @@ def install() -> Counter:
         if counter.enabled:
             for p in ops:
                 if p.op is dist.isend:
-                    counter.records.append(("p2p_send", 2, _nbytes(p.tensor)))
+                    counter.record("p2p_send", p.group, _nbytes(p.tensor))
         return real_batch(ops)
 
     dist.batch_isend_irecv = batch

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import counting_dist  # noqa: E402
 import sara_ds  # noqa: E402
 from tp_worker import FFN, HIDDEN, master_weights  # noqa: E402
 
@@ -42,8 +43,9 @@ def optimizer_block(sc):
     return {"type": sc.get("optimizer", "SaraAdamW"), "params": params}
 
 
-def dense_reference(sc, dp=2, steps=7):
-    """One process with the full matrices; per-DP-rank gradients / dp, summed in rank order."""
+def dense_reference(sc, dp=2, steps=7, jitter=0.0, noise_seed=5):
+    """One process with the full matrices; per-DP-rank gradients / dp, summed in rank order.
+    ``jitter``: gradients times (1 + jitter * N(0, 1)), to measure how far a rule carries fp32 round-off."""
     w1, w2 = (torch.nn.Parameter(w) for w in master_weights())
     gain = torch.nn.Parameter(torch.ones(HIDDEN))
     block = optimizer_block(sc)
@@ -54,7 +56,7 @@ def dense_reference(sc, dp=2, steps=7):
         kw = dict(block["params"])
         selection = {k: kw.pop(k) for k in ("rank", "update_proj_gap", "scale")}
         opt = sara_ds.OPTIMIZERS[block["type"]]([{"params": [gain]}, dict(params=[w1, w2], **selection)], **kw)
-    params = [gain, w1, w2]
+    params, noise = [gain, w1, w2], torch.Generator().manual_seed(noise_seed)
     for step in range(steps):
         total = None
         for d in range(dp):
@@ -64,7 +66,7 @@ def dense_reference(sc, dp=2, steps=7):
             grads = [p.grad / dp for p in params]
             total = grads if total is None else [t + g for t, g in zip(total, grads)]
         for p, g in zip(params, total):
-            p.grad = g
+            p.grad = g * (1 + jitter * torch.randn(g.shape, generator=noise)) if jitter else g
         opt.step()
     state = opt.state_bytes() if isinstance(opt, sara_ds.SaraOptimizer) else None
     largest = max((sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
@@ -95,7 +97,23 @@ class TwoLayers(torch.nn.Module):
         return _loss(out, self.gain, y)
 
 
-def run(sc, tp, dp):
+def count_inside(opt, counter, calls):
+    """Count collectives only while the inner optimizer steps (forward/backward TP traffic and
+    DeepSpeed's own gradient reduction stay out); ZeRO-1/2 call it once per param group."""
+    real_step = opt.step
+
+    def counted(*args, **kwargs):
+        calls[-1] += 1
+        counter.enabled = True
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            counter.enabled = False
+
+    opt.step = counted
+
+
+def run(sc, tp, dp, counter):
     import deepspeed
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -110,12 +128,20 @@ def run(sc, tp, dp):
     mpu = None if sc.get("no_mpu") else MegatronCoreMPU()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config, mpu=mpu)
     dp_rank = parallel_state.get_data_parallel_rank()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_ranks = dist.get_process_group_ranks(tp_group)
+    dp_ranks = dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+    opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    calls, wire = [], []  # per step: inner step() calls; collectives on the TP and on the DP group
+    count_inside(opt, counter, calls)
     for step in range(sc.get("steps", 7)):
         x, y = batch(step, dp_rank, dp)
+        counter.clear()
+        calls.append(0)
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
-    tp_group = parallel_state.get_tensor_model_parallel_group()
+        wire.append({"tp": counter.on(tp_ranks), "dp": counter.on(dp_ranks)})
 
     def gather(t, dim):
         out = [torch.empty_like(t) for _ in range(tp)]
@@ -124,8 +150,12 @@ def run(sc, tp, dp):
 
     result = {"w1": gather(model.mlp_in.weight.detach(), 0), "w2": gather(model.mlp_out.weight.detach(), 1),
               "gain": model.gain.detach().clone()}
-    opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
     if isinstance(opt, sara_ds.SaraOptimizer):
+        from sara_ds.sharding.tensor_parallel import partition_dim
+
+        result["held"] = [(i, tuple(opt.original_params[i].shape), partition_dim(opt.original_params[i]))
+                          for i, _ in opt.matrix_states()]
+        result.update(wire=wire, calls=calls, tp_rank=parallel_state.get_tensor_model_parallel_rank())
         result["bases"] = {i: st["basis"].clone() for i, st in opt.matrix_states()}
         result["counts"] = opt.refresh_counts()
         result["tp_group_size"] = dist.get_world_size(opt.tp_group) if opt.tp_group is not None else 1
@@ -145,6 +175,8 @@ def main(spec_path):
 
     warnings.filterwarnings("ignore")
     spec = json.load(open(spec_path))
+    counter = counting_dist.install()
+    counter.enabled = False
     sara_deepspeed.prepare_cpu_launch()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     tp = spec.get("tp", 2)
@@ -153,14 +185,15 @@ def main(spec_path):
     results = []
     for sc in spec["scenarios"]:
         try:
-            results.append(run(sc, tp, dp))
+            results.append(run(sc, tp, dp, counter))
         except Exception as exc:  # scenarios that expect an error report it instead of dying
             if not sc.get("expect_error"):
                 traceback.print_exc()
                 raise
             results.append({"error": f"{type(exc).__name__}: {exc}"})
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, [{k: r.get(k) for k in ("bases", "counts", "state_bytes", "tp_bytes")}
+    keys = ("bases", "counts", "state_bytes", "tp_bytes", "held", "wire", "calls", "tp_rank")
+    dist.all_gather_object(gathered, [{k: r.get(k) for k in keys}
                                       for r in results])
     if dist.get_rank() == 0:
         for i, r in enumerate(results):
