@@ -5,6 +5,7 @@ import numbers
 
 from .projector import PROJ_TYPES
 from .sharding.tensor_parallel import TP_SPECTRA
+from .spectral import LOCAL_SPECTRA
 from .subspace import RULES, SIGN_CONVENTIONS
 
 RESIDUALS = (None, "fira")
@@ -133,6 +134,8 @@ def validate_group(group: dict, base: str, group_index=None) -> None:
     if group["basis_signs"] not in SIGN_CONVENTIONS:
         raise ValueError(f"sara_ds: basis_signs must be one of {SIGN_CONVENTIONS}, "
                          f"got basis_signs={group['basis_signs']!r}{w}")
+    if group["spectrum"] not in LOCAL_SPECTRA:
+        raise ValueError(f"sara_ds: spectrum must be one of {LOCAL_SPECTRA}, got spectrum={group['spectrum']!r}{w}")
     if group["tp_spectrum"] not in TP_SPECTRA:
         raise ValueError(f"sara_ds: tp_spectrum must be one of {TP_SPECTRA}, got tp_spectrum={group['tp_spectrum']!r}{w}")
     _positive_int("sketch_oversample", group["sketch_oversample"], w)

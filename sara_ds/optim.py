@@ -10,8 +10,9 @@ One projected matrix, one step (the whole algorithm):
 
 Groups that carry ``rank`` are projected (galore-torch's convention); other
 parameters get the base update at full rank. Where the gradient of a matrix
-comes from (a plain parameter, fp32 master copies, a ZeRO flat partition) is
-the business of ``sara_ds.sharding``; this module only sees ``Slot``s.
+comes from (a plain parameter, fp32 master copies, a ZeRO flat partition) and
+who else holds part of it (tensor parallelism) is the business of
+``sara_ds.sharding``; this module only sees ``Slot``s and their shard contexts.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from torch import Tensor
 
 from . import projector, subspace, updates
 from .config import PROJECTION_DEFAULTS, UNSET, resolve_preset, validate_group
-from .sharding import LOCAL, Slot, plain_slots, tensor_parallel, zero
+from .sharding import Slot
+from .sharding.placement import Placement
 
 _OSD_BASIS_ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}
 
@@ -37,8 +39,6 @@ class SaraOptimizer(torch.optim.Optimizer):
         rules = resolve_preset(preset, subspace_rule, residual, moments_on_refresh)
         defaults = dict(defaults, **rules, **PROJECTION_DEFAULTS)
         super().__init__(params, defaults)
-        # Process group over which Megatron-style TP-sharded weights are split (not saved: not a hyperparameter).
-        self.tp_group = tp_group
         self.base = updates.BASES[self.base_name]
         # Stable matrix ids: position in the parameter order given at construction.
         # Engines (ZeRO, mixed-precision wrappers) later swap group['params'] for
@@ -58,16 +58,19 @@ class SaraOptimizer(torch.optim.Optimizer):
                 self.param_names.append(name or f"param{len(self.original_params)}")
                 self.original_params.append(p)
             self.group_members.append(members)
-        self._index_of = {id(p): i for i, p in enumerate(self.original_params)}
-        self._zero_layouts = zero.LayoutCache()
-        self._tp_spectral: dict = {}  # one TensorParallelSpectral per TP-sharded matrix
+        # tp_group: the process group TP-split weights are split over (not saved: not a hyperparameter)
+        self.placement = Placement(self.original_params, tp_group)
+
+    @property
+    def tp_group(self):
+        return self.placement.tp_group
 
     # ------------------------------------------------------------ bookkeeping
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self._keep_saved_dtypes(state_dict)
-        self._zero_layouts.clear()  # engines rebuild their flat partitions on load
+        self.placement.clear()
 
     def _keep_saved_dtypes(self, state_dict) -> None:
         """Undo torch's cast of floating-point state to the parameter's dtype.
@@ -84,26 +87,8 @@ class SaraOptimizer(torch.optim.Optimizer):
                 _restore_dtypes(self.state[p], state_dict["state"][saved_id])
 
     def _slots(self, group) -> list[Slot]:
-        members = self.group_members[group["sara_group"]]
-        params = group["params"]
-
-        def spectral_for(p):
-            return tensor_parallel.spectral_for(p, self.tp_group, group["tp_spectrum"], group["sketch_oversample"],
-                                                group["sketch_power_iters"], cache=self._tp_spectral)
-
-        if all(id(p) in self._index_of for p in params):
-            return plain_slots(params, [self._index_of[id(p)] for p in params], self.state, spectral_for)
-        if zero.is_flat_partition(params, self.original_params):
-            return zero.partition_slots(params, members, self.original_params, self.state, self._zero_layouts,
-                                        needs_full=lambda i: self._needs_full_matrix(group, i), spectral_for=spectral_for,
-                                        tp_group=self.tp_group)
-        if len(params) == len(members) and all(p.shape == self.original_params[i].shape for p, i in zip(params, members)):
-            return plain_slots(params, members, self.state, spectral_for)  # fp32 master copies, in order
-        raise RuntimeError(
-            "sara_ds: cannot map the tensors in param group "
-            f"{group['sara_group']} back to the model parameters this optimizer was built with. "
-            "Supported: plain parameters, same-shaped master copies, DeepSpeed ZeRO stage 1/2 flat partitions."
-        )
+        return self.placement.slots(group, self.group_members[group["sara_group"]], self.state,
+                                    needs_full=lambda i: self._needs_full_matrix(group, i))
 
     def _projected(self, group, index) -> bool:
         return "rank" in group and self.original_params[index].dim() >= 2
@@ -140,19 +125,10 @@ class SaraOptimizer(torch.optim.Optimizer):
         if grads:
             flags = torch.stack([torch.isfinite(g).all() for g in grads])
             bad = (~flags.all()).float()
-        for group in self._step_groups():
+        for group in self.placement.step_groups():
             bad = bad.to(_collective_device(group)).reshape(1)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
         return not bool(bad.max() > 0)
-
-    def _step_groups(self) -> list:
-        """Process groups over which this optimizer's ranks see different gradients of one step."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return []
-        groups = [self.tp_group] if self.tp_group is not None else []
-        groups += [layout.group for layout in self._zero_layouts.values()]
-        unique = {id(g): g for g in groups}  # None (the default group) is one group too
-        return [g for g in unique.values() if dist.get_world_size(g) > 1]
 
     # ------------------------------------------------------------ updates
 
@@ -167,14 +143,14 @@ class SaraOptimizer(torch.optim.Optimizer):
         grad = slot.grad.float()
         # A TP-split matrix that is not projected (a vocab-parallel lm_head under AutoTP, say): the bases
         # whose statistics span a row or column sum over the TP group along the sharded axis.
-        split = slot.spectral.partition_dim if slot.spectral is not LOCAL and not self.base.elementwise else None
+        split = slot.context.partition_dim if not self.base.elementwise else None
         if split is not None and self.base.name == "adam_mini" and split == 1:
             raise ValueError(f"sara_ds: {self.param_names[slot.index]} is split over tensor-parallel ranks along its "
                              "columns and is not projected; Adam-mini's per-row blocks would span the shards. Project "
                              "it (include it in the projected group) or use SaraAdamW.")
         transposed = split == 0 and self.base.name == "adafactor"  # symmetric: put the sharded axis on columns
         x = grad.mT if transposed else grad
-        reduce = slot.spectral.reduce_sum if split is not None else None
+        reduce = slot.context.reduce_sum if split is not None else None
         if "step" not in st:
             st["step"] = 0
             st.update(self.base.init(x, False, group))
@@ -186,7 +162,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         st = slot.state
         grad = projector.as_matrix(slot.grad)
         if "basis" not in st:
-            self._init_matrix_state(st, grad, group, slot.index, slot.spectral)
+            self._init_matrix_state(st, grad, group, slot.index, slot.context)
         if self._refresh_due(st, group):
             self._refresh(st, grad, group, slot)
         basis, left = st["basis"], st["left"]
@@ -194,7 +170,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         r = projector.project(a, basis)
         st["step"] += 1
         st["base_step"] += 1
-        reduce = slot.spectral.reduce_sum
+        reduce = slot.context.reduce_sum
         n, step_scale = self.base.direction(r, st, group, st["base_step"], reduce)
         update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
         if group["residual"] == "fira":
@@ -205,9 +181,9 @@ class SaraOptimizer(torch.optim.Optimizer):
         if group["subspace"] == "online_pca":
             self._online_pca_step(st, a, group, reduce)
 
-    def _init_matrix_state(self, st: dict, grad: Tensor, group, index: int, spectral) -> None:
-        rows, cols = spectral.full_shape(grad.shape)
-        left = tensor_parallel.basis_on_left(self.original_params[index], rows, cols, group["proj_type"])
+    def _init_matrix_state(self, st: dict, grad: Tensor, group, index: int, context) -> None:
+        rows, cols = context.full_shape(grad.shape)
+        left = self.placement.basis_on_left(index, rows, cols, group["proj_type"])
         rank = group["rank"]
         if rank > min(rows, cols):
             warnings.warn(
@@ -232,7 +208,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         new = self._choose_basis(group, grad, st, old, gen, slot)
         if group["basis_signs"] == "aligned":
             new = subspace.align_signs(new, old)
-        new = slot.spectral.synchronize(new)
+        new = slot.context.synchronize(new)
         st["refreshes"] += 1
         if old is None:
             st["basis"] = new
@@ -264,7 +240,7 @@ class SaraOptimizer(torch.optim.Optimizer):
             return subspace.grassmann_walk(old, group["grass_walk_angle"], gen)
         # dominant, importance, and the SVD start of online_pca and grass_walk
         spectral_rule = rule if rule in subspace.SPECTRAL_RULES else "dominant"
-        sigma, vectors = slot.spectral.spectrum(grad, left, gen, rank)
+        sigma, vectors = slot.context.spectrum(grad, left, gen, rank)
         idx = subspace.spectral_indices(spectral_rule, sigma, min(rank, sigma.numel()), gen)
         return vectors[:, idx.to(vectors.device)].contiguous()
 
@@ -311,7 +287,7 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     def tp_bytes_sent(self) -> int:
         """Bytes this process has put into tensor-parallel collectives at subspace refreshes."""
-        return sum(s.bytes_sent for s in self._tp_spectral.values())
+        return self.placement.tp_bytes_sent()
 
     def state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state on this process."""
@@ -345,9 +321,9 @@ def _tensors(obj):
 
 
 def _common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum, sketch_oversample,
-            sketch_power_iters, basis_signs):
+            sketch_power_iters, basis_signs, spectrum):
     return dict(lr=lr, weight_decay=weight_decay, eps=eps, seed=seed, grass_walk_angle=grass_walk_angle,
-                basis_signs=basis_signs,
+                basis_signs=basis_signs, spectrum=spectrum,
                 osd_lr=osd_lr, osd_orth_penalty=osd_orth_penalty, tp_spectrum=tp_spectrum,
                 sketch_oversample=sketch_oversample, sketch_power_iters=sketch_power_iters)
 
@@ -360,7 +336,10 @@ class SaraAdamW(SaraOptimizer):
     paper's switches (see ``sara_ds.config.PRESETS``); ``subspace``, ``residual``
     and ``moments_on_refresh`` set them one by one. For Megatron tensor-parallel
     weights pass ``tp_group``; ``tp_spectrum`` ('tsqr', 'gram' or 'sketch') says how
-    the full matrix's spectrum is formed from the shards at a refresh.
+    the full matrix's spectrum is formed from the shards at a refresh, and ``spectrum``
+    ('svd', default, or 'sketch') how it is formed for a matrix held whole. The sketch
+    (k = rank + ``sketch_oversample`` columns, ``sketch_power_iters``) cuts refresh
+    time at 7B shapes; the rules then choose among its top-k directions.
     ``basis_signs='aligned'`` (default) fixes singular-vector signs so that kept
     moments mean the same thing however the SVD was computed (1 process, TP, any
     LAPACK); ``'lapack'`` keeps LAPACK's signs, which is what galore-torch does
@@ -372,9 +351,9 @@ class SaraAdamW(SaraOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, *,
                  preset=None, subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0,
                  grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr",
-                 sketch_oversample=8, sketch_power_iters=2, basis_signs="aligned"):
+                 sketch_oversample=8, sketch_power_iters=2, basis_signs="aligned", spectrum="svd"):
         defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
-                                sketch_oversample, sketch_power_iters, basis_signs),
+                                sketch_oversample, sketch_power_iters, basis_signs, spectrum),
                         betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, correct_bias=correct_bias)
         super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
 
@@ -391,9 +370,9 @@ class SaraAdafactor(SaraOptimizer):
     def __init__(self, params, lr=1e-2, beta1=None, decay_rate=-0.8, eps=1e-30, clip_threshold=1.0, weight_decay=0.0,
                  *, preset=None, subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0,
                  grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr",
-                 sketch_oversample=8, sketch_power_iters=2, basis_signs="aligned"):
+                 sketch_oversample=8, sketch_power_iters=2, basis_signs="aligned", spectrum="svd"):
         defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
-                                sketch_oversample, sketch_power_iters, basis_signs),
+                                sketch_oversample, sketch_power_iters, basis_signs, spectrum),
                         beta1=beta1, decay_rate=decay_rate, clip_threshold=clip_threshold)
         super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
 
@@ -406,9 +385,9 @@ class SaraAdamMini(SaraOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, preset=None,
                  subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0, grass_walk_angle=0.5,
                  osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr", sketch_oversample=8,
-                 sketch_power_iters=2, basis_signs="aligned"):
+                 sketch_power_iters=2, basis_signs="aligned", spectrum="svd"):
         defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
-                                sketch_oversample, sketch_power_iters, basis_signs),
+                                sketch_oversample, sketch_power_iters, basis_signs, spectrum),
                         betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas)
         super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
 

@@ -172,7 +172,7 @@ def run_scenario(sc, rank, world, tmp):
         engine.save_checkpoint(sc["save_to"], tag="final")
     result["weights"] = full_weights(model, engine)
     gathered = [None] * world
-    layouts = getattr(opt, "_zero_layouts", {})
+    layouts = opt.placement.layouts if isinstance(opt, sara_ds.SaraOptimizer) else {}
     straddlers = sum(1 for lay in layouts.values() for f in lay.fragments
                      if f.numel < opt.original_params[f.index].numel() and opt.original_params[f.index].dim() == 2)
     mine = {"state_bytes": opt.state_bytes(), "straddlers": straddlers, "counts": opt.refresh_counts(),

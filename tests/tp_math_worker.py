@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import counting_dist  # noqa: E402
-from sara_ds.sharding.tensor_parallel import TensorParallelSpectral  # noqa: E402
+from sara_ds.sharding.tensor_parallel import TensorParallelContext  # noqa: E402
 from sara_ds.subspace import refresh_generator  # noqa: E402
 
 M, N, RANK = 256, 64, 8
@@ -32,7 +32,7 @@ def main(out):
         local = mat.chunk(world, dim=pd)[rank].float()
         left = pd == 1
         for method in ("tsqr", "gram", "sketch"):
-            spec = TensorParallelSpectral(dist.group.WORLD, pd, method, oversample=8, power_iters=2)
+            spec = TensorParallelContext(dist.group.WORLD, pd, method, oversample=8, power_iters=2)
             counter.clear()
             s, vecs = spec.spectrum(local, left, refresh_generator(0, 0, 0), RANK)
             basis = spec.synchronize(vecs[:, :RANK].contiguous())

@@ -1,13 +1,16 @@
 """Where a matrix's gradient comes from and where its update goes.
 
-The optimizer iterates ``Slot``s. A slot is one parameter as the optimizer sees
-it on this process: its full gradient (or, for elementwise updates only, a
-fragment of it), the tensor to update, a function picking this process's part
-of a full-shaped update, and the spectral strategy used at refreshes (local SVD,
-or a tensor-parallel one that reduces small factors over the TP group).
+The optimizer iterates ``Slot``s (built by ``placement.Placement``). A slot is one
+parameter as the optimizer sees it on this process: its full gradient (or, for
+elementwise updates only, a fragment of it), the tensor to update, a function
+picking this process's part of a full-shaped update, and its shard context: the
+matrix's spectrum at refreshes, the sums over its shards, and its full shape
+(``LocalContext`` when it is whole here, ``TensorParallelContext`` when it is split
+over tensor-parallel ranks).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -21,11 +24,16 @@ def _identity(t: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class LocalSpectral:
+class LocalContext:
     """The whole matrix is here: nothing is communicated (see tensor_parallel for the sharded case)."""
 
+    method: str = "svd"          # or "sketch" (spectral.LOCAL_SPECTRA)
+    oversample: int = 8
+    power_iters: int = 2
+    partition_dim = None         # not split over tensor-parallel ranks
+
     def spectrum(self, matrix: Tensor, left: bool, generator=None, rank=None):
-        return spectral.local_spectrum(matrix, left)
+        return spectral.local_spectrum(matrix, left, self.method, generator, rank, self.oversample, self.power_iters)
 
     def synchronize(self, basis: Tensor) -> Tensor:
         return basis
@@ -37,7 +45,12 @@ class LocalSpectral:
         return tuple(local_shape)
 
 
-LOCAL = LocalSpectral()
+LOCAL = LocalContext()
+
+
+@functools.lru_cache(maxsize=None)
+def local_context(method: str = "svd", oversample: int = 8, power_iters: int = 2) -> LocalContext:
+    return LOCAL if method == "svd" else LocalContext(method, oversample, power_iters)
 
 
 @dataclass
@@ -48,7 +61,7 @@ class Slot:
     state: dict                      # this matrix's optimizer state
     local: Callable[[Tensor], Tensor] = _identity  # full-shaped update -> the part ``target`` holds
     fragment: bool = False
-    spectral: LocalSpectral = LOCAL
+    context: LocalContext = LOCAL    # or a TensorParallelContext
 
-def plain_slots(params, indices, state, spectral_for) -> list[Slot]:
-    return [Slot(i, p.grad, p, state[p], spectral=spectral_for(p)) for p, i in zip(params, indices)]
+def plain_slots(params, indices, state, context_for) -> list[Slot]:
+    return [Slot(i, p.grad, p, state[p], context=context_for(p)) for p, i in zip(params, indices)]

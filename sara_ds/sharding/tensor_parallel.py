@@ -8,17 +8,9 @@ only small factors.
 
 Write A_i for the local block oriented so that the full matrix is A = [A_1; A_2; ...]
 stacked by rows (A_i = G_i for column-parallel, G_i^T for row-parallel). The basis
-is made of right singular vectors of A, computed by one of:
-
-  tsqr    all-gather the R factors of the local QRs (each min(rows_i, n) x n), then
-          one SVD of the stacked R's. Backward-stable: small singular values, which
-          importance sampling still draws, are as accurate as a direct SVD. Default.
-  gram    all-reduce A_i^T A_i (n x n), then eigh. Fewer bytes at large TP, but
-          squares the condition number: singular values below ~sqrt(eps)*sigma_max
-          lose their accuracy.
-  sketch  shared-seed randomized range finder (k = r + oversample columns, q power
-          iterations, Rayleigh-Ritz for the singular values): all-reduces n x k and
-          k x k only. Rules then choose among the top-k estimated directions.
+is made of right singular vectors of A, computed by ``sara_ds.spectral``'s tsqr
+(default: all-gathers the min(rows_i, n) x n R factors), gram (all-reduces n x n)
+or sketch (all-reduces n x k and k x k), given this group's collectives.
 
 Every TP rank then takes the basis chosen on TP rank 0 (a broadcast of n x r), so all
 ranks hold bit-identical bases even where their LAPACKs would differ in the last bit.
@@ -29,8 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import projector
-from .. import sharding
+from .. import projector, sharding, spectral
 
 TP_SPECTRA = ("tsqr", "gram", "sketch")
 
@@ -60,8 +51,9 @@ def basis_on_left(param: Tensor, rows: int, cols: int, proj_type: str) -> bool:
     return projector.basis_on_left(rows, cols, proj_type)
 
 
-class TensorParallelSpectral:
-    """Spectra of a TP-sharded matrix; counts the bytes this rank puts into collectives."""
+class TensorParallelContext:
+    """The shard context of a TP-split matrix: its spectrum, sums and basis broadcast over the TP
+    group, and the bytes this rank puts into those collectives."""
 
     def __init__(self, group, partition_dim: int, method: str = "tsqr", oversample: int = 8, power_iters: int = 2):
         if method not in TP_SPECTRA:
@@ -102,28 +94,14 @@ class TensorParallelSpectral:
             raise RuntimeError("sara_ds: a tensor-parallel basis must lie on the unsharded axis")
         a = (matrix if self.partition_dim == 0 else matrix.mT).float()
         if self.method == "gram":
-            evals, evecs = torch.linalg.eigh(self._all_reduce(a.mT @ a))
-            return evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
+            return spectral.gram_eigh(a, self._all_reduce)
         if self.method == "tsqr":
-            r = torch.linalg.qr(a, mode="r").R
-            _, s, vh = torch.linalg.svd(torch.cat(self._all_gather(r)), full_matrices=False)
-            return s, vh.mT
-        return self._sketch(a, generator, rank)
-
-    def _sketch(self, a: Tensor, generator, rank: int):
+            return spectral.tsqr(a, self._all_gather)
         rows, n = a.shape
-        k = min(n, rank + self.oversample)
-        seed = int(generator.initial_seed()) ^ 0x5EED if generator is not None else 0
-        omega = torch.randn(rows * self.world, k, generator=torch.Generator().manual_seed(seed))
+        k = spectral.sketch_size(n, rank, self.oversample)
+        omega = spectral.sketch_test_matrix(generator, rows * self.world, k)
         omega = omega[self.rank * rows:(self.rank + 1) * rows].to(a)  # this rank's rows of one shared sketch
-        y = self._all_reduce(a.mT @ omega)                            # n x k
-        for _ in range(self.power_iters):
-            q = torch.linalg.qr(y).Q
-            y = self._all_reduce(a.mT @ (a @ q))
-        q = torch.linalg.qr(y).Q
-        b = a @ q
-        evals, evecs = torch.linalg.eigh(self._all_reduce(b.mT @ b))  # Rayleigh-Ritz on span(Q)
-        return evals.flip(0).clamp_min(0).sqrt(), q @ evecs.flip(1)
+        return spectral.sketch(a, omega, self.power_iters, self._all_reduce)
 
 
 def refresh_bytes(method: str, local_rows: int, n: int, rank: int, oversample: int = 8, power_iters: int = 2,
@@ -147,17 +125,18 @@ def refresh_bytes(method: str, local_rows: int, n: int, rank: int, oversample: i
     return itemsize * (spectrum + (n * rank if root else 0))
 
 
-def spectral_for(param: Tensor, tp_group=None, method: str = "tsqr", oversample: int = 8, power_iters: int = 2,
-                 cache: dict | None = None):
-    """The spectral strategy for one parameter: TP-aware when it is sharded over a real TP group.
+def context_for(param: Tensor, tp_group=None, method: str = "tsqr", oversample: int = 8, power_iters: int = 2,
+                 cache: dict | None = None, local: str = "svd"):
+    """The shard context of one parameter: TP-aware when it is split over a real TP group,
+    else a local one with the ``local`` spectrum ('svd' or 'sketch') of the whole matrix.
 
     ``cache`` (owned by the optimizer, never by the parameter: a process group must not
-    ride along when a parameter is pickled) keeps one strategy, and its byte count, per matrix.
+    ride along when a parameter is pickled) keeps one context, and its byte count, per matrix.
     """
     if tp_group is not None and is_tp_sharded(param) and dist.get_world_size(tp_group) > 1:
         cache = {} if cache is None else cache
         key = (id(param), id(tp_group), method, oversample, power_iters)
         if key not in cache:
-            cache[key] = TensorParallelSpectral(tp_group, partition_dim(param), method, oversample, power_iters)
+            cache[key] = TensorParallelContext(tp_group, partition_dim(param), method, oversample, power_iters)
         return cache[key]
-    return sharding.LOCAL
+    return sharding.local_context(local, oversample, power_iters)

@@ -123,7 +123,7 @@ def _reassemble(layout: Layout, flat_grad: Tensor, wanted, original_params) -> d
     return full
 
 
-def partition_slots(params, members, original_params, state, cache: LayoutCache, needs_full, spectral_for,
+def partition_slots(params, members, original_params, state, cache: LayoutCache, needs_full, context_for,
                     tp_group=None) -> list[Slot]:
     slots = []
     for flat in params:
@@ -149,13 +149,13 @@ def partition_slots(params, members, original_params, state, cache: LayoutCache,
             st = root.setdefault(f.index, {})
             grad = flat.grad.narrow(0, f.hp_start, f.numel)
             target = flat.narrow(0, f.hp_start, f.numel)
-            spectral = spectral_for(q)
+            context = context_for(q)
             if f.numel == q.numel():
-                slots.append(Slot(f.index, grad.view(q.shape), target.view(q.shape), st, spectral=spectral))
+                slots.append(Slot(f.index, grad.view(q.shape), target.view(q.shape), st, context=context))
             elif f.index in straddlers:
-                slots.append(Slot(f.index, full[f.index], target, st, local=_slicer(f), spectral=spectral))
+                slots.append(Slot(f.index, full[f.index], target, st, local=_slicer(f), context=context))
             else:
-                slots.append(Slot(f.index, grad, target, st, fragment=True, spectral=spectral))
+                slots.append(Slot(f.index, grad, target, st, fragment=True, context=context))
     return slots
 
 
