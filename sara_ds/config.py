@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass, fields
 
 from .projector import PROJ_TYPES
 from .sharding.tensor_parallel import TP_SPECTRA
@@ -66,6 +67,51 @@ def resolve_preset(preset, subspace, residual, moments_on_refresh) -> dict:
                 )
     chosen.update({k: (_norm_residual(v) if k == "residual" else v) for k, v in explicit.items()})
     return chosen
+
+
+@dataclass(frozen=True)
+class SubspaceOptions:
+    """The subspace switches every base shares, as one frozen record.
+
+    ``preset`` picks a paper's rule, residual and moment policy (``PRESETS``); ``subspace``,
+    ``residual`` and ``moments_on_refresh`` set them one by one. The rest are the rules'
+    hyperparameters: ``seed`` (of the sampled and random rules), ``grass_walk_angle``,
+    ``osd_lr`` / ``osd_orth_penalty`` (OSD), how a refresh forms the spectrum of a matrix held
+    whole (``spectrum``: 'svd', 'gram', 'sketch') and of a TP-split one (``tp_spectrum``: 'tsqr',
+    'gram', 'sketch'), the sketch's ``sketch_oversample`` and ``sketch_power_iters``, and
+    ``basis_signs`` ('aligned' or 'lapack'). Values are checked per param group by ``validate_group``.
+    """
+
+    preset: object = None
+    subspace: object = UNSET
+    residual: object = UNSET
+    moments_on_refresh: object = UNSET
+    seed: int = 0
+    grass_walk_angle: float = 0.5
+    osd_lr: object = None
+    osd_orth_penalty: float = 0.1
+    spectrum: str = "svd"
+    tp_spectrum: str = "tsqr"
+    sketch_oversample: int = 8
+    sketch_power_iters: int = 2
+    basis_signs: str = "aligned"
+
+    @classmethod
+    def from_kwargs(cls, owner: str, options: dict) -> "SubspaceOptions":
+        unknown = sorted(set(options) - set(SUBSPACE_OPTIONS))
+        if unknown:
+            raise TypeError(f"sara_ds: {owner} got unknown option(s) {unknown}; "
+                            f"its subspace options are {sorted(SUBSPACE_OPTIONS)}")
+        return cls(**options)
+
+    def group_defaults(self) -> dict:
+        """The param-group keys: the resolved rule switches and the hyperparameters."""
+        switches = ("preset", "subspace", "residual", "moments_on_refresh")
+        rules = resolve_preset(self.preset, self.subspace, self.residual, self.moments_on_refresh)
+        return dict({f: getattr(self, f) for f in SUBSPACE_OPTIONS if f not in switches}, **rules)
+
+
+SUBSPACE_OPTIONS = tuple(f.name for f in fields(SubspaceOptions))
 
 
 def _norm_residual(value):

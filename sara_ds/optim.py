@@ -19,11 +19,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import projector, subspace, updates
-from .config import PROJECTION_DEFAULTS, UNSET, resolve_preset, validate_group
+from .config import PROJECTION_DEFAULTS, SubspaceOptions, validate_group
 from .sharding import Slot
 from .sharding.placement import Placement
 
@@ -31,14 +30,15 @@ _OSD_BASIS_ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}
 
 
 class SaraOptimizer(torch.optim.Optimizer):
-    """Shared machinery; use one of the subclasses, which fix the base update."""
+    """One implementation for every base: ``base`` ('adamw', 'adafactor', 'adam_mini'), its
+    hyperparameters, and the subspace switches. Use the public names below, which fix the base
+    and document its defaults."""
 
-    base_name = "adamw"
-
-    def __init__(self, params, defaults: dict, preset, subspace_rule, residual, moments_on_refresh, tp_group=None):
-        rules = resolve_preset(preset, subspace_rule, residual, moments_on_refresh)
-        defaults = dict(defaults, **rules, **PROJECTION_DEFAULTS)
+    def __init__(self, params, base: str, base_defaults: dict, options: SubspaceOptions = SubspaceOptions(),
+                 tp_group=None):
+        defaults = dict(base_defaults, **options.group_defaults(), **PROJECTION_DEFAULTS)
         super().__init__(params, defaults)
+        self.base_name = base
         self.base = updates.BASES[self.base_name]
         # Stable matrix ids: position in the parameter order given at construction.
         # Engines (ZeRO, mixed-precision wrappers) later swap group['params'] for
@@ -115,20 +115,13 @@ class SaraOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_is_finite(self, grads) -> bool:
-        """One flag for the whole step, agreed by every rank that holds another part of it.
-
-        Ranks holding other shards (TP) or other partitions (ZeRO) must skip together: a rank
-        that stepped alone would desynchronise weights and the next refresh. One small
-        all-reduce per such group, one host sync per step.
-        """
+        """One flag for the whole step, agreed by every rank that holds another part of it
+        (``Placement.any_rank``): a rank that stepped alone would desynchronise weights and the
+        next refresh. One host sync per step."""
         bad = torch.zeros((), dtype=torch.float32)
         if grads:
-            flags = torch.stack([torch.isfinite(g).all() for g in grads])
-            bad = (~flags.all()).float()
-        for group in self.placement.step_groups():
-            bad = bad.to(_collective_device(group)).reshape(1)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-        return not bool(bad.max() > 0)
+            bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float()
+        return not bool(self.placement.any_rank(bad))
 
     # ------------------------------------------------------------ updates
 
@@ -303,11 +296,6 @@ def _restore_dtypes(loaded: dict, saved: dict) -> None:
             loaded[key] = kept.to(device=value.device, copy=True)
 
 
-def _collective_device(group) -> torch.device:
-    backend = dist.get_backend(group)
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-
-
 def _orthonormal(b: Tensor) -> Tensor:
     return torch.linalg.qr(b).Q
 
@@ -320,12 +308,8 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
-def _common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum, sketch_oversample,
-            sketch_power_iters, basis_signs, spectrum):
-    return dict(lr=lr, weight_decay=weight_decay, eps=eps, seed=seed, grass_walk_angle=grass_walk_angle,
-                basis_signs=basis_signs, spectrum=spectrum,
-                osd_lr=osd_lr, osd_orth_penalty=osd_orth_penalty, tp_spectrum=tp_spectrum,
-                sketch_oversample=sketch_oversample, sketch_power_iters=sketch_power_iters)
+def _pair(betas):
+    return tuple(betas) if isinstance(betas, (list, tuple)) else betas
 
 
 class SaraAdamW(SaraOptimizer):
@@ -334,28 +318,21 @@ class SaraAdamW(SaraOptimizer):
     Drop-in for galore-torch's ``GaLoreAdamW``: groups with ``rank`` (and
     ``update_proj_gap``, ``scale``, ``proj_type``) are projected. ``preset`` picks a
     paper's switches (see ``sara_ds.config.PRESETS``); ``subspace``, ``residual``
-    and ``moments_on_refresh`` set them one by one. For Megatron tensor-parallel
-    weights pass ``tp_group``; ``tp_spectrum`` ('tsqr', 'gram' or 'sketch') says how
-    the full matrix's spectrum is formed from the shards at a refresh, and ``spectrum``
-    ('svd', default, or 'sketch') how it is formed for a matrix held whole. The sketch
-    (k = rank + ``sketch_oversample`` columns, ``sketch_power_iters``) cuts refresh
-    time at 7B shapes; the rules then choose among its top-k directions.
+    and ``moments_on_refresh`` set them one by one; the other keyword options are
+    ``sara_ds.config.SubspaceOptions``'s. For Megatron tensor-parallel weights pass
+    ``tp_group``; ``tp_spectrum`` ('tsqr', 'gram' or 'sketch') says how the full
+    matrix's spectrum is formed from the shards at a refresh, and ``spectrum`` ('svd',
+    default, 'gram' or 'sketch') how it is formed for a matrix held whole.
     ``basis_signs='aligned'`` (default) fixes singular-vector signs so that kept
     moments mean the same thing however the SVD was computed (1 process, TP, any
     LAPACK); ``'lapack'`` keeps LAPACK's signs, which is what galore-torch does
     and reproduces it bit for bit on one process.
     """
 
-    base_name = "adamw"
-
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, *,
-                 preset=None, subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0,
-                 grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr",
-                 sketch_oversample=8, sketch_power_iters=2, basis_signs="aligned", spectrum="svd"):
-        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
-                                sketch_oversample, sketch_power_iters, basis_signs, spectrum),
-                        betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, correct_bias=correct_bias)
-        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
+                 tp_group=None, **options):
+        base = dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        super().__init__(params, "adamw", base, SubspaceOptions.from_kwargs("SaraAdamW", options), tp_group)
 
 
 class SaraAdafactor(SaraOptimizer):
@@ -363,33 +340,23 @@ class SaraAdafactor(SaraOptimizer):
 
     Defaults follow the GaLore scripts: no first moment (``beta1=None``),
     ``decay_rate=-0.8``, ``eps=1e-30``, ``clip_threshold=1.0``, explicit ``lr``.
+    Keyword options as ``SaraAdamW``'s.
     """
 
-    base_name = "adafactor"
-
     def __init__(self, params, lr=1e-2, beta1=None, decay_rate=-0.8, eps=1e-30, clip_threshold=1.0, weight_decay=0.0,
-                 *, preset=None, subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0,
-                 grass_walk_angle=0.5, osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr",
-                 sketch_oversample=8, sketch_power_iters=2, basis_signs="aligned", spectrum="svd"):
-        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
-                                sketch_oversample, sketch_power_iters, basis_signs, spectrum),
-                        beta1=beta1, decay_rate=decay_rate, clip_threshold=clip_threshold)
-        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
+                 *, tp_group=None, **options):
+        base = dict(lr=lr, beta1=beta1, decay_rate=decay_rate, eps=eps, clip_threshold=clip_threshold,
+                    weight_decay=weight_decay)
+        super().__init__(params, "adafactor", base, SubspaceOptions.from_kwargs("SaraAdafactor", options), tp_group)
 
 
 class SaraAdamMini(SaraOptimizer):
-    """Low-rank Adam-mini: one second moment per block (per output row; per column of R when projected)."""
+    """Low-rank Adam-mini: one second moment per block (per output row; per column of R when projected).
+    Keyword options as ``SaraAdamW``'s."""
 
-    base_name = "adam_mini"
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, preset=None,
-                 subspace=UNSET, residual=UNSET, moments_on_refresh=UNSET, seed=0, grass_walk_angle=0.5,
-                 osd_lr=None, osd_orth_penalty=0.1, tp_group=None, tp_spectrum="tsqr", sketch_oversample=8,
-                 sketch_power_iters=2, basis_signs="aligned", spectrum="svd"):
-        defaults = dict(_common(lr, weight_decay, eps, seed, grass_walk_angle, osd_lr, osd_orth_penalty, tp_spectrum,
-                                sketch_oversample, sketch_power_iters, basis_signs, spectrum),
-                        betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas)
-        super().__init__(params, defaults, preset, subspace, residual, moments_on_refresh, tp_group)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, tp_group=None, **options):
+        base = dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, "adam_mini", base, SubspaceOptions.from_kwargs("SaraAdamMini", options), tp_group)
 
 
 OPTIMIZERS = {"SaraAdamW": SaraAdamW, "SaraAdafactor": SaraAdafactor, "SaraAdamMini": SaraAdamMini}

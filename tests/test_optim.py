@@ -328,3 +328,20 @@ def test_bad_adafactor_keys_are_named():
         sara_ds.SaraAdafactor([dict(params=[w], rank=2)], decay_rate=0.5)
     with pytest.raises(ValueError, match="clip_threshold=0"):
         sara_ds.SaraAdafactor([dict(params=[w], rank=2)], clip_threshold=0)
+
+
+def test_one_implementation_behind_the_three_public_names():
+    """Each public name fixes its base and documented defaults; the subspace options are one shared record."""
+    w = torch.nn.Parameter(torch.zeros(8, 8))
+    expected = {sara_ds.SaraAdamW: ("adamw", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, correct_bias=True)),
+                sara_ds.SaraAdafactor: ("adafactor", dict(lr=1e-2, beta1=None, decay_rate=-0.8, eps=1e-30,
+                                                          clip_threshold=1.0)),
+                sara_ds.SaraAdamMini: ("adam_mini", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8))}
+    for cls, (base, defaults) in expected.items():
+        opt = cls([dict(params=[w], rank=2)], preset="galore", spectrum="gram", seed=5)
+        assert opt.base_name == base and opt.base.name == base
+        group = opt.param_groups[0]
+        assert {k: group[k] for k in defaults} == defaults, cls
+        assert (group["subspace"], group["spectrum"], group["seed"], group["weight_decay"]) == ("dominant", "gram", 5, 0.0)
+        with pytest.raises(TypeError, match=rf"sara_ds: {cls.__name__} got unknown option\(s\) \['spectrm'\]"):
+            cls([w], spectrm="svd")

@@ -28,6 +28,7 @@ import time
 import torch
 
 from .. import groups as _groups
+from ..config import SUBSPACE_OPTIONS
 from ..optim import OPTIMIZERS
 from ..sharding import tensor_parallel
 
@@ -35,8 +36,9 @@ SELECTION_KEYS = {"rank", "update_proj_gap", "scale", "proj_type", "include", "e
 
 
 def _constructor_keys(cls) -> set:
+    """The base's own arguments and the subspace options (``SubspaceOptions``)."""
     return {name for name, p in inspect.signature(cls.__init__).parameters.items()
-            if name not in ("self", "params", "tp_group") and p.kind is not p.VAR_KEYWORD}
+            if name not in ("self", "params", "tp_group") and p.kind is not p.VAR_KEYWORD} | set(SUBSPACE_OPTIONS)
 
 
 def _calling_engine():

@@ -9,6 +9,7 @@ on a step (``step_groups``).
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -60,8 +61,21 @@ class Placement:
         unique = {id(g): g for g in groups}  # None (the default group) is one group too
         return [g for g in unique.values() if dist.get_world_size(g) > 1]
 
+    def any_rank(self, flag: Tensor) -> Tensor:
+        """``flag`` (0-d, > 0 means true) maxed over every rank that holds another part of this step:
+        one 4-byte all-reduce per such group."""
+        for group in self.step_groups():
+            flag = flag.to(_collective_device(group)).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return flag.max() > 0
+
     def basis_on_left(self, index: int, rows: int, cols: int, proj_type: str) -> bool:
         return tensor_parallel.basis_on_left(self.original_params[index], rows, cols, proj_type)
 
     def tp_bytes_sent(self) -> int:
         return sum(c.bytes_sent for c in self.tp_contexts.values())
+
+
+def _collective_device(group) -> torch.device:
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
