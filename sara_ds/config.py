@@ -151,6 +151,8 @@ def validate_group(group: dict, base: str, group_index=None) -> None:
             raise ValueError(f"sara_ds: betas must be a pair (beta1, beta2), got betas={betas!r}{w}")
         for i, b in enumerate(betas):
             _number(f"betas[{i}]", b, w, low=0.0, high=1.0)
+    if group.get("foreach") not in (None, True, False):
+        raise ValueError(f"sara_ds: foreach must be None, True or False, got foreach={group['foreach']!r}{w}")
     if base == "adafactor":
         if group["beta1"] is not None:
             _number("beta1", group["beta1"], w, low=0.0, high=1.0)

@@ -107,11 +107,16 @@ class SaraOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:  # as GradScaler and DeepSpeed's overflow check: nothing moves
                 group["skipped_steps"] = group.get("skipped_steps", 0) + 1
             return loss
+        batched = []  # full-rank AdamW tensors, stepped together per group with foreach kernels
         for group, slot in work:
             if not slot.fragment and self._projected(group, slot.index):
                 self._projected_step(slot, group)
+            elif self.base.name == "adamw" and group.get("foreach") is not False and slot.takes_whole_update:
+                batched.append((group, slot))
             else:
                 self._full_rank_step(slot, group)
+        for group in self.param_groups:
+            self._full_rank_adamw_foreach([slot for g, slot in batched if g is group], group)
         return loss
 
     def _step_is_finite(self, grads) -> bool:
@@ -119,8 +124,10 @@ class SaraOptimizer(torch.optim.Optimizer):
         (``Placement.any_rank``): a rank that stepped alone would desynchronise weights and the
         next refresh. One host sync per step."""
         bad = torch.zeros((), dtype=torch.float32)
-        if grads:
-            bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float()
+        grads = [g for g in grads if g.numel()]  # an empty ZeRO fragment has no max
+        if grads:  # max |g| per tensor (one foreach kernel): NaN and Inf propagate, large finite values do not overflow
+            largest = torch._foreach_norm(grads, ord=float("inf"))
+            bad = (~torch.isfinite(torch.stack([m.float() for m in largest])).all()).float()
         return not bool(self.placement.any_rank(bad))
 
     # ------------------------------------------------------------ updates
@@ -150,6 +157,26 @@ class SaraOptimizer(torch.optim.Optimizer):
         st["step"] += 1
         direction, step_scale = self.base.direction(x, st, group, st["step"], reduce)
         self._apply(slot, direction.mT if transposed else direction, group["lr"] * step_scale, group)
+
+    def _full_rank_adamw_foreach(self, slots: list, group) -> None:
+        """``_full_rank_step`` for AdamW, over a group's full-rank tensors at once (one set of foreach
+        kernels per step count; all share one unless some parameter missed a step)."""
+        for slot in slots:
+            st = slot.state
+            if "step" not in st:
+                st["step"] = 0
+                st.update(self.base.init(slot.grad.float(), False, group))
+            st["step"] += 1
+        for n in sorted({slot.state["step"] for slot in slots}):
+            same = [slot for slot in slots if slot.state["step"] == n]
+            directions, step_scale = updates.adamw_directions_foreach(
+                [slot.grad.float() for slot in same], [slot.state["exp_avg"] for slot in same],
+                [slot.state["exp_avg_sq"] for slot in same], group, n)
+            targets = [slot.target for slot in same]
+            directions = [d.to(t.dtype) for d, t in zip(directions, targets)]
+            torch._foreach_add_(targets, directions, alpha=-group["lr"] * step_scale)
+            if group["weight_decay"] > 0:
+                torch._foreach_add_(targets, targets, alpha=-group["lr"] * group["weight_decay"])
 
     def _projected_step(self, slot: Slot, group) -> None:
         st = slot.state
@@ -326,12 +353,15 @@ class SaraAdamW(SaraOptimizer):
     ``basis_signs='aligned'`` (default) fixes singular-vector signs so that kept
     moments mean the same thing however the SVD was computed (1 process, TP, any
     LAPACK); ``'lapack'`` keeps LAPACK's signs, which is what galore-torch does
-    and reproduces it bit for bit on one process.
+    and reproduces it bit for bit on one process. ``foreach`` (default: on) steps the
+    full-rank parameters of a group together with torch's foreach kernels; ``False``
+    steps them one by one (the same arithmetic).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, *,
-                 tp_group=None, **options):
-        base = dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+                 foreach=None, tp_group=None, **options):
+        base = dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                    foreach=foreach)
         super().__init__(params, "adamw", base, SubspaceOptions.from_kwargs("SaraAdamW", options), tp_group)
 
 

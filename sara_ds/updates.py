@@ -49,6 +49,20 @@ def adamw_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None):
     return direction, step_scale
 
 
+def adamw_directions_foreach(xs: list, exp_avgs: list, exp_avg_sqs: list, hp: dict, n: int):
+    """``adamw_direction`` for a list of tensors at the same step count ``n``: the same arithmetic in
+    the same order, one dispatch per operation instead of one per tensor (torch's foreach kernels)."""
+    beta1, beta2 = hp["betas"]
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, xs, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, xs, xs, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, hp["eps"])
+    step_scale = math.sqrt(1.0 - beta2**n) / (1.0 - beta1**n) if hp.get("correct_bias", True) else 1.0
+    return torch._foreach_div(exp_avgs, denom), step_scale
+
+
 def adamw_transport(state: dict, c: Tensor) -> None:
     # The first moment is a vector in the subspace and rotates exactly. The second
     # is a diagonal covariance; rotating it by C (.) C keeps it non-negative and

@@ -345,3 +345,51 @@ def test_one_implementation_behind_the_three_public_names():
         assert (group["subspace"], group["spectrum"], group["seed"], group["weight_decay"]) == ("dominant", "gram", 5, 0.0)
         with pytest.raises(TypeError, match=rf"sara_ds: {cls.__name__} got unknown option\(s\) \['spectrm'\]"):
             cls([w], spectrm="svd")
+
+
+def _full_rank_run(foreach, n_tensors=6, dtype=torch.float32, steps=4, skip_one_at=None):
+    torch.manual_seed(0)
+    matrix = torch.nn.Parameter(torch.randn(24, 32, dtype=dtype) * 0.1)
+    vectors = [torch.nn.Parameter(torch.randn(32 + i, dtype=dtype) * 0.1) for i in range(n_tensors)]
+    opt = sara_ds.SaraAdamW([dict(params=[matrix], rank=4, update_proj_gap=2), dict(params=vectors)], lr=1e-2,
+                            weight_decay=0.1, foreach=foreach)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        matrix.grad = torch.randn(matrix.shape, generator=g).to(dtype)
+        for i, v in enumerate(vectors):  # one vector misses a step: its step count falls behind the others'
+            v.grad = None if (step == skip_one_at and i == 0) else torch.randn(v.shape, generator=g).to(dtype)
+        opt.step()
+    return [matrix.detach().clone()] + [v.detach().clone() for v in vectors], opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("skip_one_at", [None, 1])
+def test_the_foreach_full_rank_adamw_step_is_the_per_tensor_step(dtype, skip_one_at):
+    fast, opt = _full_rank_run(True, dtype=dtype, skip_one_at=skip_one_at)
+    slow, _ = _full_rank_run(False, dtype=dtype, skip_one_at=skip_one_at)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    steps = sorted(st["step"] for p, st in opt.state.items() if p.dim() == 1)
+    assert steps == ([3] + [4] * 5 if skip_one_at is not None else [4] * 6)
+
+
+def test_the_full_rank_step_dispatches_per_group_not_per_tensor():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops_of_an_ordinary_step(n, foreach):
+        _, opt = _full_rank_run(foreach, n_tensors=n, steps=3)  # refreshes at 0 and 2; step 3 is ordinary
+        for p in opt.state:
+            p.grad = torch.ones_like(p)
+        CountOps.ops = 0
+        with CountOps():
+            opt.step()
+        return CountOps.ops
+
+    assert ops_of_an_ordinary_step(32, True) <= 1.5 * ops_of_an_ordinary_step(4, True)
+    assert ops_of_an_ordinary_step(32, False) > 3 * ops_of_an_ordinary_step(4, False)  # the per-tensor loop

@@ -63,5 +63,10 @@ class Slot:
     fragment: bool = False
     context: LocalContext = LOCAL    # or a TensorParallelContext
 
+    @property
+    def takes_whole_update(self) -> bool:
+        """The target takes the full-shaped update as it is (nothing to cut to this rank's part)."""
+        return self.local is _identity
+
 def plain_slots(params, indices, state, context_for) -> list[Slot]:
     return [Slot(i, p.grad, p, state[p], context=context_for(p)) for p, i in zip(params, indices)]
