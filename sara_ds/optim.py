@@ -192,26 +192,14 @@ class SaraOptimizer(torch.optim.Optimizer):
         st["base_step"] += 1
         reduce = slot.context.reduce_sum
         n, step_scale = self.base.direction(r, st, group, st["base_step"], reduce)
-        target = slot.target
-        if group["residual"] != "fira" and slot.takes_whole_update and target.dim() == 2 and \
-                target.dtype == n.dtype == torch.float32:
-            projector.add_back_projection_(target, n, basis, left, -group["lr"] * step_scale * group["scale"],
-                                           group["lr"] * group["weight_decay"])
-        else:
-            self._apply_projected(slot, grad, r, n, basis, left, step_scale, group, reduce)
-        if group["subspace"] == "online_pca":
-            self._online_pca_step(st, a, group, reduce)
-
-    def _apply_projected(self, slot, grad, r, n, basis, left, step_scale, group, reduce) -> None:
-        """B N (plus Fira's residual) as a full-shaped update, for the weights addmm_ cannot take in place
-        (Fira, low-precision or >2-D weights, the ZeRO straddlers that keep only their slice)."""
-        st = slot.state
         update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
         if group["residual"] == "fira":
             back_r = projector.project_back_to_param(r, basis, left).mul_(group["scale"])
             factor = projector.rank_axis_factor(updates.fira_scaling(r, n), left)
             update += updates.fira_residual(grad.float(), back_r, factor, st["fira_norm"], reduce)
         self._apply(slot, update.reshape(slot.grad.shape), group["lr"] * step_scale, group)
+        if group["subspace"] == "online_pca":
+            self._online_pca_step(st, a, group, reduce)
 
     def _init_matrix_state(self, st: dict, grad: Tensor, group, index: int, context) -> None:
         rows, cols = context.full_shape(grad.shape)

@@ -44,15 +44,6 @@ def project_back_to_param(n: Tensor, basis: Tensor, left: bool) -> Tensor:
     return basis @ n if left else n.mT @ basis.mT
 
 
-def add_back_projection_(weight: Tensor, n: Tensor, basis: Tensor, left: bool, alpha: float,
-                         decay: float = 0.0) -> Tensor:
-    """weight <- (1 - decay) (weight + alpha B N) in the parameter's layout: one addmm_ straight into the
-    weight, no m x n temporary (the decoupled decay, applied after the step, folded into beta)."""
-    keep = 1.0 - decay
-    first, second = (basis, n) if left else (n.mT, basis.mT)
-    return weight.addmm_(first, second, beta=keep, alpha=alpha * keep)
-
-
 def rank_axis_factor(factor: Tensor, left: bool) -> Tensor:
     """A per-column factor of the canonical orientation, shaped to broadcast over the parameter."""
     return factor.unsqueeze(0) if left else factor.unsqueeze(1)
