@@ -38,8 +38,7 @@ class SaraOptimizer(torch.optim.Optimizer):
                  tp_group=None):
         defaults = dict(base_defaults, **options.group_defaults(), **PROJECTION_DEFAULTS)
         super().__init__(params, defaults)
-        self.base_name = base
-        self.base = updates.BASES[self.base_name]
+        self.base = updates.BASES[base]
         # Stable matrix ids: position in the parameter order given at construction.
         # Engines (ZeRO, mixed-precision wrappers) later swap group['params'] for
         # other tensors; these originals are how their 2-D structure is recovered.
@@ -64,6 +63,10 @@ class SaraOptimizer(torch.optim.Optimizer):
     @property
     def tp_group(self):
         return self.placement.tp_group
+
+    @property
+    def base_name(self) -> str:
+        return self.base.name
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -107,16 +110,16 @@ class SaraOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:  # as GradScaler and DeepSpeed's overflow check: nothing moves
                 group["skipped_steps"] = group.get("skipped_steps", 0) + 1
             return loss
-        batched = []  # full-rank AdamW tensors, stepped together per group with foreach kernels
+        batched = {}  # id(group) -> (group, its full-rank AdamW slots), stepped together with foreach kernels
         for group, slot in work:
             if not slot.fragment and self._projected(group, slot.index):
                 self._projected_step(slot, group)
             elif self.base.name == "adamw" and group.get("foreach") is not False and slot.takes_whole_update:
-                batched.append((group, slot))
+                batched.setdefault(id(group), (group, []))[1].append(slot)
             else:
                 self._full_rank_step(slot, group)
-        for group in self.param_groups:
-            self._full_rank_adamw_foreach([slot for g, slot in batched if g is group], group)
+        for group, slots in batched.values():
+            self._full_rank_adamw_foreach(slots, group)
         return loss
 
     def _step_is_finite(self, grads) -> bool:
@@ -151,26 +154,27 @@ class SaraOptimizer(torch.optim.Optimizer):
         transposed = split == 0 and self.base.name == "adafactor"  # symmetric: put the sharded axis on columns
         x = grad.mT if transposed else grad
         reduce = slot.context.reduce_sum if split is not None else None
+        self._count_full_rank_step(st, x, group)
+        direction, step_scale = self.base.direction(x, st, group, st["step"], reduce)
+        self._apply(slot, direction.mT if transposed else direction, group["lr"] * step_scale, group)
+
+    def _count_full_rank_step(self, st: dict, x: Tensor, group) -> None:
+        """Create a full-rank tensor's base state (shaped like ``x``) at its first step; count the step."""
         if "step" not in st:
             st["step"] = 0
             st.update(self.base.init(x, False, group))
         st["step"] += 1
-        direction, step_scale = self.base.direction(x, st, group, st["step"], reduce)
-        self._apply(slot, direction.mT if transposed else direction, group["lr"] * step_scale, group)
 
     def _full_rank_adamw_foreach(self, slots: list, group) -> None:
         """``_full_rank_step`` for AdamW, over a group's full-rank tensors at once (one set of foreach
         kernels per step count; all share one unless some parameter missed a step)."""
+        grads = {id(slot): slot.grad.float() for slot in slots}  # one fp32 copy of a low-precision gradient
         for slot in slots:
-            st = slot.state
-            if "step" not in st:
-                st["step"] = 0
-                st.update(self.base.init(slot.grad.float(), False, group))
-            st["step"] += 1
+            self._count_full_rank_step(slot.state, grads[id(slot)], group)
         for n in sorted({slot.state["step"] for slot in slots}):
             same = [slot for slot in slots if slot.state["step"] == n]
             directions, step_scale = updates.adamw_directions_foreach(
-                [slot.grad.float() for slot in same], [slot.state["exp_avg"] for slot in same],
+                [grads[id(slot)] for slot in same], [slot.state["exp_avg"] for slot in same],
                 [slot.state["exp_avg_sq"] for slot in same], group, n)
             targets = [slot.target for slot in same]
             directions = [d.to(t.dtype) for d, t in zip(directions, targets)]

@@ -45,8 +45,12 @@ def adamw_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None):
     m.mul_(beta1).add_(x, alpha=1.0 - beta1)
     v.mul_(beta2).addcmul_(x, x, value=1.0 - beta2)
     direction = m / v.sqrt().add_(hp["eps"])
-    step_scale = math.sqrt(1.0 - beta2**n) / (1.0 - beta1**n) if hp.get("correct_bias", True) else 1.0
-    return direction, step_scale
+    return direction, adamw_step_scale(hp, n)
+
+
+def adamw_step_scale(hp: dict, n: int) -> float:
+    beta1, beta2 = hp["betas"]
+    return math.sqrt(1.0 - beta2**n) / (1.0 - beta1**n) if hp.get("correct_bias", True) else 1.0
 
 
 def adamw_directions_foreach(xs: list, exp_avgs: list, exp_avg_sqs: list, hp: dict, n: int):
@@ -59,8 +63,7 @@ def adamw_directions_foreach(xs: list, exp_avgs: list, exp_avg_sqs: list, hp: di
     torch._foreach_addcmul_(exp_avg_sqs, xs, xs, value=1.0 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denom, hp["eps"])
-    step_scale = math.sqrt(1.0 - beta2**n) / (1.0 - beta1**n) if hp.get("correct_bias", True) else 1.0
-    return torch._foreach_div(exp_avgs, denom), step_scale
+    return torch._foreach_div(exp_avgs, denom), adamw_step_scale(hp, n)
 
 
 def adamw_transport(state: dict, c: Tensor) -> None:

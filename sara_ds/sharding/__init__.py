@@ -27,7 +27,7 @@ def _identity(t: Tensor) -> Tensor:
 class LocalContext:
     """The whole matrix is here: nothing is communicated (see tensor_parallel for the sharded case)."""
 
-    method: str = "svd"          # or "sketch" (spectral.LOCAL_SPECTRA)
+    method: str = "svd"          # spectral.LOCAL_SPECTRA: "svd", "gram" or "sketch"
     oversample: int = 8
     power_iters: int = 2
     partition_dim = None         # not split over tensor-parallel ranks
