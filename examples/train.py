@@ -6,7 +6,8 @@ Runs unchanged on CPU (gloo) and GPU (NCCL), under the deepspeed launcher,
 torchrun, mpirun or srun (ranks are discovered by ``sara_ds.env``). Progress bar
 and periodic validation perplexity on rank 0 (also at step 0: the untrained baseline); subspace
 overlap is logged through DeepSpeed's monitor config (``tensorboard`` / ``csv_monitor``); checkpoints
-with ``--save_dir`` and auto-resume from the latest one with ``--resume``.
+with ``--save_dir`` and auto-resume from the latest one with ``--resume`` (``latest`` names a checkpoint
+only once every rank has written it: ``sara_ds.integrations.deepspeed.save_checkpoint``).
 
 dtype: ``--dtype auto`` (the default) keeps an explicit ``bf16.enabled`` true/false from the config;
 where the config says ``"auto"`` (the shipped ones do) it trains in bf16 only where the device has native
@@ -180,7 +181,7 @@ def main():
                 if engine.monitor.enabled:
                     engine.monitor.write_events([("Eval/val_ppl", ppl, done), ("Train/loss", loss_value, done)])
         if args.save_dir and ((args.save_interval and done % args.save_interval == 0) or done == steps):
-            engine.save_checkpoint(args.save_dir, tag=f"step{done}", client_state={"step": done})
+            sara_deepspeed.save_checkpoint(engine, args.save_dir, f"step{done}", {"step": done})
     if progress:
         progress.close()
 

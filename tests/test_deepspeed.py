@@ -11,7 +11,7 @@ pytest.importorskip("deepspeed")
 
 import sara_ds  # noqa: E402
 from ds_worker import build_model, reference_weights  # noqa: E402
-from launch_utils import run_scenarios  # noqa: E402
+from launch_utils import ROOT, run_ranks, run_scenarios  # noqa: E402
 
 BASE = dict(lr=0.01, rank=4, update_proj_gap=2, scale=0.25, seed=5)  # 7 steps -> refreshes at 0, 2, 4, 6
 
@@ -199,6 +199,35 @@ def test_checkpoint_resume_is_bit_exact_across_a_refresh(stage):
     straight, resumed = run_scenarios(2, scenarios)
     for k in straight["weights"]:
         assert torch.equal(straight["weights"][k], resumed["weights"][k]), k
+
+
+@pytest.mark.parametrize("saver", ["sara_ds", "deepspeed"])
+def test_a_rank_dying_while_writing_its_shard_leaves_latest_on_a_complete_checkpoint(tmp_path, saver):
+    """Rank 1 dies half-way through writing its ZeRO shard of step2 (ckpt_crash_worker.py).
+
+    sara_ds's save_checkpoint leaves ``latest`` on step1, and resuming from it reaches the uninterrupted run's
+    weights bit for bit. DeepSpeed's own save_latest is the control: rank 0 has already pointed ``latest`` at
+    step2, and resuming fails on the truncated shard (this is what the main job's kill test once hit in CI)."""
+    worker = os.path.join(ROOT, "tests", "ckpt_crash_worker.py")
+    ckpt = str(tmp_path / "ckpt")
+    saved = run_ranks(worker, 2, ["save", saver, ckpt], timeout=180)
+    assert saved[1][0] == 9, saved[1][1][-3000:]  # the shim's exit: rank 1 died inside its shard write
+    assert saved[0][0] != 0, "rank 0 must not report success for a save a peer never finished"
+    latest = open(os.path.join(ckpt, "latest")).read()
+    print(f"\n{saver}: rank 1 died writing step2; latest -> {latest}")
+    resumed = run_ranks(worker, 2, ["resume", saver, ckpt, tmp_path / "resumed.pt"], timeout=180)
+    if saver == "deepspeed":
+        assert latest == "step2"
+        assert any(code != 0 for code, _ in resumed), "the control no longer reproduces the hazard"
+        return
+    assert latest == "step1"
+    for code, log in resumed:
+        assert code == 0 and "resumed at step 1" in log, log[-3000:]
+    straight = run_ranks(worker, 2, ["straight", "-", "-", tmp_path / "straight.pt"], timeout=180)
+    assert all(code == 0 for code, _ in straight), straight[0][1][-3000:]
+    a, b = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_memory_is_partitioned_across_ranks():

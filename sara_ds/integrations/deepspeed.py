@@ -272,3 +272,26 @@ def prepare_cpu_launch(extensions_dir: str | None = None) -> None:
             lock = os.path.join(root, "lock")
             if "lock" in files and time.time() - os.path.getmtime(lock) > 15 * 60:
                 os.remove(lock)
+
+
+def save_checkpoint(engine, save_dir: str, tag: str, client_state: dict | None = None) -> None:
+    """``engine.save_checkpoint``, with ``latest`` moved to ``tag`` only once every rank has written its files.
+
+    DeepSpeed's own ``save_latest`` has rank 0 write ``latest`` as soon as rank 0's files are written, before
+    the barrier that waits for the other ranks. A rank that dies while writing its ZeRO shard then leaves
+    ``latest`` naming a checkpoint whose shard is missing or truncated, and ``--resume`` fails on that rank.
+    Here each rank writes with ``save_latest=False`` (which ends in DeepSpeed's barrier), and only then does
+    rank 0 replace ``latest`` atomically, so ``latest`` always names a complete checkpoint.
+    """
+    import deepspeed.comm as dist
+
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
+    dist.barrier()  # DeepSpeed's save ends in one, but that is its implementation, not its contract
+    if dist.get_rank() == 0:
+        pending = os.path.join(save_dir, ".latest.pending")
+        with open(pending, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pending, os.path.join(save_dir, "latest"))
+    dist.barrier()
