@@ -79,7 +79,9 @@ class SubspaceOptions:
     ``osd_lr`` / ``osd_orth_penalty`` (OSD), how a refresh forms the spectrum of a matrix held
     whole (``spectrum``: 'svd', 'gram', 'sketch') and of a TP-split one (``tp_spectrum``: 'tsqr',
     'gram', 'sketch'), the sketch's ``sketch_oversample`` and ``sketch_power_iters``, and
-    ``basis_signs`` ('aligned' or 'lapack'). Values are checked per param group by ``validate_group``.
+    ``basis_signs`` ('aligned' or 'lapack'), and ``foreach`` (None or True: projected matrices of one
+    shape are stepped as one bank, and AdamW's full-rank tensors with torch's foreach kernels; False: one
+    by one, the same arithmetic). Values are checked per param group by ``validate_group``.
     """
 
     preset: object = None
@@ -95,6 +97,7 @@ class SubspaceOptions:
     sketch_oversample: int = 8
     sketch_power_iters: int = 2
     basis_signs: str = "aligned"
+    foreach: object = None
 
     @classmethod
     def from_kwargs(cls, owner: str, options: dict) -> "SubspaceOptions":

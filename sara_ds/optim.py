@@ -21,9 +21,9 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import projector, subspace, updates
+from . import banks, projector, subspace, updates
 from .config import PROJECTION_DEFAULTS, SubspaceOptions, validate_group
-from .sharding import Slot
+from .sharding import LocalContext, Slot
 from .sharding.placement import Placement
 
 _OSD_BASIS_ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}
@@ -59,6 +59,7 @@ class SaraOptimizer(torch.optim.Optimizer):
             self.group_members.append(members)
         # tp_group: the process group TP-split weights are split over (not saved: not a hyperparameter)
         self.placement = Placement(self.original_params, tp_group)
+        self.banks = banks.Banks()
 
     @property
     def tp_group(self):
@@ -74,6 +75,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._keep_saved_dtypes(state_dict)
         self.placement.clear()
+        self.banks.clear()
 
     def _keep_saved_dtypes(self, state_dict) -> None:
         """Undo torch's cast of floating-point state to the parameter's dtype.
@@ -111,15 +113,27 @@ class SaraOptimizer(torch.optim.Optimizer):
                 group["skipped_steps"] = group.get("skipped_steps", 0) + 1
             return loss
         batched = {}  # id(group) -> (group, its full-rank AdamW slots), stepped together with foreach kernels
+        banked = {}  # bank key -> (group, same-shape projected slots), stepped as one (sara_ds.banks)
         for group, slot in work:
             if not slot.fragment and self._projected(group, slot.index):
-                self._projected_step(slot, group)
+                self._prepare_projected(slot, group)
+                key = self._bank_key(slot, group)
+                if key is None:
+                    self._projected_step(slot, group)
+                else:
+                    banked.setdefault(key, (group, []))[1].append(slot)
             elif self.base.name == "adamw" and group.get("foreach") is not False and slot.takes_whole_update:
                 batched.setdefault(id(group), (group, []))[1].append(slot)
             else:
                 self._full_rank_step(slot, group)
         for group, slots in batched.values():
             self._full_rank_adamw_foreach(slots, group)
+        for group, slots in banked.values():
+            if len(slots) > 1 and banks.stackable([slot.state for slot in slots]):
+                self._projected_bank_step(slots, group)
+            else:
+                for slot in slots:
+                    self._projected_step(slot, group)
         return loss
 
     def _step_is_finite(self, grads) -> bool:
@@ -182,13 +196,58 @@ class SaraOptimizer(torch.optim.Optimizer):
             if group["weight_decay"] > 0:
                 torch._foreach_add_(targets, targets, alpha=-group["lr"] * group["weight_decay"])
 
-    def _projected_step(self, slot: Slot, group) -> None:
+    def _prepare_projected(self, slot: Slot, group) -> None:
+        """State at the first step, and the refresh when one is due: per matrix, eager."""
         st = slot.state
         grad = projector.as_matrix(slot.grad)
         if "basis" not in st:
             self._init_matrix_state(st, grad, group, slot.index, slot.context)
         if self._refresh_due(st, group):
             self._refresh(st, grad, group, slot)
+
+    def _bank_key(self, slot: Slot, group):
+        """What matrices must share to be stepped as one; None keeps a matrix on the per-matrix path
+        (``foreach=False``, OSD's per-step basis update, >2-D weights, shards of a TP-split matrix)."""
+        st = slot.state
+        if (group.get("foreach") is False or group["subspace"] == "online_pca" or slot.grad.dim() != 2
+                or not isinstance(slot.context, LocalContext)):
+            return None
+        return (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, slot.target.dtype,
+                st["left"], st["rank"], st["base_step"], slot.context)
+
+    def _projected_bank_step(self, slots: list, group) -> None:
+        """``_projected_step`` for a bank: the same functions on [k, ...] stacks, the same arithmetic."""
+        bank = self.banks.bank_for([slot.state for slot in slots])
+        for slot in slots:
+            slot.state["step"] += 1
+            slot.state["base_step"] += 1
+        st, state = slots[0].state, bank.state
+        basis, left, reduce = state["basis"], st["left"], slots[0].context.reduce_sum
+        grad = torch.stack([slot.grad for slot in slots]).float()
+        a = projector.oriented(grad, left)
+        r = projector.project(a, basis)
+        n, step_scale = self.base.direction(r, state, group, st["base_step"], reduce)
+        update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
+        if group["residual"] == "fira":
+            back_r = projector.project_back_to_param(r, basis, left).mul_(group["scale"])
+            factor = projector.rank_axis_factor(updates.fira_scaling(r, n), left)
+            update += updates.fira_residual(grad, back_r, factor, state["fira_norm"], reduce)
+        step_size = group["lr"] * step_scale
+        whole = [slot for slot in slots if slot.takes_whole_update]
+        if whole:
+            deltas = update.to(whole[0].target.dtype).unbind(0)
+            targets = [slot.target for slot in whole]
+            torch._foreach_add_(targets, [d for d, slot in zip(deltas, slots) if slot.takes_whole_update],
+                                alpha=-step_size)
+            if group["weight_decay"] > 0:
+                torch._foreach_add_(targets, targets, alpha=-group["lr"] * group["weight_decay"])
+        for i, slot in enumerate(slots):  # a ZeRO straddler takes its own part of the update
+            if not slot.takes_whole_update:
+                self._apply(slot, update[i], step_size, group)
+
+    def _projected_step(self, slot: Slot, group) -> None:
+        st = slot.state
+        grad = projector.as_matrix(slot.grad)
         basis, left = st["basis"], st["left"]
         a = projector.oriented(grad.float(), left)
         r = projector.project(a, basis)
@@ -235,7 +294,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         new = slot.context.synchronize(new)
         st["refreshes"] += 1
         if old is None:
-            st["basis"] = new
+            st["basis"] = new.contiguous()  # one layout for every rule (QR gives column-major): banks stack row-major
             self._fresh_moments(st, grad, group)
             if group["subspace"] == "online_pca":
                 st["basis_exp_avg"] = torch.zeros_like(new)
@@ -358,14 +417,14 @@ class SaraAdamW(SaraOptimizer):
     moments mean the same thing however the SVD was computed (1 process, TP, any
     LAPACK); ``'lapack'`` keeps LAPACK's signs, which is what galore-torch does
     and reproduces it bit for bit on one process. ``foreach`` (default: on) steps the
-    full-rank parameters of a group together with torch's foreach kernels; ``False``
-    steps them one by one (the same arithmetic).
+    projected matrices of one shape as one bank (``sara_ds.banks``) and the full-rank
+    parameters of a group with torch's foreach kernels; ``False`` steps them one by one
+    (the same arithmetic, bit for bit).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, *,
-                 foreach=None, tp_group=None, **options):
-        base = dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                    foreach=foreach)
+                 tp_group=None, **options):
+        base = dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
         super().__init__(params, "adamw", base, SubspaceOptions.from_kwargs("SaraAdamW", options), tp_group)
 
 

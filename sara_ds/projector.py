@@ -3,7 +3,8 @@
 All math after the side decision runs in one *canonical orientation*: the
 oriented gradient A is G itself for a left basis and the view G^T for a right
 basis, so B (d x r) always spans columns of A, R = B^T A is r x k, and the
-rank axis of every low-rank tensor is dim 0. No rule, base or residual needs to
+rank axis of every low-rank tensor is dim -2. Every function reads only the last
+two dims, so a bank of same-shape matrices stacked on a leading dim goes through unchanged. No rule, base or residual needs to
 know which side it is on. Low-rank moments of a right-projected matrix are
 therefore stored as the transpose of galore-torch's (r x m instead of m x r);
 elementwise maths is unchanged by that.
@@ -46,7 +47,7 @@ def project_back_to_param(n: Tensor, basis: Tensor, left: bool) -> Tensor:
 
 def rank_axis_factor(factor: Tensor, left: bool) -> Tensor:
     """A per-column factor of the canonical orientation, shaped to broadcast over the parameter."""
-    return factor.unsqueeze(0) if left else factor.unsqueeze(1)
+    return factor.unsqueeze(-2) if left else factor.unsqueeze(-1)
 
 
 def change_of_basis(new: Tensor, old: Tensor) -> Tensor:

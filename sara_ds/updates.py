@@ -8,7 +8,9 @@ Each base is three functions on a plain dict of tensors:
     transport(state, C)         -> rotate rank-axis statistics into a new basis (C = B_new^T B_old)
 
 The weight moves by  -lr * step_scale * scale * back(N). For projected tensors the
-rank axis is dim 0 (see ``projector``).
+rank axis is dim -2 (see ``projector``). A matrix's rules read only its last two
+dims, so a bank of same-shape matrices (``sara_ds.banks``) is the same call on
+tensors with a leading bank dim: [k, r, n] projected gradients, [k, r] Adafactor rows.
 
 AdamW follows galore-torch / HF ``AdamW`` exactly (eps added to sqrt(v) before
 bias correction, bias correction folded into the step size) because that is the
@@ -94,17 +96,18 @@ def adafactor_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None):
     beta2t = 1.0 - math.pow(n, hp["decay_rate"])
     sq = x.square().add_(hp["eps"])
     columns = reduce(torch.tensor(float(x.shape[-1]), device=x.device))  # the row mean runs over all shards
-    if "exp_avg_sq_row" in state:
+    if "exp_avg_sq_row" in state:  # a matrix, or a bank of them: per-matrix statistics over the last two dims
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        row.mul_(beta2t).add_(reduce(sq.sum(dim=1)) / columns, alpha=1.0 - beta2t)
-        col.mul_(beta2t).add_(sq.mean(dim=0), alpha=1.0 - beta2t)
-        r_factor = (row / row.mean()).rsqrt_().unsqueeze(1)
-        update = x * r_factor * col.rsqrt().unsqueeze(0)
+        row.mul_(beta2t).add_(reduce(sq.sum(dim=-1)) / columns, alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        update = x * r_factor * col.rsqrt().unsqueeze(-2)
+        rms = (reduce(update.square().sum(dim=(-2, -1))) / (columns * x.shape[-2])).sqrt()[..., None, None]
     else:
         v = state["exp_avg_sq"]
         v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
         update = x * v.rsqrt()
-    rms = (reduce(update.square().sum()) / (columns * (update.numel() // x.shape[-1]))).sqrt()
+        rms = (reduce(update.square().sum()) / (columns * (update.numel() // x.shape[-1]))).sqrt()
     update.div_((rms / hp["clip_threshold"]).clamp_(min=1.0))
     if hp["beta1"]:
         m = state["exp_avg"]
@@ -129,11 +132,11 @@ def adafactor_transport(state: dict, c: Tensor) -> None:
 def _mini_dims(x: Tensor, projected: bool):
     if x.dim() < 2:
         return tuple(range(x.dim()))
-    return (0,) if projected else tuple(range(1, x.dim()))
+    return (-2,) if projected else tuple(range(1, x.dim()))  # projected: the rank axis, also in a bank
 
 
 def adam_mini_init(x: Tensor, projected: bool, hp: dict) -> dict:
-    dims = _mini_dims(x, projected)
+    dims = [d % x.dim() for d in _mini_dims(x, projected)]
     v_shape = [1 if i in dims else s for i, s in enumerate(x.shape)]
     return {"exp_avg": torch.zeros_like(x), "v_block": x.new_zeros(v_shape), "v_over_rank_axis": projected}
 
@@ -167,7 +170,7 @@ FIRA_GROWTH_LIMIT = 1.01
 
 def fira_scaling(r: Tensor, n: Tensor) -> Tensor:
     """Fira's norm ratio ||N_col|| / ||R_col||, one per column (norms along the rank axis)."""
-    return n.norm(dim=0) / (r.norm(dim=0) + 1e-8)
+    return n.norm(dim=-2) / (r.norm(dim=-2) + 1e-8)
 
 
 def fira_residual(g: Tensor, back_r: Tensor, factor: Tensor, prev_norm: Tensor, reduce=lambda t: t) -> Tensor:
@@ -177,12 +180,12 @@ def fira_residual(g: Tensor, back_r: Tensor, factor: Tensor, prev_norm: Tensor, 
     is G - scale * B R (``back_r`` carries the scale), scaled by ``factor``
     (``fira_scaling``, broadcast along the rank axis), and if its norm grows by
     more than 1.01x since the last step it is cut back to 1.01x. ``prev_norm``
-    (a 0-d tensor, +inf before the first step) is updated in place. Layout-agnostic:
+    (a 0-d tensor, +inf before the first step; [k] for a bank) is updated in place. Layout-agnostic:
     pass ``g`` and ``back_r`` in any one orientation with ``factor`` shaped to match.
     """
     residual = (g - back_r).mul_(factor)
-    norm = reduce(residual.square().sum()).sqrt()  # the norm of the whole matrix, across TP shards
+    norm = reduce(residual.square().sum(dim=(-2, -1))).sqrt()  # each whole matrix's norm, across TP shards
     limiter = torch.clamp(norm / (prev_norm + 1e-8), min=FIRA_GROWTH_LIMIT) / FIRA_GROWTH_LIMIT
-    residual.div_(limiter)
+    residual.div_(limiter[..., None, None])
     prev_norm.copy_(norm / limiter)
     return residual

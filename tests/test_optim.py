@@ -295,6 +295,7 @@ BAD = [
     (dict(seed=-1), "seed=-1"),
     (dict(eps=-1.0), "eps=-1.0"),
     (dict(weight_decay=-0.1), "weight_decay=-0.1"),
+    (dict(foreach="yes"), "foreach='yes'"),
 ]
 BAD_GROUP = [
     (dict(rank=0), "rank=0"),

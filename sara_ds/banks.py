@@ -1,0 +1,68 @@
+"""Banks: projected matrices of one shape stepped as one.
+
+A bank stacks the state of k matrices that share a param group, shape, basis side,
+rank and base-step count on a leading dim ([k, d, r] bases, [k, r, n] moments,
+[k] Fira norms). Each matrix's own state entries become views of those stacks, so:
+
+  * ``state_dict()`` is what it was, plain per-matrix tensors (they share storage,
+    which ``torch.save`` writes once), and checkpoints from before banks load as they are;
+  * a refresh, which stays per matrix and writes the basis and moments in place,
+    writes the bank;
+  * a refresh that replaces a tensor instead (moments reset) is noticed by identity
+    and the bank is restacked once.
+
+The ordinary step then calls the same pure functions once per bank (``projector`` and
+``updates`` read only the last two dims), so the dispatched ops grow with the number
+of banks, not of matrices, and the arithmetic per matrix is the per-matrix path's.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class Bank:
+    def __init__(self, states: list[dict]):
+        self.states = list(states)
+        names = [name for name, value in states[0].items() if isinstance(value, Tensor)]
+        self.stacked = {name: torch.stack([st[name] for st in states]) for name in names}
+        self._views = {name: stack.unbind(0) for name, stack in self.stacked.items()}
+        for i, st in enumerate(states):
+            for name, views in self._views.items():
+                st[name] = views[i]
+        # what the base reads besides tensors (Adam-mini's block axis), the same for every member
+        self.state = dict(states[0], **self.stacked)
+
+    def holds(self, states: list[dict]) -> bool:
+        """Every member's tensors are still this bank's views (nothing was replaced since stacking)."""
+        return (len(states) == len(self.states) and all(a is b for a, b in zip(states, self.states))
+                and all(st[name] is views[i] for name, views in self._views.items() for i, st in enumerate(states)))
+
+
+def stackable(states: list[dict]) -> bool:
+    """Members hold the same tensor entries with the same shapes and dtypes (a bank key guarantees it
+    for SARA's own state; this guards against anything else a user put into the state)."""
+    def layout(st):
+        return {name: (v.shape, v.dtype, v.device) for name, v in st.items() if isinstance(v, Tensor)}
+    first = layout(states[0])
+    return all(layout(st) == first for st in states[1:])
+
+
+class Banks:
+    """The banks of one optimizer, found again each step by their members' state dicts."""
+
+    def __init__(self):
+        self._by_members: dict[tuple, Bank] = {}
+
+    def clear(self) -> None:
+        self._by_members.clear()
+
+    def bank_for(self, states: list[dict]) -> Bank:
+        key = tuple(id(st) for st in states)
+        bank = self._by_members.get(key)
+        if bank is None or not bank.holds(states):
+            members = set(key)  # a matrix belongs to one bank: drop any other holding these members
+            for other in [k for k in self._by_members if members.intersection(k)]:
+                del self._by_members[other]
+            bank = self._by_members[key] = Bank(states)
+        return bank
