@@ -37,10 +37,14 @@ def synthetic_gradient(rows, cols, decay, seed=0):
     return (x * d) @ y
 
 
-def timed(fn):
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return tuple(t.cpu() for t in out), time.perf_counter() - start
 
 
 def inclusion(sigma, n, rank, draws, seed):
@@ -65,10 +69,13 @@ def main():
     ap.add_argument("--power-iters", type=int, default=2)
     ap.add_argument("--decay", type=float, default=1.0)
     ap.add_argument("--draws", type=int, default=500)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
     r = args.rank
     oversamples = [int(o[:-1] or 1) * r if o.endswith("r") else int(o) for o in args.oversample.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; r={r}, sketch k=r+{oversamples}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; r={r}, sketch k=r+{oversamples}, "
           f"q={args.power_iters}, spectrum d_i=(i+1)^-{args.decay}, {args.draws} draws")
     print(f"{'shape':>12} {'method':>7} {'seconds':>9} {'vs svd':>7} {'residual':>9} {'TV(incl.)':>10}"
           "   (k=...: the sketch)")
@@ -79,10 +86,12 @@ def main():
         a = grad.mT if left else grad  # basis side on the columns
         n = a.shape[1]
         gen = torch.Generator().manual_seed(3)
-        results = {"svd": timed(lambda: spectral.full_svd(grad, left)), "gram": timed(lambda: spectral.gram_eigh(a))}
+        on = grad.to(device)
+        results = {"svd": timed(lambda: spectral.full_svd(on, left), device),
+                   "gram": timed(lambda: spectral.gram_eigh(on.mT if left else on), device)}
         for p in oversamples:
             results[f"k={spectral.sketch_size(n, r, p)}"] = timed(
-                lambda: spectral.local_spectrum(grad, left, "sketch", gen, r, p, args.power_iters))
+                lambda: spectral.local_spectrum(on, left, "sketch", gen, r, p, args.power_iters), device)
         exact_sigma = results["svd"][0][0]
         best = exact_sigma[r:].double().square().sum().sqrt()
         exact_incl = inclusion(exact_sigma, n, r, args.draws, seed=1)

@@ -79,9 +79,11 @@ class SubspaceOptions:
     ``osd_lr`` / ``osd_orth_penalty`` (OSD), how a refresh forms the spectrum of a matrix held
     whole (``spectrum``: 'svd', 'gram', 'sketch') and of a TP-split one (``tp_spectrum``: 'tsqr',
     'gram', 'sketch'), the sketch's ``sketch_oversample`` and ``sketch_power_iters``, and
-    ``basis_signs`` ('aligned' or 'lapack'), and ``foreach`` (None or True: projected matrices of one
-    shape are stepped as one bank, and AdamW's full-rank tensors with torch's foreach kernels; False: one
-    by one, the same arithmetic). Values are checked per param group by ``validate_group``.
+    ``basis_signs`` ('aligned' or 'lapack'), and ``foreach`` (True: projected matrices of one shape are
+    stepped as one bank, and AdamW's full-rank tensors with torch's foreach kernels; False: one by one,
+    the same arithmetic; None: True where the gradients are on a GPU, as torch's optimizers decide), and
+    ``fused`` (AdamW base: full-rank fp32 tensors through torch's fused AdamW kernel, the same update up to
+    round-off). Values are checked per param group by ``validate_group``.
     """
 
     preset: object = None
@@ -98,6 +100,7 @@ class SubspaceOptions:
     sketch_power_iters: int = 2
     basis_signs: str = "aligned"
     foreach: object = None
+    fused: bool = False
 
     @classmethod
     def from_kwargs(cls, owner: str, options: dict) -> "SubspaceOptions":
@@ -156,6 +159,11 @@ def validate_group(group: dict, base: str, group_index=None) -> None:
             _number(f"betas[{i}]", b, w, low=0.0, high=1.0)
     if group.get("foreach") not in (None, True, False):
         raise ValueError(f"sara_ds: foreach must be None, True or False, got foreach={group['foreach']!r}{w}")
+    if group.get("fused") not in (True, False):
+        raise ValueError(f"sara_ds: fused must be True or False, got fused={group['fused']!r}{w}")
+    if group.get("fused") and (base != "adamw" or not group.get("correct_bias", True)):
+        why = f"the {base} base" if base != "adamw" else "correct_bias=False"
+        raise ValueError(f"sara_ds: fused=True runs torch's fused AdamW kernel, which has no form for {why}{w}")
     if base == "adafactor":
         if group["beta1"] is not None:
             _number("beta1", group["beta1"], w, low=0.0, high=1.0)

@@ -122,7 +122,8 @@ class SaraOptimizer(torch.optim.Optimizer):
                     self._projected_step(slot, group)
                 else:
                     banked.setdefault(key, (group, []))[1].append(slot)
-            elif self.base.name == "adamw" and group.get("foreach") is not False and slot.takes_whole_update:
+            elif (self.base.name == "adamw" and (_batched(group, slot.grad) or group["fused"])
+                  and slot.takes_whole_update):
                 batched.setdefault(id(group), (group, []))[1].append(slot)
             else:
                 self._full_rank_step(slot, group)
@@ -139,13 +140,20 @@ class SaraOptimizer(torch.optim.Optimizer):
     def _step_is_finite(self, grads) -> bool:
         """One flag for the whole step, agreed by every rank that holds another part of it
         (``Placement.any_rank``): a rank that stepped alone would desynchronise weights and the
-        next refresh. One host sync per step."""
+        next refresh. One host sync per step.
+
+        The 2-norm of every gradient (one foreach kernel, fast everywhere) is finite unless an element
+        is NaN or Inf, or a finite one above ~1.8e19 overflows its square. Only when it is not are the
+        max |g| (exact, but ten times slower on a CPU) consulted, to tell those apart."""
+        grads = [g for g in grads if g.numel()]  # an empty ZeRO fragment has no norm
+        return not (self._any_rank_nonfinite(grads, 2.0) and self._any_rank_nonfinite(grads, float("inf")))
+
+    def _any_rank_nonfinite(self, grads, order: float) -> bool:
         bad = torch.zeros((), dtype=torch.float32)
-        grads = [g for g in grads if g.numel()]  # an empty ZeRO fragment has no max
-        if grads:  # max |g| per tensor (one foreach kernel): NaN and Inf propagate, large finite values do not overflow
-            largest = torch._foreach_norm(grads, ord=float("inf"))
-            bad = (~torch.isfinite(torch.stack([m.float() for m in largest])).all()).float()
-        return not bool(self.placement.any_rank(bad))
+        if grads:
+            norms = torch._foreach_norm(grads, ord=order)  # NaN and Inf propagate
+            bad = (~torch.isfinite(torch.stack([m.float() for m in norms])).all()).float()
+        return bool(self.placement.any_rank(bad))
 
     # ------------------------------------------------------------ updates
 
@@ -187,10 +195,18 @@ class SaraOptimizer(torch.optim.Optimizer):
             self._count_full_rank_step(slot.state, grads[id(slot)], group)
         for n in sorted({slot.state["step"] for slot in slots}):
             same = [slot for slot in slots if slot.state["step"] == n]
+            targets = [slot.target for slot in same]
+            if group["fused"] and all(t.dtype == torch.float32 and grads[id(s)] is s.grad for t, s in zip(targets, same)):
+                # torch's kernel takes params, grads and moments of one dtype: fp32 weights (or ZeRO's fp32
+                # master copies) with fp32 gradients. Others take the foreach path: the same update.
+                updates.adamw_fused_(targets, [slot.grad for slot in same], [slot.state["exp_avg"] for slot in same],
+                                     [slot.state["exp_avg_sq"] for slot in same], group, n)
+                if group["weight_decay"] > 0:
+                    torch._foreach_add_(targets, targets, alpha=-group["lr"] * group["weight_decay"])
+                continue
             directions, step_scale = updates.adamw_directions_foreach(
                 [grads[id(slot)] for slot in same], [slot.state["exp_avg"] for slot in same],
                 [slot.state["exp_avg_sq"] for slot in same], group, n)
-            targets = [slot.target for slot in same]
             directions = [d.to(t.dtype) for d, t in zip(directions, targets)]
             torch._foreach_add_(targets, directions, alpha=-group["lr"] * step_scale)
             if group["weight_decay"] > 0:
@@ -207,9 +223,9 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     def _bank_key(self, slot: Slot, group):
         """What matrices must share to be stepped as one; None keeps a matrix on the per-matrix path
-        (``foreach=False``, OSD's per-step basis update, >2-D weights, shards of a TP-split matrix)."""
+        (``foreach`` off, OSD's per-step basis update, >2-D weights, shards of a TP-split matrix)."""
         st = slot.state
-        if (group.get("foreach") is False or group["subspace"] == "online_pca" or slot.grad.dim() != 2
+        if (not _batched(group, slot.grad) or group["subspace"] == "online_pca" or slot.grad.dim() != 2
                 or not isinstance(slot.context, LocalContext)):
             return None
         return (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, slot.target.dtype,
@@ -377,6 +393,12 @@ class SaraOptimizer(torch.optim.Optimizer):
         return sum(t.numel() * t.element_size() for t in _tensors(self.state))
 
 
+def _batched(group, grad: Tensor) -> bool:
+    """``foreach``: True / False as given; None as torch's optimizers decide, batched on a GPU only."""
+    foreach = group.get("foreach")
+    return grad.is_cuda if foreach is None else foreach
+
+
 def _restore_dtypes(loaded: dict, saved: dict) -> None:
     for key, value in loaded.items():
         kept = saved.get(key)
@@ -416,10 +438,11 @@ class SaraAdamW(SaraOptimizer):
     ``basis_signs='aligned'`` (default) fixes singular-vector signs so that kept
     moments mean the same thing however the SVD was computed (1 process, TP, any
     LAPACK); ``'lapack'`` keeps LAPACK's signs, which is what galore-torch does
-    and reproduces it bit for bit on one process. ``foreach`` (default: on) steps the
-    projected matrices of one shape as one bank (``sara_ds.banks``) and the full-rank
-    parameters of a group with torch's foreach kernels; ``False`` steps them one by one
-    (the same arithmetic, bit for bit).
+    and reproduces it bit for bit on one process. ``foreach=True`` steps the projected
+    matrices of one shape as one bank (``sara_ds.banks``) and the full-rank parameters of
+    a group with torch's foreach kernels; ``False`` steps them one by one (the same
+    arithmetic, bit for bit); ``None`` (default) follows torch's rule: batched where the
+    gradients are on a GPU, one by one on a CPU (where batching measured slower).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, *,

@@ -65,8 +65,9 @@ def sketch_test_matrix(generator, total_rows: int, k: int) -> Tensor:
 
 
 def sketch(a: Tensor, omega: Tensor, power_iters: int, all_reduce=_same) -> tuple[Tensor, Tensor]:
-    """``omega``: this process's rows of the shared test matrix (rows x k)."""
-    y = all_reduce(a.mT @ omega)                                  # n x k
+    """``omega``: this process's rows of the shared test matrix (rows x k), drawn on the CPU so that
+    every device draws the same one."""
+    y = all_reduce(a.mT @ omega.to(a.device))                     # n x k
     for _ in range(power_iters):
         q = torch.linalg.qr(y).Q
         y = all_reduce(a.mT @ (a @ q))

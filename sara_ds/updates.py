@@ -68,6 +68,20 @@ def adamw_directions_foreach(xs: list, exp_avgs: list, exp_avg_sqs: list, hp: di
     return torch._foreach_div(exp_avgs, denom), adamw_step_scale(hp, n)
 
 
+def adamw_fused_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, hp: dict, n: int) -> None:
+    """``adamw_direction`` and the step, in place, through torch's fused AdamW kernel (one pass per tensor).
+
+    torch adds eps to sqrt(v / (1 - beta2^n)); galore-torch / HF add it to sqrt(v) and fold the bias
+    correction into the step size. Passing eps / sqrt(1 - beta2^n) makes the two the same update (equal
+    up to round-off, not bit for bit). Decay is left to the caller, which applies it after the step as
+    galore-torch does; torch's kernel would apply it before."""
+    beta1, beta2 = hp["betas"]
+    step = torch.full((), float(n), device=params[0].device)
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params), lr=hp["lr"], beta1=beta1,
+                        beta2=beta2, weight_decay=0.0, eps=hp["eps"] / math.sqrt(1.0 - beta2**n), amsgrad=False,
+                        maximize=False)
+
+
 def adamw_transport(state: dict, c: Tensor) -> None:
     # The first moment is a vector in the subspace and rotates exactly. The second
     # is a diagonal covariance; rotating it by C (.) C keeps it non-negative and

@@ -178,7 +178,8 @@ def run_scenario(sc, rank, world, tmp):
     mine = {"state_bytes": opt.state_bytes(), "straddlers": straddlers, "counts": opt.refresh_counts(),
             "refreshes": {i: st["refreshes"] for i, st in opt.matrix_states()},
             "matrices": sorted(i for i, _ in opt.matrix_states()),
-            "overlaps": opt.subspace_overlaps(), "type": type(opt).__name__, "wrapper": type(engine.optimizer).__name__}
+            "overlaps": opt.subspace_overlaps(), "type": type(opt).__name__, "wrapper": type(engine.optimizer).__name__,
+            "banks": len(opt.banks._by_members) if isinstance(opt, sara_ds.SaraOptimizer) else 0}
     dist.all_gather_object(gathered, mine)
     result["ranks"] = gathered
     dist.barrier()

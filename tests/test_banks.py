@@ -1,7 +1,8 @@
 """Banks (sara_ds.banks): same-shape projected matrices stepped as one, against the per-matrix path.
 
-``foreach=False`` keeps every matrix on the per-matrix path, the readable reference the banks must equal
-bit for bit: same functions, same arithmetic, a leading bank dim.
+``foreach=True`` banks (the default only for CUDA gradients); ``foreach=False`` keeps every matrix on the
+per-matrix path, the readable reference the banks must equal bit for bit: same functions, same arithmetic,
+a leading bank dim.
 """
 import io
 
@@ -49,7 +50,7 @@ CASES = [c if len(c) == 3 else (*c, {}) for c in CASES]
 @pytest.mark.parametrize("cls,preset,extra", CASES, ids=lambda c: getattr(c, "__name__", str(c)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_bank_step_is_the_per_matrix_step_bit_for_bit(cls, preset, extra, dtype):
-    banked, opt = _run(cls, None, dtype=dtype, preset=preset, **extra)
+    banked, opt = _run(cls, True, dtype=dtype, preset=preset, **extra)
     single, ref = _run(cls, False, dtype=dtype, preset=preset, **extra)
     assert len(opt.banks._by_members) == 3  # the three same-shape families; the (16, 24) loner is not banked
     for a, b in zip(banked, single):
@@ -62,8 +63,8 @@ def test_bank_state_is_per_matrix_on_disk_and_resumes_bit_exactly():
     """A checkpoint of banked state holds the per-matrix tensors (sharing storage); it loads with
     weights_only=True into a banked or a per-matrix optimizer, and a per-matrix checkpoint (the layout
     from before banks) loads into a banked one; each resume equals the straight run bit for bit."""
-    straight, _ = _run(sara_ds.SaraAdamW, None, steps=8, preset="sara_fira")
-    for saver, loader in ((None, None), (None, False), (False, None)):
+    straight, _ = _run(sara_ds.SaraAdamW, True, steps=8, preset="sara_fira")
+    for saver, loader in ((True, True), (True, False), (False, True)):
         weights, opt = _run(sara_ds.SaraAdamW, saver, steps=4, preset="sara_fira")
         buf = io.BytesIO()
         torch.save(opt.state_dict(), buf)
@@ -78,7 +79,7 @@ def test_bank_state_is_per_matrix_on_disk_and_resumes_bit_exactly():
 
 
 def test_a_moment_reset_restacks_the_bank():
-    _, opt = _run(sara_ds.SaraAdamW, None, steps=4, subspace="importance", moments_on_refresh="reset")
+    _, opt = _run(sara_ds.SaraAdamW, True, steps=4, subspace="importance", moments_on_refresh="reset")
     for bank in opt.banks._by_members.values():  # the refresh at step 3 replaced the moments; step 3 restacked
         for i, st in enumerate(bank.states):
             assert st["exp_avg"].untyped_storage().data_ptr() == bank.stacked["exp_avg"].untyped_storage().data_ptr()
@@ -96,7 +97,7 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def ordinary_step_ops(cls, n_matrices, foreach=None, **options):
+def ordinary_step_ops(cls, n_matrices, foreach=True, **options):
     """Dispatched ops and host syncs of one ordinary step (not a refresh) with n same-shape matrices."""
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(64, 96) * 0.1) for _ in range(n_matrices)]
@@ -122,3 +123,17 @@ def test_an_ordinary_step_dispatches_per_bank_not_per_matrix(cls, preset):
     assert many <= 1.5 * few
     assert loop_many > 3 * loop_few  # the per-matrix path, which the bound above would catch
     assert syncs_few == syncs_many == 1  # the step's finite flag, once per step
+
+
+def test_the_default_banks_only_gpu_gradients():
+    """foreach=None follows torch's optimizers: batched on CUDA, one by one on a CPU (measured faster there)."""
+    _, opt = _run(sara_ds.SaraAdamW, None, steps=2, preset="sara")
+    assert not opt.banks._by_members
+    if torch.cuda.is_available():
+        w = [torch.nn.Parameter(torch.randn(24, 40, device="cuda")) for _ in range(2)]
+        opt = sara_ds.SaraAdamW([dict(params=w, rank=4)])
+        for _ in range(2):
+            for p in w:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        assert len(opt.banks._by_members) == 1

@@ -116,6 +116,10 @@ def test_zero_options_and_other_bases_equal_single_process():
     scenarios += [dict(name=f"{cls}-z{stage}", optimizer=cls, params=dict(BASE, preset="sara"), zero={"stage": stage})
                   for cls in ("SaraAdafactor", "SaraAdamMini") for stage in (1, 2)]
     scenarios.append(dict(name="zero0", params=dict(BASE, preset="sara"), zero={"stage": 0}))
+    # Banks (foreach=True; on a CPU the default steps matrices one by one), straddlers included at 3 ranks
+    scenarios += [dict(name=f"banks-{cls}", optimizer=cls, params=dict(BASE, preset=preset, foreach=True),
+                       zero={"stage": 2}) for cls, preset in (("SaraAdamW", "sara_fira"), ("SaraAdafactor", "sara"),
+                                                              ("SaraAdamMini", "sara"))]
     # One NaN in one rank's gradient at step 3, in a full-rank parameter or in a projected one: after the
     # reduction only its owners see it, and every rank must skip the whole step (the oracle skips step 3).
     # Under ZeRO-1/2 DeepSpeed hands the optimizer one param group at a time, so the engine's own check
@@ -130,6 +134,8 @@ def test_zero_options_and_other_bases_equal_single_process():
         assert [r["counts"]["skipped_steps"] for r in res["ranks"]] == [skipped] * 2, sc["name"]
     print("\nZeRO options and bases, 2 ranks:")
     _assert_matches_reference(results, scenarios, 2)
+    for sc, res in zip(scenarios, results):
+        assert all((r["banks"] > 0) == sc["name"].startswith("banks") for r in res["ranks"]), sc["name"]
     # contiguous_gradients=false divides each rank's gradient by 3 *before* reducing, which leaves the exact
     # grid; that variant is covered exactly at 2 ranks above.
     scenarios = [dict(sc, grid_grads=True, zero=dict(sc["zero"], reduce_scatter=False)) for sc in scenarios

@@ -85,3 +85,20 @@ def test_bytes_on_the_wire_equal_the_analytic_figures(shards):
             wire = sum(b for _, b in expected)
             # the library's own counter and its published formula (benchmarks/tp_comm.py) agree with the wire
             assert res["bytes"] == wire == refresh_bytes(method, res["local_rows"], N, RANK, root=(rank == 0))
+
+
+def test_an_uneven_autotp_split_is_refused_with_its_shapes():
+    """AutoTP may split by attention-head grain into unequal shards, which the TP spectra cannot take."""
+    from sara_ds.sharding.tensor_parallel import AUTOTP_META, refuse_uneven_split
+
+    weight = torch.nn.Parameter(torch.zeros(3, 8))
+    weight.tensor_model_parallel = True
+    setattr(weight, AUTOTP_META, {"partition_dim": 0, "original_shape": [8, 8]})
+    with pytest.raises(ValueError, match=r"local shape \(3, 8\) is an uneven shard of \(8, 8\) "
+                                         r"\(split along dim 0 over 3 ranks\)"):
+        refuse_uneven_split(weight, 3)
+    setattr(weight, AUTOTP_META, {"partition_dim": 0, "original_shape": [9, 8]})
+    refuse_uneven_split(weight, 3)  # an even split is accepted
+    setattr(weight, AUTOTP_META, {"partition_dim": 1, "original_shape": [3, 20]})
+    with pytest.raises(ValueError, match=r"split along dim 1 over 3 ranks"):
+        refuse_uneven_split(weight, 3)

@@ -51,6 +51,22 @@ def basis_on_left(param: Tensor, rows: int, cols: int, proj_type: str) -> bool:
     return projector.basis_on_left(rows, cols, proj_type)
 
 
+def refuse_uneven_split(param: Tensor, world: int) -> None:
+    """The TP spectra assume equal shards: TSQR gathers equal-sized R factors, the sketch cuts its shared
+    test matrix evenly, and ``full_shape`` multiplies. Megatron always splits evenly; AutoTP may not (it
+    splits by attention-head grain), and records the unsplit shape. Refuse an uneven split by name rather
+    than compute the spectrum of a different matrix."""
+    meta = getattr(param, AUTOTP_META, None)
+    original = meta.get("original_shape") if isinstance(meta, dict) else None
+    dim = partition_dim(param)
+    if original is not None and len(original) == 2 and int(original[dim]) != param.shape[dim] * world:
+        raise ValueError(
+            f"sara_ds: a tensor-parallel weight of local shape {tuple(param.shape)} is an uneven shard of "
+            f"{tuple(int(x) for x in original)} (split along dim {dim} over {world} ranks); sara_ds's TP spectra "
+            "need equal shards. Choose a tensor-parallel size that divides that dimension (and the head counts), "
+            "or leave this weight out of the projected group (exclude=[...]).")
+
+
 class TensorParallelContext:
     """The shard context of a TP-split matrix: its spectrum, sums and basis broadcast over the TP
     group, and the bytes this rank puts into those collectives."""
@@ -137,6 +153,7 @@ def context_for(param: Tensor, tp_group=None, method: str = "tsqr", oversample: 
         cache = {} if cache is None else cache
         key = (id(param), id(tp_group), method, oversample, power_iters)
         if key not in cache:
+            refuse_uneven_split(param, dist.get_world_size(tp_group))
             cache[key] = TensorParallelContext(tp_group, partition_dim(param), method, oversample, power_iters)
         return cache[key]
     return sharding.local_context(local, oversample, power_iters)
