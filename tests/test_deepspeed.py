@@ -120,6 +120,8 @@ def test_zero_options_and_other_bases_equal_single_process():
     scenarios += [dict(name=f"banks-{cls}", optimizer=cls, params=dict(BASE, preset=preset, foreach=True),
                        zero={"stage": 2}) for cls, preset in (("SaraAdamW", "sara_fira"), ("SaraAdafactor", "sara"),
                                                               ("SaraAdamMini", "sara"))]
+    # torch's fused AdamW kernel on the full-rank fp32 master slices
+    scenarios.append(dict(name="fused", params=dict(BASE, preset="sara", fused=True), zero={"stage": 2}))
     # One NaN in one rank's gradient at step 3, in a full-rank parameter or in a projected one: after the
     # reduction only its owners see it, and every rank must skip the whole step (the oracle skips step 3).
     # Under ZeRO-1/2 DeepSpeed hands the optimizer one param group at a time, so the engine's own check
@@ -138,8 +140,11 @@ def test_zero_options_and_other_bases_equal_single_process():
         assert all((r["banks"] > 0) == sc["name"].startswith("banks") for r in res["ranks"]), sc["name"]
     # contiguous_gradients=false divides each rank's gradient by 3 *before* reducing, which leaves the exact
     # grid; that variant is covered exactly at 2 ranks above.
+    # fused: torch's kernel is exact at 2 ranks (measured 0.0) but not at 3 (1.3e-6); this model amplifies
+    # round-off (fused vs the per-tensor update on one process: 5.2e-6 after 7 steps), so a 3-rank bound for
+    # it would measure that amplification, not layout invariance.
     scenarios = [dict(sc, grid_grads=True, zero=dict(sc["zero"], reduce_scatter=False)) for sc in scenarios
-                 if sc["name"] != "no-contiguous-grads" and "poison" not in sc]
+                 if sc["name"] not in ("no-contiguous-grads", "fused") and "poison" not in sc]
     results = run_scenarios(3, scenarios)
     print("ZeRO options and bases, 3 ranks:")
     _assert_matches_reference(results, scenarios, 3)
@@ -197,9 +202,10 @@ def test_fp16_overflow_step_leaves_weights_moments_and_bases_untouched():
             assert r["state_bytes"] == 0 and r["counts"]["refreshes"] == 0 and r["matrices"] == []
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_checkpoint_resume_is_bit_exact_across_a_refresh(stage):
-    params = dict(BASE, update_proj_gap=3, preset="sara_fira")  # refresh at 6 happens after the resume at 5
+@pytest.mark.parametrize("stage,foreach", [(1, None), (2, None), (2, True)], ids=["z1", "z2", "z2-banks"])
+def test_checkpoint_resume_is_bit_exact_across_a_refresh(stage, foreach):
+    # refresh at 6 happens after the resume at 5; banks save their members' views of the stacks
+    params = dict(BASE, update_proj_gap=3, preset="sara_fira", foreach=foreach)
     scenarios = [dict(name="straight", params=params, zero={"stage": stage}, steps=8),
                  dict(name="resumed", params=params, zero={"stage": stage}, steps=8, resume_at=5)]
     straight, resumed = run_scenarios(2, scenarios)
