@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import banks, projector, subspace, updates
 from .config import PROJECTION_DEFAULTS, SubspaceOptions, validate_group
-from .sharding import LocalContext, Slot
+from .sharding import Slot
 from .sharding.placement import Placement
 
 _OSD_BASIS_ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}
@@ -223,13 +223,12 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     def _bank_key(self, slot: Slot, group):
         """What matrices must share to be stepped as one; None keeps a matrix on the per-matrix path
-        (``foreach`` off, OSD's per-step basis update, >2-D weights, shards of a TP-split matrix)."""
+        (``foreach`` off, OSD's per-step basis update, >2-D weights)."""
         st = slot.state
-        if (not _batched(group, slot.grad) or group["subspace"] == "online_pca" or slot.grad.dim() != 2
-                or not isinstance(slot.context, LocalContext)):
+        if not _batched(group, slot.grad) or group["subspace"] == "online_pca" or slot.grad.dim() != 2:
             return None
         return (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, slot.target.dtype,
-                st["left"], st["rank"], st["base_step"], slot.context)
+                st["left"], st["rank"], st["base_step"], slot.context.bank_key)
 
     def _projected_bank_step(self, slots: list, group) -> None:
         """``_projected_step`` for a bank: the same functions on [k, ...] stacks, the same arithmetic."""

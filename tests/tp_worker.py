@@ -23,14 +23,23 @@ def batch(step):
     return torch.randn(TOKENS, HIDDEN, generator=g), torch.randn(TOKENS, HIDDEN, generator=g)
 
 
-def master_weights(seed=0):
-    """What megatron's CPU initialisation draws for the two layers, before splitting."""
+def master_weights(seed=0, blocks=1):
+    """What megatron's CPU initialisation draws for the layers (column, row per block), before splitting."""
     torch.manual_seed(seed)
-    w1 = torch.empty(FFN, HIDDEN)
-    torch.nn.init.normal_(w1, std=0.2)
-    w2 = torch.empty(HIDDEN, FFN)
-    torch.nn.init.normal_(w2, std=0.2)
-    return w1, w2
+    weights = []
+    for _ in range(blocks):
+        for shape in ((FFN, HIDDEN), (HIDDEN, FFN)):
+            w = torch.empty(shape)
+            torch.nn.init.normal_(w, std=0.2)
+            weights.append(w)
+    return weights
+
+
+def _forward(x, weights):
+    """``blocks`` column-parallel -> GELU -> row-parallel blocks, one after another (dense form)."""
+    for w1, w2 in zip(weights[::2], weights[1::2]):
+        x = F.gelu(x @ w1.T) @ w2.T
+    return x
 
 
 def _groups(params, sc):
@@ -38,23 +47,23 @@ def _groups(params, sc):
 
 
 def _opt_kwargs(sc):
-    kw = dict(lr=0.02, seed=3, preset=sc["preset"], tp_spectrum=sc.get("mode", "tsqr"))
+    kw = dict(lr=0.02, seed=3, preset=sc["preset"], tp_spectrum=sc.get("mode", "tsqr"), foreach=sc.get("foreach"))
     if sc["preset"] == "osd":
         kw["osd_lr"] = 0.01
     return kw
 
 
 def dense_reference(sc, steps=7):
-    w1, w2 = (torch.nn.Parameter(w) for w in master_weights())
-    opt = sara_ds.OPTIMIZERS[sc.get("optimizer", "SaraAdamW")](_groups([w1, w2], sc), **_opt_kwargs(sc))
+    weights = [torch.nn.Parameter(w) for w in master_weights(blocks=sc.get("blocks", 1))]
+    opt = sara_ds.OPTIMIZERS[sc.get("optimizer", "SaraAdamW")](_groups(weights, sc), **_opt_kwargs(sc))
     for step in range(steps):
         if step == sc.get("nan_step"):
             continue  # the TP run skips that whole step: as if it never happened
         x, y = batch(step)
         opt.zero_grad()
-        F.mse_loss(F.gelu(x @ w1.T) @ w2.T, y).backward()
+        F.mse_loss(_forward(x, weights), y).backward()
         opt.step()
-    return {"w1": w1.detach().clone(), "w2": w2.detach().clone()}
+    return {f"w{i + 1}": w.detach().clone() for i, w in enumerate(weights)}
 
 
 def run(sc, counter, steps=7):
@@ -67,32 +76,38 @@ def run(sc, counter, steps=7):
                               sequence_parallel=False, gradient_accumulation_fusion=False)
     init = lambda w: torch.nn.init.normal_(w, std=0.2)  # noqa: E731
     torch.manual_seed(0)
-    col = ColumnParallelLinear(HIDDEN, FFN, config=cfg, init_method=init, bias=False, gather_output=False)
-    row = RowParallelLinear(FFN, HIDDEN, config=cfg, init_method=init, bias=False, input_is_parallel=True,
-                            skip_bias_add=False)
+    layers = []
+    for _ in range(sc.get("blocks", 1)):
+        layers.append(ColumnParallelLinear(HIDDEN, FFN, config=cfg, init_method=init, bias=False,
+                                           gather_output=False))
+        layers.append(RowParallelLinear(FFN, HIDDEN, config=cfg, init_method=init, bias=False,
+                                        input_is_parallel=True, skip_bias_add=False))
+    col = layers[0]
     group = parallel_state.get_tensor_model_parallel_group()
-    opt = sara_ds.OPTIMIZERS[sc.get("optimizer", "SaraAdamW")](_groups([col.weight, row.weight], sc),
+    opt = sara_ds.OPTIMIZERS[sc.get("optimizer", "SaraAdamW")](_groups([layer.weight for layer in layers], sc),
                                                               tp_group=group, **_opt_kwargs(sc))
     step_wire = []  # per step: the collectives opt.step() made, counted by tests/counting_dist.py
     for step in range(steps):
         x, y = batch(step)
         opt.zero_grad()
-        h, _ = col(x)
-        out, _ = row(F.gelu(h))
+        out = x
+        for column, row in zip(layers[::2], layers[1::2]):
+            h, _ = column(out)
+            out, _ = row(F.gelu(h))
         F.mse_loss(out, y).backward()
         if step == sc.get("nan_step") and dist.get_rank(group) == tp - 1:
             col.weight.grad[0, 0] = float("nan")  # on one TP rank's shard only
         counter.clear()
         opt.step()
         step_wire.append([(op, nbytes) for op, _, nbytes in counter.records])
-    # all-gather the shards back into full matrices
-    w1 = torch.cat(_gather(col.weight.detach(), group), dim=0)
-    w2 = torch.cat(_gather(row.weight.detach(), group), dim=1)
+    # all-gather the shards back into full matrices (columns: rows split; rows: columns split)
+    weights = {f"w{i + 1}": torch.cat(_gather(layer.weight.detach(), group), dim=i % 2)
+               for i, layer in enumerate(layers)}
     bases = {i: st["basis"].clone() for i, st in opt.matrix_states()}
     sent = opt.tp_bytes_sent()
     assert not any(k.startswith("_sara") for k in col.weight.__dict__), "optimizer bookkeeping leaked onto a parameter"
-    return {"w1": w1, "w2": w2, "bases": bases, "bytes_sent": sent, "counts": opt.refresh_counts(),
-            "step_wire": step_wire}
+    return {**weights, "bases": bases, "bytes_sent": sent, "counts": opt.refresh_counts(), "step_wire": step_wire,
+            "banks": len(opt.banks._by_members)}
 
 
 def _gather(t, group):

@@ -44,6 +44,11 @@ class LocalContext:
     def full_shape(self, local_shape):
         return tuple(local_shape)
 
+    @property
+    def bank_key(self):
+        """Matrices whose contexts share this key may be stepped as one bank (``sara_ds.banks``)."""
+        return self
+
 
 LOCAL = LocalContext()
 

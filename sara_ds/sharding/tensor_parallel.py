@@ -95,6 +95,12 @@ class TensorParallelContext:
     def reduce_sum(self, t: Tensor) -> Tensor:
         return self._all_reduce(t)
 
+    @property
+    def bank_key(self):
+        """Shards split the same way over the same group reduce the same way: a bank of them makes one
+        all-reduce where its matrices made one each (its bytes are counted on the first member's context)."""
+        return ("tp", id(self.group), self.partition_dim, self.method, self.oversample, self.power_iters)
+
     def full_shape(self, local_shape):
         rows, cols = local_shape
         return (rows * self.world, cols) if self.partition_dim == 0 else (rows, cols * self.world)
