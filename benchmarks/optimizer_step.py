@@ -3,8 +3,9 @@
 For each GaLore-protocol size it builds the whole model's parameters (``--scope model``, the default:
 every block's q, k, v, o, gate, up, down, projected, plus embeddings, lm_head and norms at full rank;
 ``--scope block``: one block's seven matrices) and times
-  * sara_ds.SaraAdamW (preset sara, preset galore, and sara with ``fused=True``: full-rank tensors
-    through torch's fused AdamW kernel; ``foreach`` at its default: banks on a GPU, per matrix on a CPU),
+  * sara_ds.SaraAdamW (preset sara, preset galore, sara with ``fused=True``: full-rank tensors
+    through torch's fused AdamW kernel, and sara with ``finite_flag='device'``: no host sync;
+    ``foreach`` at its default: banks on a GPU, per matrix on a CPU),
   * galore-torch GaLoreAdamW at the same rank / T / scale (same full-rank group),
   * torch.optim.AdamW fused, foreach and single-tensor (full rank),
 and prints the step time amortised over T with the refresh included
@@ -133,10 +134,11 @@ def main():
             out = [dict(params=proj, rank=rank, update_proj_gap=gap, scale=0.25, proj_type="std")]
             return out + ([dict(params=rest)] if rest else [])
 
-        rows = [measure(f"SaraAdamW {preset}{' fused' if fused else ''}", lambda a, b, preset=preset, fused=fused:
-                        sara_ds.SaraAdamW(groups(a, b), lr=1e-3, preset=preset, fused=fused),
-                        projected, full_rank, gap, args.repeats, device)
-                for preset, fused in (("sara", False), ("galore", False), ("sara", True))]
+        variants = (("sara", dict(preset="sara")), ("galore", dict(preset="galore")),
+                    ("sara fused", dict(preset="sara", fused=True)),
+                    ("sara device-flag", dict(preset="sara", finite_flag="device")))
+        rows = [measure(f"SaraAdamW {label}", lambda a, b, kw=kw: sara_ds.SaraAdamW(groups(a, b), lr=1e-3, **kw),
+                        projected, full_rank, gap, args.repeats, device) for label, kw in variants]
         if GaLoreAdamW is not None:
             rows.append(measure("galore-torch GaLoreAdamW", lambda a, b: GaLoreAdamW(
                 groups(a, b), lr=1e-3, no_deprecation_warning=True), projected, full_rank, gap, args.repeats, device))

@@ -11,6 +11,8 @@ from .subspace import RULES, SIGN_CONVENTIONS
 
 RESIDUALS = (None, "fira")
 MOMENT_POLICIES = ("keep", "reset", "transport")
+FINITE_FLAGS = (None, "host", "device")
+IN_PLACE_MIN_NUMEL = 1 << 22  # 2048 x 2048, LLaMA-1B's matrices and up: a bank's update would be k weights' worth
 
 # Each preset is a point in (subspace, residual, moments_on_refresh).
 PRESETS = {
@@ -83,7 +85,15 @@ class SubspaceOptions:
     stepped as one bank, and AdamW's full-rank tensors with torch's foreach kernels; False: one by one,
     the same arithmetic; None: True where the gradients are on a GPU, as torch's optimizers decide), and
     ``fused`` (AdamW base: full-rank fp32 tensors through torch's fused AdamW kernel, the same update up to
-    round-off). Values are checked per param group by ``validate_group``.
+    round-off), and ``finite_flag`` (how a step with a NaN or Inf gradient is found and skipped: 'host'
+    reads the flag back, one host sync per step, and a skipped step is as if it had never been called;
+    'device' keeps it on the device, no host sync in an ordinary step, and a skipped step leaves weights
+    and optimizer state untouched but still counts towards the step counts, that is the refresh schedule
+    and the bias correction; steps that refresh or create state decide on the host in both; None: 'device'
+    where the gradients are on a GPU), and ``in_place_min_numel`` (projected 2-D fp32 weights with at least
+    this many elements, 4M by default, take B N straight into the weight with one addmm_, no m x n
+    temporary; smaller ones build the update, one batched product per bank; 0: every one in place).
+    Values are checked per param group by ``validate_group``.
     """
 
     preset: object = None
@@ -101,6 +111,8 @@ class SubspaceOptions:
     basis_signs: str = "aligned"
     foreach: object = None
     fused: bool = False
+    finite_flag: object = None
+    in_place_min_numel: int = IN_PLACE_MIN_NUMEL
 
     @classmethod
     def from_kwargs(cls, owner: str, options: dict) -> "SubspaceOptions":
@@ -159,6 +171,13 @@ def validate_group(group: dict, base: str, group_index=None) -> None:
             _number(f"betas[{i}]", b, w, low=0.0, high=1.0)
     if group.get("foreach") not in (None, True, False):
         raise ValueError(f"sara_ds: foreach must be None, True or False, got foreach={group['foreach']!r}{w}")
+    if group.get("finite_flag") not in FINITE_FLAGS:
+        raise ValueError(f"sara_ds: finite_flag must be one of {FINITE_FLAGS}, got finite_flag={group['finite_flag']!r}{w}")
+    if "in_place_min_numel" in group:
+        value = group["in_place_min_numel"]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"sara_ds: in_place_min_numel must be a non-negative integer, "
+                             f"got in_place_min_numel={value!r}{w}")
     if group.get("fused") not in (True, False):
         raise ValueError(f"sara_ds: fused must be True or False, got fused={group['fused']!r}{w}")
     if group.get("fused") and (base != "adamw" or not group.get("correct_bias", True)):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import banks, projector, subspace, updates
-from .config import PROJECTION_DEFAULTS, SubspaceOptions, validate_group
+from .config import IN_PLACE_MIN_NUMEL, PROJECTION_DEFAULTS, SubspaceOptions, validate_group
 from .sharding import Slot
 from .sharding.placement import Placement
 
@@ -57,9 +57,13 @@ class SaraOptimizer(torch.optim.Optimizer):
                 self.param_names.append(name or f"param{len(self.original_params)}")
                 self.original_params.append(p)
             self.group_members.append(members)
+        flags = {group.get("finite_flag") for group in self.param_groups}
+        if len(flags) > 1:  # one flag decides the whole step
+            raise ValueError(f"sara_ds: finite_flag must be the same in every param group, got {sorted(map(str, flags))}")
         # tp_group: the process group TP-split weights are split over (not saved: not a hyperparameter)
         self.placement = Placement(self.original_params, tp_group)
         self.banks = banks.Banks()
+        self._pending_skips = None  # steps skipped by the device flag, not yet added to skipped_steps
 
     @property
     def tp_group(self):
@@ -71,11 +75,25 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ bookkeeping
 
+    def state_dict(self):
+        self._count_device_skips()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self._keep_saved_dtypes(state_dict)
         self.placement.clear()
         self.banks.clear()
+        self._pending_skips = None
+
+    def _count_device_skips(self) -> None:
+        """Add the steps the device flag skipped to each group's ``skipped_steps`` (reads one number back:
+        done when the count is asked for or saved, never in a step)."""
+        if self._pending_skips is not None:
+            skipped = int(self._pending_skips.item())
+            self._pending_skips = None
+            for group in self.param_groups:
+                group["skipped_steps"] = group.get("skipped_steps", 0) + skipped
 
     def _keep_saved_dtypes(self, state_dict) -> None:
         """Undo torch's cast of floating-point state to the parameter's dtype.
@@ -108,10 +126,15 @@ class SaraOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, slot) for group in self.param_groups for slot in self._slots(group) if slot.grad is not None]
-        if not self._step_is_finite([slot.grad for _, slot in work]):
+        grads = [slot.grad for _, slot in work]
+        keep = None  # the step's finite flag, where it stays on the device
+        if self._flag_on_device(grads) and not any(self._creates_or_refreshes(group, slot) for group, slot in work):
+            keep = self._device_finite_flag(grads)
+        elif not self._step_is_finite(grads):
             for group in self.param_groups:  # as GradScaler and DeepSpeed's overflow check: nothing moves
                 group["skipped_steps"] = group.get("skipped_steps", 0) + 1
             return loss
+        singles = []  # (group, slot, its step): one matrix or tensor at a time
         batched = {}  # id(group) -> (group, its full-rank AdamW slots), stepped together with foreach kernels
         banked = {}  # bank key -> (group, same-shape projected slots), stepped as one (sara_ds.banks)
         for group, slot in work:
@@ -119,23 +142,66 @@ class SaraOptimizer(torch.optim.Optimizer):
                 self._prepare_projected(slot, group)
                 key = self._bank_key(slot, group)
                 if key is None:
-                    self._projected_step(slot, group)
+                    singles.append((group, slot, self._projected_step))
                 else:
                     banked.setdefault(key, (group, []))[1].append(slot)
             elif (self.base.name == "adamw" and (_batched(group, slot.grad) or group["fused"])
                   and slot.takes_whole_update):
                 batched.setdefault(id(group), (group, []))[1].append(slot)
             else:
-                self._full_rank_step(slot, group)
-        for group, slots in batched.values():
-            self._full_rank_adamw_foreach(slots, group)
+                singles.append((group, slot, self._full_rank_step))
+        bank_steps = []
         for group, slots in banked.values():
             if len(slots) > 1 and banks.stackable([slot.state for slot in slots]):
-                self._projected_bank_step(slots, group)
+                bank_steps.append((group, slots))
             else:
-                for slot in slots:
-                    self._projected_step(slot, group)
+                singles += [(group, slot, self._projected_step) for slot in slots]
+        if keep is not None:  # a bank masks its own stacked gradient (one op, not one per matrix)
+            _zero_unless(keep, [slot.grad for _, slot, _ in singles]
+                         + [slot.grad for _, slots in batched.values() for slot in slots])
+        for group, slot, step in singles:
+            step(slot, group, keep)
+        for group, slots in batched.values():
+            self._full_rank_adamw_foreach(slots, group, keep)
+        for group, slots in bank_steps:
+            self._projected_bank_step(slots, group, keep)
         return loss
+
+    def _flag_on_device(self, grads) -> bool:
+        """``finite_flag``: 'device' / 'host' as given; None: on the device where the gradients are on a GPU."""
+        flag = self.param_groups[0].get("finite_flag") if self.param_groups else "host"
+        return bool(grads) and (flag == "device" or (flag is None and grads[0].is_cuda))
+
+    def _creates_or_refreshes(self, group, slot: Slot) -> bool:
+        """Steps that create state or refresh a basis decide on the host: an SVD of a NaN gradient must not
+        happen, and a first step has no state to leave unchanged."""
+        st = slot.state
+        if not slot.fragment and self._projected(group, slot.index):
+            return self._refresh_due(st, group)
+        return "step" not in st
+
+    def _device_finite_flag(self, grads) -> Tensor:
+        """The step's finite flag as a 0-d bool tensor that never leaves the device (agreed by every rank that
+        holds another part of the step, in one small all-reduce), found with the kernel GradScaler uses. Where it
+        is False the step zeroes the gradients it reads (``_zero_unless``; a bank, its stack), so what it computes
+        from them stays finite and the rules' ``keep`` masks (``updates``) leave weights and state as they were.
+        The step counts still advance: see ``finite_flag``."""
+        device = grads[0].device
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        one = torch.ones((), dtype=torch.float32, device=device)
+        by_kind: dict = {}
+        for g in grads:
+            if g.numel():
+                by_kind.setdefault((g.device, g.dtype), []).append(g)
+        for (dev, _), same in by_kind.items():
+            found_here = found if dev == device else torch.zeros((), dtype=torch.float32, device=dev)
+            torch._amp_foreach_non_finite_check_and_unscale_(same, found_here, one.to(dev))
+            if found_here is not found:
+                found = torch.maximum(found, found_here.to(device))
+        keep = ~self.placement.any_rank(found).to(device)
+        skipped = (~keep).float()
+        self._pending_skips = skipped if self._pending_skips is None else self._pending_skips.add_(skipped)
+        return keep
 
     def _step_is_finite(self, grads) -> bool:
         """One flag for the whole step, agreed by every rank that holds another part of it
@@ -157,13 +223,19 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ updates
 
-    def _apply(self, slot: Slot, delta: Tensor, step_size: float, group) -> None:
+    def _apply(self, slot: Slot, delta: Tensor, step_size: float, group, keep=None) -> None:
         target = slot.target
         target.add_(slot.local(delta).to(target.dtype), alpha=-step_size)
-        if group["weight_decay"] > 0:
-            target.add_(target, alpha=-group["lr"] * group["weight_decay"])
+        if group["weight_decay"] > 0:  # W * 1 is W: where the step is taken, the same decay bit for bit
+            target.add_(target if keep is None else target * keep, alpha=-group["lr"] * group["weight_decay"])
 
-    def _full_rank_step(self, slot: Slot, group) -> None:
+    @staticmethod
+    def _decay_all(targets: list, group, keep=None) -> None:
+        if group["weight_decay"] > 0:
+            decayed = targets if keep is None else torch._foreach_mul(targets, keep)
+            torch._foreach_add_(targets, decayed, alpha=-group["lr"] * group["weight_decay"])
+
+    def _full_rank_step(self, slot: Slot, group, keep=None) -> None:
         st = slot.state
         grad = slot.grad.float()
         # A TP-split matrix that is not projected (a vocab-parallel lm_head under AutoTP, say): the bases
@@ -177,8 +249,8 @@ class SaraOptimizer(torch.optim.Optimizer):
         x = grad.mT if transposed else grad
         reduce = slot.context.reduce_sum if split is not None else None
         self._count_full_rank_step(st, x, group)
-        direction, step_scale = self.base.direction(x, st, group, st["step"], reduce)
-        self._apply(slot, direction.mT if transposed else direction, group["lr"] * step_scale, group)
+        direction, step_scale = self.base.direction(x, st, group, st["step"], reduce, keep)
+        self._apply(slot, direction.mT if transposed else direction, group["lr"] * step_scale, group, keep)
 
     def _count_full_rank_step(self, st: dict, x: Tensor, group) -> None:
         """Create a full-rank tensor's base state (shaped like ``x``) at its first step; count the step."""
@@ -187,7 +259,7 @@ class SaraOptimizer(torch.optim.Optimizer):
             st.update(self.base.init(x, False, group))
         st["step"] += 1
 
-    def _full_rank_adamw_foreach(self, slots: list, group) -> None:
+    def _full_rank_adamw_foreach(self, slots: list, group, keep=None) -> None:
         """``_full_rank_step`` for AdamW, over a group's full-rank tensors at once (one set of foreach
         kernels per step count; all share one unless some parameter missed a step)."""
         grads = {id(slot): slot.grad.float() for slot in slots}  # one fp32 copy of a low-precision gradient
@@ -200,17 +272,15 @@ class SaraOptimizer(torch.optim.Optimizer):
                 # torch's kernel takes params, grads and moments of one dtype: fp32 weights (or ZeRO's fp32
                 # master copies) with fp32 gradients. Others take the foreach path: the same update.
                 updates.adamw_fused_(targets, [slot.grad for slot in same], [slot.state["exp_avg"] for slot in same],
-                                     [slot.state["exp_avg_sq"] for slot in same], group, n)
-                if group["weight_decay"] > 0:
-                    torch._foreach_add_(targets, targets, alpha=-group["lr"] * group["weight_decay"])
+                                     [slot.state["exp_avg_sq"] for slot in same], group, n, keep)
+                self._decay_all(targets, group, keep)
                 continue
             directions, step_scale = updates.adamw_directions_foreach(
                 [grads[id(slot)] for slot in same], [slot.state["exp_avg"] for slot in same],
-                [slot.state["exp_avg_sq"] for slot in same], group, n)
+                [slot.state["exp_avg_sq"] for slot in same], group, n, keep)
             directions = [d.to(t.dtype) for d, t in zip(directions, targets)]
             torch._foreach_add_(targets, directions, alpha=-group["lr"] * step_scale)
-            if group["weight_decay"] > 0:
-                torch._foreach_add_(targets, targets, alpha=-group["lr"] * group["weight_decay"])
+            self._decay_all(targets, group, keep)
 
     def _prepare_projected(self, slot: Slot, group) -> None:
         """State at the first step, and the refresh when one is due: per matrix, eager."""
@@ -230,7 +300,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         return (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, slot.target.dtype,
                 st["left"], st["rank"], st["base_step"], slot.context.bank_key)
 
-    def _projected_bank_step(self, slots: list, group) -> None:
+    def _projected_bank_step(self, slots: list, group, keep=None) -> None:
         """``_projected_step`` for a bank: the same functions on [k, ...] stacks, the same arithmetic."""
         bank = self.banks.bank_for([slot.state for slot in slots])
         for slot in slots:
@@ -238,29 +308,40 @@ class SaraOptimizer(torch.optim.Optimizer):
             slot.state["base_step"] += 1
         st, state = slots[0].state, bank.state
         basis, left, reduce = state["basis"], st["left"], slots[0].context.reduce_sum
-        grad = torch.stack([slot.grad for slot in slots]).float()
-        a = projector.oriented(grad, left)
-        r = projector.project(a, basis)
-        n, step_scale = self.base.direction(r, state, group, st["base_step"], reduce)
+        in_place = self._in_place(slots[0], group)  # a bank shares group, shape and dtype: all of it or none
+        if in_place:  # large matrices: no stack of their gradients either, only of the small R
+            r = torch.stack([projector.project(projector.oriented(slot.grad.float(), left), basis[i])
+                             for i, slot in enumerate(slots)])
+            r = r if keep is None else r.where(keep, 0.0)
+        else:
+            grad = torch.stack([slot.grad for slot in slots]).float()
+            grad = grad if keep is None else grad.where(keep, 0.0)
+            r = projector.project(projector.oriented(grad, left), basis)
+        n, step_scale = self.base.direction(r, state, group, st["base_step"], reduce, keep)
+        step_size = group["lr"] * step_scale
+        if in_place:
+            for i, slot in enumerate(slots):
+                slot.update_in_place(lambda w, i=i: projector.add_back_projection_(
+                    w, n[i], basis[i], left, -step_size * group["scale"]))
+            self._decay_in_place([slot.target for slot in slots], group, keep)
+            return
         update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
         if group["residual"] == "fira":
             back_r = projector.project_back_to_param(r, basis, left).mul_(group["scale"])
             factor = projector.rank_axis_factor(updates.fira_scaling(r, n), left)
-            update += updates.fira_residual(grad, back_r, factor, state["fira_norm"], reduce)
-        step_size = group["lr"] * step_scale
+            update += updates.fira_residual(grad, back_r, factor, state["fira_norm"], reduce, keep)
         whole = [slot for slot in slots if slot.takes_whole_update]
         if whole:
             deltas = update.to(whole[0].target.dtype).unbind(0)
             targets = [slot.target for slot in whole]
             torch._foreach_add_(targets, [d for d, slot in zip(deltas, slots) if slot.takes_whole_update],
                                 alpha=-step_size)
-            if group["weight_decay"] > 0:
-                torch._foreach_add_(targets, targets, alpha=-group["lr"] * group["weight_decay"])
+            self._decay_all(targets, group, keep)
         for i, slot in enumerate(slots):  # a ZeRO straddler takes its own part of the update
             if not slot.takes_whole_update:
-                self._apply(slot, update[i], step_size, group)
+                self._apply(slot, update[i], step_size, group, keep)
 
-    def _projected_step(self, slot: Slot, group) -> None:
+    def _projected_step(self, slot: Slot, group, keep=None) -> None:
         st = slot.state
         grad = projector.as_matrix(slot.grad)
         basis, left = st["basis"], st["left"]
@@ -269,15 +350,34 @@ class SaraOptimizer(torch.optim.Optimizer):
         st["step"] += 1
         st["base_step"] += 1
         reduce = slot.context.reduce_sum
-        n, step_scale = self.base.direction(r, st, group, st["base_step"], reduce)
-        update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
-        if group["residual"] == "fira":
-            back_r = projector.project_back_to_param(r, basis, left).mul_(group["scale"])
-            factor = projector.rank_axis_factor(updates.fira_scaling(r, n), left)
-            update += updates.fira_residual(grad.float(), back_r, factor, st["fira_norm"], reduce)
-        self._apply(slot, update.reshape(slot.grad.shape), group["lr"] * step_scale, group)
+        n, step_scale = self.base.direction(r, st, group, st["base_step"], reduce, keep)
+        if self._in_place(slot, group):
+            alpha = -group["lr"] * step_scale * group["scale"]
+            slot.update_in_place(lambda w: projector.add_back_projection_(w, n, basis, left, alpha))
+            self._decay_in_place([slot.target], group, keep)
+        else:
+            update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
+            if group["residual"] == "fira":
+                back_r = projector.project_back_to_param(r, basis, left).mul_(group["scale"])
+                factor = projector.rank_axis_factor(updates.fira_scaling(r, n), left)
+                update += updates.fira_residual(grad.float(), back_r, factor, st["fira_norm"], reduce, keep)
+            self._apply(slot, update.reshape(slot.grad.shape), group["lr"] * step_scale, group, keep)
         if group["subspace"] == "online_pca":
-            self._online_pca_step(st, a, group, reduce)
+            self._online_pca_step(st, a, group, reduce, keep)
+
+    @staticmethod
+    def _in_place(slot: Slot, group) -> bool:
+        """B N goes straight into the weight (``projector.add_back_projection_``): no m x n temporary, which for
+        a bank of k large matrices would be k weights' worth. For 2-D fp32 weights (addmm_ takes one dtype) of at
+        least ``in_place_min_numel`` elements, without Fira (whose residual is m x n anyway)."""
+        return (group["residual"] != "fira" and slot.grad.dim() == 2 and slot.target.dtype == torch.float32
+                and slot.grad.numel() >= group.get("in_place_min_numel", IN_PLACE_MIN_NUMEL))
+
+    @staticmethod
+    def _decay_in_place(targets: list, group, keep=None) -> None:
+        """The decoupled decay after an in-place step, as a multiply (no temporary; on a skipped step, by 1)."""
+        if group["weight_decay"] > 0:
+            torch._foreach_mul_(targets, updates.unless_skipped(keep, 1.0 - group["lr"] * group["weight_decay"], 1.0))
 
     def _init_matrix_state(self, st: dict, grad: Tensor, group, index: int, context) -> None:
         rows, cols = context.full_shape(grad.shape)
@@ -342,13 +442,15 @@ class SaraOptimizer(torch.optim.Optimizer):
         idx = subspace.spectral_indices(spectral_rule, sigma, min(rank, sigma.numel()), gen)
         return vectors[:, idx.to(vectors.device)].contiguous()
 
-    def _online_pca_step(self, st: dict, a: Tensor, group, reduce) -> None:
+    def _online_pca_step(self, st: dict, a: Tensor, group, reduce, keep=None) -> None:
         """One Adam step on B for the online-PCA loss (OSD); lr follows the weight schedule."""
         basis = st["basis"]
         g = subspace.online_pca_gradient(basis, a, group["osd_orth_penalty"], reduce)
+        if keep is not None:  # the orthogonality penalty is not zero when a is: a skipped step must not move B
+            g = torch.where(keep, g, 0.0)
         st["basis_step"] += 1
         moments = {"exp_avg": st["basis_exp_avg"], "exp_avg_sq": st["basis_exp_avg_sq"]}
-        direction, step_scale = updates.adamw_direction(g, moments, _OSD_BASIS_ADAM, st["basis_step"])
+        direction, step_scale = updates.adamw_direction(g, moments, _OSD_BASIS_ADAM, st["basis_step"], keep=keep)
         osd_lr = group["osd_lr"] if group["osd_lr"] is not None else 1.0 / group["update_proj_gap"]
         schedule = group["lr"] / group["lr_at_start"] if group["lr_at_start"] > 0 else 1.0
         basis.add_(direction, alpha=-osd_lr * schedule * step_scale)
@@ -380,6 +482,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         """``refreshes``: subspace refreshes of the matrices held here, summed.
         ``skipped_steps``: whole steps skipped because some gradient (anywhere in the
         step, on any rank that holds part of it) was NaN or Inf."""
+        self._count_device_skips()
         return {"refreshes": sum(st["refreshes"] for _, st in self.matrix_states()),
                 "skipped_steps": max((g.get("skipped_steps", 0) for g in self.param_groups), default=0)}
 
@@ -390,6 +493,20 @@ class SaraOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state on this process."""
         return sum(t.numel() * t.element_size() for t in _tensors(self.state))
+
+
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _zero_unless(keep: Tensor, grads: list) -> None:
+    """Zero every gradient in place where ``keep`` is False, and leave its bits where it is True: an integer
+    multiply by 0 or 1 (a float one would keep NaN), one foreach kernel per element width and device."""
+    by_width: dict = {}
+    for g in grads:
+        if g.numel():
+            by_width.setdefault((g.device, _INT_OF_WIDTH[g.element_size()]), []).append(g.view(_INT_OF_WIDTH[g.element_size()]))
+    for (device, int_dtype), same in by_width.items():
+        torch._foreach_mul_(same, keep.to(device=device, dtype=int_dtype))
 
 
 def _batched(group, grad: Tensor) -> bool:

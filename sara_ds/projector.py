@@ -45,6 +45,13 @@ def project_back_to_param(n: Tensor, basis: Tensor, left: bool) -> Tensor:
     return basis @ n if left else n.mT @ basis.mT
 
 
+def add_back_projection_(weight: Tensor, n: Tensor, basis: Tensor, left: bool, alpha: float) -> Tensor:
+    """weight += alpha B N, in the parameter's layout, with one addmm_ straight into the weight: no m x n
+    temporary (``project_back_to_param``'s product, with its rounding fused into the add)."""
+    first, second = (basis, n) if left else (n.mT, basis.mT)
+    return weight.addmm_(first, second, alpha=alpha)
+
+
 def rank_axis_factor(factor: Tensor, left: bool) -> Tensor:
     """A per-column factor of the canonical orientation, shaped to broadcast over the parameter."""
     return factor.unsqueeze(-2) if left else factor.unsqueeze(-1)

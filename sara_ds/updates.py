@@ -3,9 +3,15 @@
 Each base is three functions on a plain dict of tensors:
 
     init(x, projected, hp)      -> state dict for a gradient shaped like x
-    direction(x, state, hp, n, reduce)  -> (N, step_scale); n counts base updates so far (1-based);
+    direction(x, state, hp, n, reduce, keep)  -> (N, step_scale); n counts base updates so far (1-based);
                                   reduce sums a tensor over tensor-parallel shards of x's columns
     transport(state, C)         -> rotate rank-axis statistics into a new basis (C = B_new^T B_old)
+
+``keep`` is the step's finite flag on the device (a 0-d bool tensor), or None when the host has
+already decided to step. Where it is False the caller has zeroed x, and the rule must leave its
+state as it was and return a zero N: every decay factor becomes 1 and every denominator infinite,
+chosen with ``torch.where``, so no value is read back to the host. Where it is True the arithmetic
+is the same, bit for bit, as with ``keep=None``.
 
 The weight moves by  -lr * step_scale * scale * back(N). For projected tensors the
 rank axis is dim -2 (see ``projector``). A matrix's rules read only its last two
@@ -35,18 +41,23 @@ class Base:
     elementwise: bool  # full-rank update depends only on each element (safe on a ZeRO fragment)
 
 
+def unless_skipped(keep, value: float, frozen: float):
+    """``value`` on a step that is taken, ``frozen`` (a 0-d tensor on keep's device) on one that is skipped."""
+    return value if keep is None else torch.where(keep, value, frozen)
+
+
 # ---------------------------------------------------------------- AdamW
 
 def adamw_init(x: Tensor, projected: bool, hp: dict) -> dict:
     return {"exp_avg": torch.zeros_like(x), "exp_avg_sq": torch.zeros_like(x)}
 
 
-def adamw_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None):
+def adamw_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None, keep=None):
     beta1, beta2 = hp["betas"]
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    m.mul_(beta1).add_(x, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(x, x, value=1.0 - beta2)
-    direction = m / v.sqrt().add_(hp["eps"])
+    m.mul_(unless_skipped(keep, beta1, 1.0)).add_(x, alpha=1.0 - beta1)
+    v.mul_(unless_skipped(keep, beta2, 1.0)).addcmul_(x, x, value=1.0 - beta2)
+    direction = m / v.sqrt().add_(unless_skipped(keep, hp["eps"], math.inf))
     return direction, adamw_step_scale(hp, n)
 
 
@@ -55,31 +66,36 @@ def adamw_step_scale(hp: dict, n: int) -> float:
     return math.sqrt(1.0 - beta2**n) / (1.0 - beta1**n) if hp.get("correct_bias", True) else 1.0
 
 
-def adamw_directions_foreach(xs: list, exp_avgs: list, exp_avg_sqs: list, hp: dict, n: int):
+def adamw_directions_foreach(xs: list, exp_avgs: list, exp_avg_sqs: list, hp: dict, n: int, keep=None):
     """``adamw_direction`` for a list of tensors at the same step count ``n``: the same arithmetic in
     the same order, one dispatch per operation instead of one per tensor (torch's foreach kernels)."""
     beta1, beta2 = hp["betas"]
-    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_mul_(exp_avgs, unless_skipped(keep, beta1, 1.0))
     torch._foreach_add_(exp_avgs, xs, alpha=1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_mul_(exp_avg_sqs, unless_skipped(keep, beta2, 1.0))
     torch._foreach_addcmul_(exp_avg_sqs, xs, xs, value=1.0 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denom, hp["eps"])
-    return torch._foreach_div(exp_avgs, denom), adamw_step_scale(hp, n)
+    directions = torch._foreach_div(exp_avgs, denom)
+    if keep is not None:  # (a 0-d tensor added to a list would be read back to the host as a Scalar)
+        torch._foreach_mul_(directions, keep)
+    return directions, adamw_step_scale(hp, n)
 
 
-def adamw_fused_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, hp: dict, n: int) -> None:
+def adamw_fused_(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, hp: dict, n: int, keep=None) -> None:
     """``adamw_direction`` and the step, in place, through torch's fused AdamW kernel (one pass per tensor).
 
     torch adds eps to sqrt(v / (1 - beta2^n)); galore-torch / HF add it to sqrt(v) and fold the bias
     correction into the step size. Passing eps / sqrt(1 - beta2^n) makes the two the same update (equal
     up to round-off, not bit for bit). Decay is left to the caller, which applies it after the step as
-    galore-torch does; torch's kernel would apply it before."""
+    galore-torch does; torch's kernel would apply it before. ``keep`` goes in as the kernel's own
+    ``found_inf``, which it reads on the device."""
     beta1, beta2 = hp["betas"]
     step = torch.full((), float(n), device=params[0].device)
+    found_inf = None if keep is None else (~keep).float()
     torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params), lr=hp["lr"], beta1=beta1,
                         beta2=beta2, weight_decay=0.0, eps=hp["eps"] / math.sqrt(1.0 - beta2**n), amsgrad=False,
-                        maximize=False)
+                        maximize=False, found_inf=found_inf)
 
 
 def adamw_transport(state: dict, c: Tensor) -> None:
@@ -105,28 +121,29 @@ def adafactor_init(x: Tensor, projected: bool, hp: dict) -> dict:
     return state
 
 
-def adafactor_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None):
+def adafactor_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None, keep=None):
     reduce = reduce or (lambda t: t)
     beta2t = 1.0 - math.pow(n, hp["decay_rate"])
-    sq = x.square().add_(hp["eps"])
+    decay = unless_skipped(keep, beta2t, 1.0)
+    sq = x.square().add_(unless_skipped(keep, hp["eps"], 0.0))  # a skipped step's zeroed x adds nothing
     columns = reduce(torch.tensor(float(x.shape[-1]), device=x.device))  # the row mean runs over all shards
     if "exp_avg_sq_row" in state:  # a matrix, or a bank of them: per-matrix statistics over the last two dims
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        row.mul_(beta2t).add_(reduce(sq.sum(dim=-1)) / columns, alpha=1.0 - beta2t)
-        col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+        row.mul_(decay).add_(reduce(sq.sum(dim=-1)) / columns, alpha=1.0 - beta2t)
+        col.mul_(decay).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
         r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
         update = x * r_factor * col.rsqrt().unsqueeze(-2)
         rms = (reduce(update.square().sum(dim=(-2, -1))) / (columns * x.shape[-2])).sqrt()[..., None, None]
     else:
         v = state["exp_avg_sq"]
-        v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+        v.mul_(decay).add_(sq, alpha=1.0 - beta2t)
         update = x * v.rsqrt()
         rms = (reduce(update.square().sum()) / (columns * (update.numel() // x.shape[-1]))).sqrt()
     update.div_((rms / hp["clip_threshold"]).clamp_(min=1.0))
     if hp["beta1"]:
         m = state["exp_avg"]
-        m.mul_(hp["beta1"]).add_(update, alpha=1.0 - hp["beta1"])
-        update = m.clone()
+        m.mul_(unless_skipped(keep, hp["beta1"], 1.0)).add_(update, alpha=1.0 - hp["beta1"])
+        update = m.clone() if keep is None else torch.where(keep, m, 0.0)
     return update, 1.0
 
 
@@ -155,14 +172,14 @@ def adam_mini_init(x: Tensor, projected: bool, hp: dict) -> dict:
     return {"exp_avg": torch.zeros_like(x), "v_block": x.new_zeros(v_shape), "v_over_rank_axis": projected}
 
 
-def adam_mini_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None):
+def adam_mini_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None, keep=None):
     beta1, beta2 = hp["betas"]
     m, v = state["exp_avg"], state["v_block"]
     dims = _mini_dims(x, state["v_over_rank_axis"])
-    m.mul_(beta1).add_(x, alpha=1.0 - beta1)
+    m.mul_(unless_skipped(keep, beta1, 1.0)).add_(x, alpha=1.0 - beta1)
     block_sq = x.square().mean(dim=dims, keepdim=True) if dims else x.square()
-    v.mul_(beta2).add_(block_sq, alpha=1.0 - beta2)
-    direction = m / v.sqrt().add_(hp["eps"])
+    v.mul_(unless_skipped(keep, beta2, 1.0)).add_(block_sq, alpha=1.0 - beta2)
+    direction = m / v.sqrt().add_(unless_skipped(keep, hp["eps"], math.inf))
     return direction, math.sqrt(1.0 - beta2**n) / (1.0 - beta1**n)
 
 
@@ -187,7 +204,8 @@ def fira_scaling(r: Tensor, n: Tensor) -> Tensor:
     return n.norm(dim=-2) / (r.norm(dim=-2) + 1e-8)
 
 
-def fira_residual(g: Tensor, back_r: Tensor, factor: Tensor, prev_norm: Tensor, reduce=lambda t: t) -> Tensor:
+def fira_residual(g: Tensor, back_r: Tensor, factor: Tensor, prev_norm: Tensor, reduce=lambda t: t,
+                  keep=None) -> Tensor:
     """Fira's norm-based scaling of the gradient the subspace misses, with its norm-growth limiter.
 
     Follows the official code, which produced the published numbers: the residual
@@ -195,11 +213,12 @@ def fira_residual(g: Tensor, back_r: Tensor, factor: Tensor, prev_norm: Tensor, 
     (``fira_scaling``, broadcast along the rank axis), and if its norm grows by
     more than 1.01x since the last step it is cut back to 1.01x. ``prev_norm``
     (a 0-d tensor, +inf before the first step; [k] for a bank) is updated in place. Layout-agnostic:
-    pass ``g`` and ``back_r`` in any one orientation with ``factor`` shaped to match.
+    pass ``g`` and ``back_r`` in any one orientation with ``factor`` shaped to match. On a skipped
+    step (``keep`` False, g zeroed) the residual is zero and the kept norm stays.
     """
     residual = (g - back_r).mul_(factor)
     norm = reduce(residual.square().sum(dim=(-2, -1))).sqrt()  # each whole matrix's norm, across TP shards
     limiter = torch.clamp(norm / (prev_norm + 1e-8), min=FIRA_GROWTH_LIMIT) / FIRA_GROWTH_LIMIT
     residual.div_(limiter[..., None, None])
-    prev_norm.copy_(norm / limiter)
+    prev_norm.copy_(norm / limiter if keep is None else torch.where(keep, norm / limiter, prev_norm))
     return residual

@@ -7,6 +7,7 @@ group's global ranks beside it, then call the real collective. This counts what 
 the wire, independently of any counter the library keeps itself.
 """
 import torch
+import torch.utils._python_dispatch
 import torch.distributed as dist
 
 _OPS = ("all_reduce", "all_gather", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor",
@@ -83,3 +84,17 @@ def install() -> Counter:
 
     dist.batch_isend_irecv = batch
     return counter
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host (``aten._local_scalar_dense``: ``.item()``,
+    ``bool(t)``, ``float(t)``): on a GPU each one waits for the device to catch up."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -133,16 +133,33 @@ def full_weights(model, engine):
     return out
 
 
-def train(engine, start, steps, rank, world):
+def train(engine, start, steps, rank, world, reads=None):
     per = GLOBAL_BATCH // world
     losses = []
     for step in range(start, steps):
         x, y = global_batch(step)
         loss = engine(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
         engine.backward(loss)
+        if reads is not None:
+            reads.append([])  # this engine step's calls of the SARA optimizer's step
         engine.step()
         losses.append(loss.item())
     return losses
+
+
+def count_host_reads(opt, reads: list) -> None:
+    """Record the host reads of every call of ``opt.step`` (ZeRO calls it once per param group)."""
+    import counting_dist
+
+    real = opt.step
+
+    def counted(*args, **kwargs):
+        with counting_dist.HostReads() as host:
+            out = real(*args, **kwargs)
+        reads[-1].append(host.count)
+        return out
+
+    opt.step = counted
 
 
 def run_scenario(sc, rank, world, tmp):
@@ -166,6 +183,11 @@ def run_scenario(sc, rank, world, tmp):
         engine.load_checkpoint(ckpt, tag="mid")
         opt = inner(engine)
         train(engine, sc["resume_at"], steps, rank, world)
+    elif sc.get("count_reads"):
+        reads = []
+        count_host_reads(opt, reads)
+        result["losses"] = train(engine, 0, steps, rank, world, reads)
+        result["step_reads"] = reads
     else:
         result["losses"] = train(engine, 0, steps, rank, world)
     if "save_to" in sc:

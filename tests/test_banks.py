@@ -49,7 +49,10 @@ CASES = [c if len(c) == 3 else (*c, {}) for c in CASES]
 
 @pytest.mark.parametrize("cls,preset,extra", CASES, ids=lambda c: getattr(c, "__name__", str(c)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_bank_step_is_the_per_matrix_step_bit_for_bit(cls, preset, extra, dtype):
+@pytest.mark.parametrize("in_place", [False, True], ids=["update", "in-place"])
+def test_a_bank_step_is_the_per_matrix_step_bit_for_bit(cls, preset, extra, dtype, in_place):
+    if in_place:  # these small matrices take B N by addmm_ straight into the weight, as 2048 x 2048 ones do
+        extra = dict(extra, in_place_min_numel=0)
     banked, opt = _run(cls, True, dtype=dtype, preset=preset, **extra)
     single, ref = _run(cls, False, dtype=dtype, preset=preset, **extra)
     assert len(opt.banks._by_members) == 3  # the three same-shape families; the (16, 24) loner is not banked
@@ -115,14 +118,70 @@ def ordinary_step_ops(cls, n_matrices, foreach=True, **options):
 
 @pytest.mark.parametrize("cls,preset", [(sara_ds.SaraAdamW, "sara"), (sara_ds.SaraAdamW, "sara_fira"),
                                         (sara_ds.SaraAdafactor, "sara"), (sara_ds.SaraAdamMini, "sara")])
-def test_an_ordinary_step_dispatches_per_bank_not_per_matrix(cls, preset):
-    (few, syncs_few), (many, syncs_many) = (ordinary_step_ops(cls, n, preset=preset) for n in (4, 32))
-    (loop_few, _), (loop_many, _) = (ordinary_step_ops(cls, n, foreach=False, preset=preset) for n in (4, 32))
-    print(f"\n{cls.__name__} {preset}: banks {few} -> {many} ops, per-matrix {loop_few} -> {loop_many} "
-          f"(4 -> 32 matrices); host syncs {syncs_few}, {syncs_many}")
+@pytest.mark.parametrize("flag", ["host", "device"])
+def test_an_ordinary_step_dispatches_per_bank_not_per_matrix(cls, preset, flag):
+    (few, syncs_few), (many, syncs_many) = (ordinary_step_ops(cls, n, preset=preset, finite_flag=flag) for n in (4, 32))
+    (loop_few, _), (loop_many, _) = (ordinary_step_ops(cls, n, foreach=False, preset=preset, finite_flag=flag)
+                                     for n in (4, 32))
+    print(f"\n{cls.__name__} {preset} finite_flag={flag}: banks {few} -> {many} ops, per-matrix {loop_few} -> "
+          f"{loop_many} (4 -> 32 matrices); host syncs {syncs_few}, {syncs_many}")
     assert many <= 1.5 * few
     assert loop_many > 3 * loop_few  # the per-matrix path, which the bound above would catch
-    assert syncs_few == syncs_many == 1  # the step's finite flag, once per step
+    assert syncs_few == syncs_many == (1 if flag == "host" else 0)  # the step's finite flag, read or not
+
+
+class WeightSizedAllocations(TorchDispatchMode):
+    """Ops whose output is new storage (not a view, not in place) with as many elements as a weight."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.found = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel and t.untyped_storage().data_ptr() not in inputs:
+                self.found.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("cls,preset", [(sara_ds.SaraAdamW, "sara"), (sara_ds.SaraAdamW, "galore"),
+                                        (sara_ds.SaraAdafactor, "sara"), (sara_ds.SaraAdamMini, "sara")])
+@pytest.mark.parametrize("foreach", [True, False], ids=["banks", "per-matrix"])
+@pytest.mark.parametrize("flag", ["host", "device"])
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)], ids=["left", "right"])
+def test_in_place_steps_allocate_nothing_the_size_of_a_weight(cls, preset, foreach, flag, shape):
+    """At or above in_place_min_numel, B N and the decay go into the weight with addmm_ and a multiply: an
+    ordinary step makes no m x n temporary (below it, the update path makes one per matrix: the control)."""
+    def ordinary_step(min_numel):
+        torch.manual_seed(0)
+        weights = [torch.nn.Parameter(torch.randn(*shape)) for _ in range(3)]
+        opt = cls([dict(params=weights, rank=4, update_proj_gap=10)], lr=1e-2, weight_decay=0.1, preset=preset,
+                  foreach=foreach, finite_flag=flag, in_place_min_numel=min_numel)
+        for step in range(3):
+            for w in weights:
+                w.grad = torch.randn(*shape)
+            before = [w.detach().clone() for w in weights]
+            seen = WeightSizedAllocations(shape[0] * shape[1])
+            with seen:
+                opt.step()
+        assert all(not torch.equal(b, w.detach()) for b, w in zip(before, weights))
+        return seen.found
+
+    assert ordinary_step(shape[0] * shape[1]) == []
+    assert ordinary_step(shape[0] * shape[1] + 1)  # one element short of the threshold: the update path
+
+
+@pytest.mark.parametrize("cls,preset", [(sara_ds.SaraAdamW, "sara"), (sara_ds.SaraAdafactor, "sara"),
+                                        (sara_ds.SaraAdamMini, "sara")])
+def test_in_place_steps_equal_the_update_path_to_round_off(cls, preset):
+    """The same step, rounded once (addmm_) instead of twice (product, then add): 7 steps, two refreshes."""
+    in_place, _ = _run(cls, True, preset=preset, in_place_min_numel=0)
+    update, _ = _run(cls, True, preset=preset)
+    diff = max((a - b).abs().max().item() for a, b in zip(in_place, update))
+    print(f"\n{cls.__name__}: max|in place - update| = {diff:.1e}")
+    assert 0 < diff < 1e-6
 
 
 def test_the_default_banks_only_gpu_gradients():

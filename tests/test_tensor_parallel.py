@@ -97,3 +97,38 @@ def test_tp_banks_equal_the_per_matrix_path_and_reduce_once_per_bank():
             # the same statistics cross the group, but Adafactor's 4-byte column count once per bank
             saved = 4 * 2 if sc["optimizer"] == "SaraAdafactor" else 0
             assert sum(b for _, b in banked["step_wire"][step]) == sum(b for _, b in single["step_wire"][step]) - saved
+
+
+def test_tp_device_flag_reads_nothing_back_and_sends_one_flag():
+    """finite_flag='device' at TP=2, banked and per matrix: the same weights as the host flag, ordinary steps read
+    nothing back to the host and put the same collectives on the wire (one 4-byte flag, then what the base must
+    reduce). A NaN on one rank's shard at an ordinary step (3) is skipped by every rank, as one dense process
+    with the device flag skips it."""
+    cases = [("SaraAdamW", "sara_fira"), ("SaraAdafactor", "sara"), ("SaraAdamMini", "sara")]
+    scenarios = [dict(preset=p, optimizer=o, blocks=2, foreach=f, finite_flag=flag) for o, p in cases
+                 for f in (True, False) for flag in ("device", "host")]
+    scenarios += [dict(preset=p, optimizer=o, blocks=2, foreach=True, finite_flag="device", nan_step=3)
+                  for o, p in cases]
+    results = run_scenarios(2, scenarios, worker="tp_worker.py")
+    keys = ("w1", "w2", "w3", "w4")
+    refresh_steps = {0, 2, 4, 6}
+    by_name = {}
+    for sc, res in zip(scenarios, results):
+        by_name[(sc["optimizer"], sc["foreach"], sc["finite_flag"], sc.get("nan_step"))] = res
+    print("\nTP=2, two blocks, device flag:")
+    for o, p in cases:
+        for foreach in (True, False):
+            device, host = by_name[(o, foreach, "device", None)], by_name[(o, foreach, "host", None)]
+            assert all(torch.equal(device[k], host[k]) for k in keys), (o, foreach)
+            for step in range(7):
+                if step not in refresh_steps:
+                    assert device["step_reads"][step] == 0 and host["step_reads"][step] == 1, (o, foreach, step)
+                    assert device["step_wire"][step] == host["step_wire"][step], (o, foreach, step)
+                    assert device["step_wire"][step][0] == ("all_reduce", 4)
+        skipped = by_name[(o, True, "device", 3)]
+        sc = dict(preset=p, optimizer=o, blocks=2, foreach=True, finite_flag="device", nan_step=3)
+        diff = max((skipped[k] - dense_reference(sc)[k]).abs().max().item() for k in keys)
+        print(f"  {o}/{p}: NaN at step 3 skipped on the device, max|TP - dense| = {diff:.2e}, "
+              f"host reads per step {skipped['step_reads']}")
+        assert skipped["counts"]["skipped_steps"] == 1 and skipped["step_reads"][3] == 0, o
+        assert diff < 2e-6, o

@@ -47,7 +47,8 @@ def _groups(params, sc):
 
 
 def _opt_kwargs(sc):
-    kw = dict(lr=0.02, seed=3, preset=sc["preset"], tp_spectrum=sc.get("mode", "tsqr"), foreach=sc.get("foreach"))
+    kw = dict(lr=0.02, seed=3, preset=sc["preset"], tp_spectrum=sc.get("mode", "tsqr"), foreach=sc.get("foreach"),
+              finite_flag=sc.get("finite_flag"))
     if sc["preset"] == "osd":
         kw["osd_lr"] = 0.01
     return kw
@@ -57,11 +58,13 @@ def dense_reference(sc, steps=7):
     weights = [torch.nn.Parameter(w) for w in master_weights(blocks=sc.get("blocks", 1))]
     opt = sara_ds.OPTIMIZERS[sc.get("optimizer", "SaraAdamW")](_groups(weights, sc), **_opt_kwargs(sc))
     for step in range(steps):
-        if step == sc.get("nan_step"):
+        if step == sc.get("nan_step") and sc.get("finite_flag") != "device":
             continue  # the TP run skips that whole step: as if it never happened
         x, y = batch(step)
         opt.zero_grad()
         F.mse_loss(_forward(x, weights), y).backward()
+        if step == sc.get("nan_step"):  # the device flag skips it too, but counts it
+            weights[0].grad[0, 0] = float("nan")
         opt.step()
     return {f"w{i + 1}": w.detach().clone() for i, w in enumerate(weights)}
 
@@ -87,6 +90,7 @@ def run(sc, counter, steps=7):
     opt = sara_ds.OPTIMIZERS[sc.get("optimizer", "SaraAdamW")](_groups([layer.weight for layer in layers], sc),
                                                               tp_group=group, **_opt_kwargs(sc))
     step_wire = []  # per step: the collectives opt.step() made, counted by tests/counting_dist.py
+    step_reads = []  # per step: the values opt.step() read back to the host
     for step in range(steps):
         x, y = batch(step)
         opt.zero_grad()
@@ -98,8 +102,10 @@ def run(sc, counter, steps=7):
         if step == sc.get("nan_step") and dist.get_rank(group) == tp - 1:
             col.weight.grad[0, 0] = float("nan")  # on one TP rank's shard only
         counter.clear()
-        opt.step()
+        with counting_dist.HostReads() as host:
+            opt.step()
         step_wire.append([(op, nbytes) for op, _, nbytes in counter.records])
+        step_reads.append(host.count)
     # all-gather the shards back into full matrices (columns: rows split; rows: columns split)
     weights = {f"w{i + 1}": torch.cat(_gather(layer.weight.detach(), group), dim=i % 2)
                for i, layer in enumerate(layers)}
@@ -107,7 +113,7 @@ def run(sc, counter, steps=7):
     sent = opt.tp_bytes_sent()
     assert not any(k.startswith("_sara") for k in col.weight.__dict__), "optimizer bookkeeping leaked onto a parameter"
     return {**weights, "bases": bases, "bytes_sent": sent, "counts": opt.refresh_counts(), "step_wire": step_wire,
-            "banks": len(opt.banks._by_members)}
+            "step_reads": step_reads, "banks": len(opt.banks._by_members)}
 
 
 def _gather(t, group):

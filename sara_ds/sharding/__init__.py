@@ -73,5 +73,17 @@ class Slot:
         """The target takes the full-shaped update as it is (nothing to cut to this rank's part)."""
         return self.local is _identity
 
+    def update_in_place(self, apply: Callable[[Tensor], object]) -> None:
+        """``apply`` changes a weight of the full matrix's shape in place (an addmm_ into it, say). A ZeRO
+        straddler holds only a slice of its matrix: it lends the slice to a full-shaped buffer, so every
+        element it holds goes through the same kernel, on the same shapes, as on one process."""
+        if self.takes_whole_update:
+            apply(self.target)
+            return
+        full = self.target.new_zeros(self.grad.shape)
+        self.local(full).copy_(self.target)
+        apply(full)
+        self.target.copy_(self.local(full))
+
 def plain_slots(params, indices, state, context_for) -> list[Slot]:
     return [Slot(i, p.grad, p, state[p], context=context_for(p)) for p, i in zip(params, indices)]
