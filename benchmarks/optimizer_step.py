@@ -112,6 +112,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", default=None, help="comma-separated row names to run (exact, as printed), e.g. "
+                    "'SaraAdamW sara,galore-torch GaLoreAdamW' at 1b on a 24 GiB box")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,15 +139,19 @@ def main():
         variants = (("sara", dict(preset="sara")), ("galore", dict(preset="galore")),
                     ("sara fused", dict(preset="sara", fused=True)),
                     ("sara device-flag", dict(preset="sara", finite_flag="device")))
+        wanted = None if args.only is None else set(args.only.split(","))
+        run = lambda name: wanted is None or name in wanted  # noqa: E731
         rows = [measure(f"SaraAdamW {label}", lambda a, b, kw=kw: sara_ds.SaraAdamW(groups(a, b), lr=1e-3, **kw),
-                        projected, full_rank, gap, args.repeats, device) for label, kw in variants]
-        if GaLoreAdamW is not None:
+                        projected, full_rank, gap, args.repeats, device) for label, kw in variants
+                if run(f"SaraAdamW {label}")]
+        if GaLoreAdamW is not None and run("galore-torch GaLoreAdamW"):
             rows.append(measure("galore-torch GaLoreAdamW", lambda a, b: GaLoreAdamW(
                 groups(a, b), lr=1e-3, no_deprecation_warning=True), projected, full_rank, gap, args.repeats, device))
         for impl, kw in (("fused", dict(fused=True)), ("foreach", dict(foreach=True)),
                          ("single-tensor", dict(foreach=False))):
-            rows.append(measure(f"torch AdamW {impl}", lambda a, b, kw=kw: torch.optim.AdamW(a + b, lr=1e-3, **kw),
-                                projected, full_rank, None, args.repeats, device))
+            if run(f"torch AdamW {impl}"):
+                    rows.append(measure(f"torch AdamW {impl}", lambda a, b, kw=kw: torch.optim.AdamW(a + b, lr=1e-3, **kw),
+                                    projected, full_rank, None, args.repeats, device))
         galore = next((r for r in rows if r["name"].startswith("galore-torch")), None)
         params = sum(torch.Size(s).numel() for s in projected + full_rank)
         print(f"== LLaMA-{size} ({args.scope}: {params / 1e6:.0f}M parameters, {len(projected)} projected matrices, "

@@ -134,12 +134,27 @@ class SaraOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:  # as GradScaler and DeepSpeed's overflow check: nothing moves
                 group["skipped_steps"] = group.get("skipped_steps", 0) + 1
             return loss
-        singles = []  # (group, slot, its step): one matrix or tensor at a time
-        batched = {}  # id(group) -> (group, its full-rank AdamW slots), stepped together with foreach kernels
-        banked = {}  # bank key -> (group, same-shape projected slots), stepped as one (sara_ds.banks)
+        self._refresh_where_due([(group, slot) for group, slot in work
+                                 if not slot.fragment and self._projected(group, slot.index)])
+        singles, batched, bank_steps = self._plan(work)
+        if keep is not None:  # a bank masks its own stacked gradient (one op, not one per matrix)
+            _zero_unless(keep, [slot.grad for _, slot, _ in singles]
+                         + [slot.grad for _, slots in batched for slot in slots])
+        for group, slot, step in singles:
+            step(slot, group, keep)
+        for group, slots in batched:
+            self._full_rank_adamw_foreach(slots, group, keep)
+        for group, slots in bank_steps:
+            self._projected_bank_step(slots, group, keep)
+        return loss
+
+    def _plan(self, work):
+        """How this step's tensors are stepped: ``singles`` one at a time (group, slot, its step function);
+        ``batched``, a group's full-rank AdamW tensors through foreach (or fused) kernels; ``bank_steps``, the
+        same-shape projected matrices stepped as one (``sara_ds.banks``)."""
+        singles, batched, banked = [], {}, {}
         for group, slot in work:
             if not slot.fragment and self._projected(group, slot.index):
-                self._prepare_projected(slot, group)
                 key = self._bank_key(slot, group)
                 if key is None:
                     singles.append((group, slot, self._projected_step))
@@ -156,16 +171,7 @@ class SaraOptimizer(torch.optim.Optimizer):
                 bank_steps.append((group, slots))
             else:
                 singles += [(group, slot, self._projected_step) for slot in slots]
-        if keep is not None:  # a bank masks its own stacked gradient (one op, not one per matrix)
-            _zero_unless(keep, [slot.grad for _, slot, _ in singles]
-                         + [slot.grad for _, slots in batched.values() for slot in slots])
-        for group, slot, step in singles:
-            step(slot, group, keep)
-        for group, slots in batched.values():
-            self._full_rank_adamw_foreach(slots, group, keep)
-        for group, slots in bank_steps:
-            self._projected_bank_step(slots, group, keep)
-        return loss
+        return singles, list(batched.values()), bank_steps
 
     def _flag_on_device(self, grads) -> bool:
         """``finite_flag``: 'device' / 'host' as given; None: on the device where the gradients are on a GPU."""
@@ -282,14 +288,51 @@ class SaraOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(targets, directions, alpha=-group["lr"] * step_scale)
             self._decay_all(targets, group, keep)
 
-    def _prepare_projected(self, slot: Slot, group) -> None:
-        """State at the first step, and the refresh when one is due: per matrix, eager."""
-        st = slot.state
-        grad = projector.as_matrix(slot.grad)
-        if "basis" not in st:
-            self._init_matrix_state(st, grad, group, slot.index, slot.context)
-        if self._refresh_due(st, group):
-            self._refresh(st, grad, group, slot)
+    def _refresh_where_due(self, projected: list) -> None:
+        """State at a matrix's first step, and the refreshes that are due: eager. Same-shape matrices held whole
+        whose rule reads a spectrum take one batched SVD (or gram-eigh) and read their singular values and overlaps
+        back once per batch (``_refresh_batch``); the rest, per matrix (``_refresh``)."""
+        batches = {}
+        for group, slot in projected:
+            st = slot.state
+            if "basis" not in st:
+                self._init_matrix_state(st, projector.as_matrix(slot.grad), group, slot.index, slot.context)
+            if not self._refresh_due(st, group):
+                continue
+            if self._reads_spectrum(group, st) and slot.grad.dim() == 2 and _batched(group, slot.grad) and slot.context.batched_spectrum:
+                key = (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, st["left"], st["rank"],
+                       slot.context.bank_key)
+                batches.setdefault(key, (group, []))[1].append(slot)
+            else:
+                self._refresh(st, projector.as_matrix(slot.grad), group, slot)
+        for group, slots in batches.values():
+            self._refresh_batch(slots, group)
+
+    @staticmethod
+    def _reads_spectrum(group, st) -> bool:
+        """The refresh draws from the gradient's spectrum (``_choose_basis``): the spectral rules always; OSD and
+        GrassWalk at their start; GoLore's and GrassJump's random draws never."""
+        rule = group["subspace"]
+        return rule != "random" and not (rule == "grass_walk" and "basis" in st)
+
+    def _refresh_batch(self, slots: list, group) -> None:
+        """``_refresh`` for same-shape matrices with a spectral rule (or at their first refresh), the same choice
+        per matrix: one batched spectrum, singular values read back once, overlaps read back once."""
+        st = slots[0].state
+        rule = group["subspace"] if group["subspace"] in subspace.SPECTRAL_RULES else "dominant"
+        sigma, vectors = slots[0].context.spectrum(torch.stack([slot.grad for slot in slots]), st["left"], None,
+                                                   st["rank"])
+        sigma_host = _to_host(sigma)
+        overlaps = []
+        for i, slot in enumerate(slots):
+            refresh_index = slot.state["step"] // group["update_proj_gap"]
+            gen = subspace.refresh_generator(group["seed"], slot.index, refresh_index)
+            idx = subspace.spectral_indices(rule, sigma_host[i], min(slot.state["rank"], sigma_host.shape[-1]), gen)
+            new = vectors[i][:, idx.to(vectors.device)].contiguous()
+            overlaps.append(self._install_basis(slot.state, new, slot.grad, group, slot))
+        if overlaps[0] is not None:
+            for slot, value in zip(slots, _to_host(torch.stack(overlaps)).tolist()):
+                slot.state["overlap"] = value
 
     def _bank_key(self, slot: Slot, group):
         """What matrices must share to be stepped as one; None keeps a matrix on the per-matrix path
@@ -392,7 +435,7 @@ class SaraOptimizer(torch.optim.Optimizer):
             rank = min(rows, cols)
         st.update(matrix_id=index, step=0, base_step=0, left=left, rank=rank, refreshes=0, overlap=float("nan"))
         if group["residual"] == "fira":
-            st["fira_norm"] = torch.tensor(float("inf"))
+            st["fira_norm"] = torch.full((), float("inf"), device=grad.device)  # on the device, as the norms it meets
 
     def _refresh_due(self, st, group) -> bool:
         if "basis" not in st:
@@ -400,10 +443,18 @@ class SaraOptimizer(torch.optim.Optimizer):
         return st["step"] % group["update_proj_gap"] == 0 and group["subspace"] != "online_pca"
 
     def _refresh(self, st: dict, grad: Tensor, group, slot: Slot) -> None:
-        old = st.get("basis")
         refresh_index = st["step"] // group["update_proj_gap"]
         gen = subspace.refresh_generator(group["seed"], slot.index, refresh_index)
-        new = self._choose_basis(group, grad, st, old, gen, slot)
+        new = self._choose_basis(group, grad, st, st.get("basis"), gen, slot)
+        overlap = self._install_basis(st, new, grad, group, slot)
+        if overlap is not None:
+            st["overlap"] = overlap.item()
+
+    def _install_basis(self, st: dict, new: Tensor, grad: Tensor, group, slot: Slot):
+        """Sign-align and agree on the chosen basis, then make it the matrix's: fresh moments at the first
+        refresh, the moment policy at later ones. Returns the overlap with the old basis (0-d, on the device),
+        or None at the first refresh."""
+        old = st.get("basis")
         if group["basis_signs"] == "aligned":
             new = subspace.align_signs(new, old)
         new = slot.context.synchronize(new)
@@ -415,14 +466,15 @@ class SaraOptimizer(torch.optim.Optimizer):
                 st["basis_exp_avg"] = torch.zeros_like(new)
                 st["basis_exp_avg_sq"] = torch.zeros_like(new)
                 st["basis_step"] = 0
-            return
-        st["overlap"] = subspace.overlap(old, new)
+            return None
+        overlap = subspace.overlap(old, new)
         policy = group["moments_on_refresh"]
         if policy == "transport" and st["base_step"] > 0:
             self.base.transport(st, projector.change_of_basis(new, old))
         elif policy == "reset" and st["base_step"] > 0:
             self._fresh_moments(st, grad, group)
         old.copy_(new)
+        return overlap
 
     def _fresh_moments(self, st: dict, grad: Tensor, group) -> None:
         """Zeroed base-update state for R = B^T A, which is r x (A's columns); its bias correction restarts."""
@@ -457,7 +509,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         if st["basis_step"] % group["update_proj_gap"] == 0:
             anchor = st.get("basis_anchor")
             if anchor is not None:
-                st["overlap"] = subspace.overlap(_orthonormal(anchor), _orthonormal(basis))
+                st["overlap"] = subspace.overlap(_orthonormal(anchor), _orthonormal(basis)).item()
                 anchor.copy_(basis)
             else:
                 st["basis_anchor"] = basis.clone()
@@ -496,6 +548,12 @@ class SaraOptimizer(torch.optim.Optimizer):
 
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _to_host(t: Tensor) -> Tensor:
+    """The refresh's reads back to the host, one per batch: a refresh may wait for the device, a bank's
+    ordinary step may not."""
+    return t.detach().to(device="cpu", dtype=torch.float32)
 
 
 def _zero_unless(keep: Tensor, grads: list) -> None:

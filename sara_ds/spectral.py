@@ -53,7 +53,7 @@ def tsqr(a: Tensor, all_gather=_alone) -> tuple[Tensor, Tensor]:
 
 def gram_eigh(a: Tensor, all_reduce=_same) -> tuple[Tensor, Tensor]:
     evals, evecs = torch.linalg.eigh(all_reduce(a.mT @ a))
-    return evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
+    return evals.flip(-1).clamp_min(0).sqrt(), evecs.flip(-1)  # descending; a batch of matrices alike
 
 
 def sketch_test_matrix(generator, total_rows: int, k: int) -> Tensor:

@@ -128,9 +128,9 @@ def align_signs(new: Tensor, old: Tensor | None, min_cosine: float = 0.1) -> Ten
     return new * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-def overlap(old: Tensor, new: Tensor) -> float:
-    """||B_old^T B_new||_F^2 / r: mean squared cosine of the principal angles, in [0, 1]."""
-    return float((old.mT @ new).square().sum() / new.shape[1])
+def overlap(old: Tensor, new: Tensor) -> Tensor:
+    """||B_old^T B_new||_F^2 / r: mean squared cosine of the principal angles, in [0, 1] (0-d, where B is)."""
+    return (old.mT @ new).square().sum() / new.shape[1]
 
 
 def spectral_indices(rule: str, sigma: Tensor, rank: int, generator: torch.Generator) -> Tensor:

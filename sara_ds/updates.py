@@ -126,7 +126,7 @@ def adafactor_direction(x: Tensor, state: dict, hp: dict, n: int, reduce=None, k
     beta2t = 1.0 - math.pow(n, hp["decay_rate"])
     decay = unless_skipped(keep, beta2t, 1.0)
     sq = x.square().add_(unless_skipped(keep, hp["eps"], 0.0))  # a skipped step's zeroed x adds nothing
-    columns = reduce(torch.tensor(float(x.shape[-1]), device=x.device))  # the row mean runs over all shards
+    columns = reduce(x.new_full((), float(x.shape[-1])))  # the row mean runs over all shards (made on the device)
     if "exp_avg_sq_row" in state:  # a matrix, or a bank of them: per-matrix statistics over the last two dims
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
         row.mul_(decay).add_(reduce(sq.sum(dim=-1)) / columns, alpha=1.0 - beta2t)

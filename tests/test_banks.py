@@ -196,3 +196,27 @@ def test_the_default_banks_only_gpu_gradients():
                 p.grad = torch.randn_like(p)
             opt.step()
         assert len(opt.banks._by_members) == 1
+
+
+@pytest.mark.parametrize("spectrum", ["svd", "gram"])
+@pytest.mark.parametrize("preset", ["sara", "galore", "grasswalk", "golore"])
+def test_a_batched_refresh_chooses_the_per_matrix_basis_and_reads_back_once_per_batch(monkeypatch, spectrum, preset):
+    """With foreach=True, same-shape matrices whose rule reads a spectrum take one batched SVD (or gram-eigh) per
+    refresh, and read their singular values, then their overlaps, back to the host once per batch (through
+    optim._to_host); the bases, moments and weights are the per-matrix refresh's, bit for bit."""
+    reads = []
+    real = sara_ds.optim._to_host
+    monkeypatch.setattr(sara_ds.optim, "_to_host", lambda t: reads.append(tuple(t.shape)) or real(t))
+    batched, opt = _run(sara_ds.SaraAdamW, True, steps=4, preset=preset, spectrum=spectrum)  # refreshes at 0 and 3
+    single, ref = _run(sara_ds.SaraAdamW, False, steps=4, preset=preset, spectrum=spectrum)
+    assert all(torch.equal(a, b) for a, b in zip(batched, single))
+    for (name, a), (_, b) in zip(_state_tensors(opt), _state_tensors(ref)):
+        assert torch.equal(a, b), name
+    assert opt.subspace_overlaps() == ref.subspace_overlaps()
+    batches = 4  # (24, 40) x3, (40, 24) x3, (24, 24) x2 and the (16, 24) loner
+    if preset == "golore":  # random draws: no spectrum at any refresh, and overlaps read per matrix
+        assert reads == []
+    elif preset == "grasswalk":  # its SVD start only; later refreshes walk per matrix
+        assert len(reads) == batches
+    else:  # the start (singular values), then the refresh at 3 (singular values and overlaps)
+        assert len(reads) == 3 * batches and {s[0] for s in reads} == {1, 2, 3}

@@ -49,6 +49,11 @@ class LocalContext:
         """Matrices whose contexts share this key may be stepped as one bank (``sara_ds.banks``)."""
         return self
 
+    @property
+    def batched_spectrum(self) -> bool:
+        """``spectrum`` takes a [k, m, n] stack at once (the SVD and gram-eigh; the sketch draws per matrix)."""
+        return self.method != "sketch"
+
 
 LOCAL = LocalContext()
 

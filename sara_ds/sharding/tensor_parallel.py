@@ -95,6 +95,8 @@ class TensorParallelContext:
     def reduce_sum(self, t: Tensor) -> Tensor:
         return self._all_reduce(t)
 
+    batched_spectrum = False  # the spectrum of a TP-split matrix is reduced across ranks one matrix at a time
+
     @property
     def bank_key(self):
         """Shards split the same way over the same group reduce the same way: a bank of them makes one
