@@ -35,7 +35,9 @@ def bank_step(grads, weights, basis, state, step_size):
     r = projector.project(projector.oriented(g, False), basis)
     n, _ = updates.adamw_direction(r, state, HP, 10)
     update = projector.project_back_to_param(n, basis, False).mul_(SCALE)
-    torch._foreach_add_(weights, list(update.unbind(0)), alpha=-step_size) if isinstance(step_size, float) else \
+    if isinstance(step_size, float):
+        torch._foreach_add_(weights, list(update.unbind(0)), alpha=-step_size)
+    else:  # a 0-d tensor: a new step count does not recompile
         torch._foreach_add_(weights, torch._foreach_mul(list(update.unbind(0)), -step_size))
     torch._foreach_add_(weights, weights, alpha=-LR * DECAY)
 

@@ -192,18 +192,15 @@ class SaraOptimizer(torch.optim.Optimizer):
         is False the step zeroes the gradients it reads (``_zero_unless``; a bank, its stack), so what it computes
         from them stays finite and the rules' ``keep`` masks (``updates``) leave weights and state as they were.
         The step counts still advance: see ``finite_flag``."""
-        device = grads[0].device
+        device = grads[0].device  # one device per optimizer, as the host flag's torch.stack of norms assumes
         found = torch.zeros((), dtype=torch.float32, device=device)
         one = torch.ones((), dtype=torch.float32, device=device)
-        by_kind: dict = {}
+        by_dtype: dict = {}
         for g in grads:
             if g.numel():
-                by_kind.setdefault((g.device, g.dtype), []).append(g)
-        for (dev, _), same in by_kind.items():
-            found_here = found if dev == device else torch.zeros((), dtype=torch.float32, device=dev)
-            torch._amp_foreach_non_finite_check_and_unscale_(same, found_here, one.to(dev))
-            if found_here is not found:
-                found = torch.maximum(found, found_here.to(device))
+                by_dtype.setdefault(g.dtype, []).append(g)
+        for same in by_dtype.values():  # the kernel takes one dtype at a time, as in GradScaler
+            torch._amp_foreach_non_finite_check_and_unscale_(same, found, one)
         keep = ~self.placement.any_rank(found).to(device)
         skipped = (~keep).float()
         self._pending_skips = skipped if self._pending_skips is None else self._pending_skips.add_(skipped)
@@ -232,12 +229,11 @@ class SaraOptimizer(torch.optim.Optimizer):
     def _apply(self, slot: Slot, delta: Tensor, step_size: float, group, keep=None) -> None:
         target = slot.target
         target.add_(slot.local(delta).to(target.dtype), alpha=-step_size)
-        if group["weight_decay"] > 0:  # W * 1 is W: where the step is taken, the same decay bit for bit
-            target.add_(target if keep is None else target * keep, alpha=-group["lr"] * group["weight_decay"])
+        self._decay_all([target], group, keep)
 
     @staticmethod
     def _decay_all(targets: list, group, keep=None) -> None:
-        if group["weight_decay"] > 0:
+        if group["weight_decay"] > 0:  # W * 1 is W: where the step is taken, the same decay bit for bit
             decayed = targets if keep is None else torch._foreach_mul(targets, keep)
             torch._foreach_add_(targets, decayed, alpha=-group["lr"] * group["weight_decay"])
 
@@ -299,7 +295,8 @@ class SaraOptimizer(torch.optim.Optimizer):
                 self._init_matrix_state(st, projector.as_matrix(slot.grad), group, slot.index, slot.context)
             if not self._refresh_due(st, group):
                 continue
-            if self._reads_spectrum(group, st) and slot.grad.dim() == 2 and _batched(group, slot.grad) and slot.context.batched_spectrum:
+            if (self._reads_spectrum(group, st) and slot.grad.dim() == 2 and _batched(group, slot.grad)
+                    and slot.context.batched_spectrum):
                 key = (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, st["left"], st["rank"],
                        slot.context.bank_key)
                 batches.setdefault(key, (group, []))[1].append(slot)
@@ -319,16 +316,12 @@ class SaraOptimizer(torch.optim.Optimizer):
         """``_refresh`` for same-shape matrices with a spectral rule (or at their first refresh), the same choice
         per matrix: one batched spectrum, singular values read back once, overlaps read back once."""
         st = slots[0].state
-        rule = group["subspace"] if group["subspace"] in subspace.SPECTRAL_RULES else "dominant"
         sigma, vectors = slots[0].context.spectrum(torch.stack([slot.grad for slot in slots]), st["left"], None,
                                                    st["rank"])
         sigma_host = _to_host(sigma)
         overlaps = []
         for i, slot in enumerate(slots):
-            refresh_index = slot.state["step"] // group["update_proj_gap"]
-            gen = subspace.refresh_generator(group["seed"], slot.index, refresh_index)
-            idx = subspace.spectral_indices(rule, sigma_host[i], min(slot.state["rank"], sigma_host.shape[-1]), gen)
-            new = vectors[i][:, idx.to(vectors.device)].contiguous()
+            new = _draw_from_spectrum(group, sigma_host[i], vectors[i], st["rank"], _refresh_generator(group, slot))
             overlaps.append(self._install_basis(slot.state, new, slot.grad, group, slot))
         if overlaps[0] is not None:
             for slot, value in zip(slots, _to_host(torch.stack(overlaps)).tolist()):
@@ -443,9 +436,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         return st["step"] % group["update_proj_gap"] == 0 and group["subspace"] != "online_pca"
 
     def _refresh(self, st: dict, grad: Tensor, group, slot: Slot) -> None:
-        refresh_index = st["step"] // group["update_proj_gap"]
-        gen = subspace.refresh_generator(group["seed"], slot.index, refresh_index)
-        new = self._choose_basis(group, grad, st, st.get("basis"), gen, slot)
+        new = self._choose_basis(group, grad, st, st.get("basis"), _refresh_generator(group, slot), slot)
         overlap = self._install_basis(st, new, grad, group, slot)
         if overlap is not None:
             st["overlap"] = overlap.item()
@@ -483,16 +474,13 @@ class SaraOptimizer(torch.optim.Optimizer):
         st["base_step"] = 0
 
     def _choose_basis(self, group, grad, st, old, gen, slot: Slot) -> Tensor:
-        rule, rank, left = group["subspace"], st["rank"], st["left"]
-        if rule == "random":
-            return subspace.random_basis(grad.shape[0] if left else grad.shape[1], rank, gen, grad.float())
-        if rule == "grass_walk" and old is not None:
+        rank, left = st["rank"], st["left"]
+        if not self._reads_spectrum(group, st):
+            if group["subspace"] == "random":
+                return subspace.random_basis(grad.shape[0] if left else grad.shape[1], rank, gen, grad.float())
             return subspace.grassmann_walk(old, group["grass_walk_angle"], gen)
-        # dominant, importance, and the SVD start of online_pca and grass_walk
-        spectral_rule = rule if rule in subspace.SPECTRAL_RULES else "dominant"
         sigma, vectors = slot.context.spectrum(grad, left, gen, rank)
-        idx = subspace.spectral_indices(spectral_rule, sigma, min(rank, sigma.numel()), gen)
-        return vectors[:, idx.to(vectors.device)].contiguous()
+        return _draw_from_spectrum(group, sigma, vectors, rank, gen)
 
     def _online_pca_step(self, st: dict, a: Tensor, group, reduce, keep=None) -> None:
         """One Adam step on B for the online-PCA loss (OSD); lr follows the weight schedule."""
@@ -550,6 +538,17 @@ class SaraOptimizer(torch.optim.Optimizer):
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _refresh_generator(group, slot: Slot) -> torch.Generator:
+    return subspace.refresh_generator(group["seed"], slot.index, slot.state["step"] // group["update_proj_gap"])
+
+
+def _draw_from_spectrum(group, sigma: Tensor, vectors: Tensor, rank: int, gen) -> Tensor:
+    """The rule's r directions among the spectrum's (OSD and GrassWalk start from the dominant ones)."""
+    rule = group["subspace"] if group["subspace"] in subspace.SPECTRAL_RULES else "dominant"
+    idx = subspace.spectral_indices(rule, sigma, min(rank, sigma.shape[-1]), gen)
+    return vectors[:, idx.to(vectors.device)].contiguous()
+
+
 def _to_host(t: Tensor) -> Tensor:
     """The refresh's reads back to the host, one per batch: a refresh may wait for the device, a bank's
     ordinary step may not."""
@@ -562,9 +561,10 @@ def _zero_unless(keep: Tensor, grads: list) -> None:
     by_width: dict = {}
     for g in grads:
         if g.numel():
-            by_width.setdefault((g.device, _INT_OF_WIDTH[g.element_size()]), []).append(g.view(_INT_OF_WIDTH[g.element_size()]))
-    for (device, int_dtype), same in by_width.items():
-        torch._foreach_mul_(same, keep.to(device=device, dtype=int_dtype))
+            as_int = _INT_OF_WIDTH[g.element_size()]
+            by_width.setdefault(as_int, []).append(g.view(as_int))
+    for as_int, same in by_width.items():
+        torch._foreach_mul_(same, keep.to(as_int))
 
 
 def _batched(group, grad: Tensor) -> bool:

@@ -10,25 +10,12 @@ import io
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from counting_dist import HostReads
 
 import sara_ds
 
 SHAPES = [(24, 40)] * 3 + [(40, 24)] * 2 + [(16, 24)]
 GAP = 3  # refreshes at calls 0, 3, 6; calls 1, 2, 4, 5 are ordinary steps
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the ops that read a tensor's value back to the host."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _model(dtype=torch.float32):
