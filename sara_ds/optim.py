@@ -592,6 +592,9 @@ def _tensors(obj):
     elif isinstance(obj, dict):
         for v in obj.values():
             yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def _pair(betas):

@@ -5,15 +5,7 @@ import types
 
 import torch
 
-from megatron_worker import install_cpu_shims
-
-
-class _Stream:
-    def wait_stream(self, *a):
-        pass
-
-    def synchronize(self):
-        pass
+from megatron_worker import _Stream, install_cpu_shims
 
 
 def install():

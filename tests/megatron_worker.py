@@ -23,8 +23,22 @@ class CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _Stream:
+    def wait_stream(self, *a):
+        pass
+
+    def synchronize(self):
+        pass
+
+
 def install_cpu_shims():
+    import contextlib
+
     torch.cuda.current_device = lambda: torch.device("cpu")
+    # megatron-core >= 0.17 syncs gradients on the current CUDA stream
+    torch.cuda.current_stream = lambda *a, **k: _Stream()
+    torch.cuda.Stream = lambda *a, **k: _Stream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.synchronize = lambda *a, **k: None  # dist_checkpointing syncs before writing
     torch.Tensor.cuda = lambda self, *a, **k: self
     cpu_type = torch.Tensor.type
@@ -39,7 +53,7 @@ def install_cpu_shims():
     CudaToCpu().__enter__()
 
 
-def build(tp_seed=1234, bf16=False):
+def build(tp_seed=1234, bf16=False, ddp_sharded=False):
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -60,11 +74,12 @@ def build(tp_seed=1234, bf16=False):
         from megatron.core.transformer.module import Float16Module
 
         model = Float16Module(cfg, model)
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=False), model)
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=ddp_sharded), model)
     return ddp
 
 
 def make_optimizer(model, sc):
+    """``distributed_optimizer``: OptimizerConfig.use_distributed_optimizer (SARA's layer-wise ownership)."""
     from megatron.core.optimizer import OptimizerConfig
 
     from sara_ds.integrations.megatron import get_sara_megatron_optimizer
@@ -77,14 +92,19 @@ def make_optimizer(model, sc):
                                        seed=7)
 
 
-def train(model, opt, start, steps):
+def train(model, opt, start, steps, split_batch=False):
+    """``split_batch``: a global batch of 6 sequences, each data-parallel rank taking its own slice (so DP=1, 2
+    and 3 see the same data per step); otherwise every rank sees the same 2 sequences."""
     from megatron.core import parallel_state
 
     losses = []
     for step in range(start, steps):
         g = torch.Generator().manual_seed(50 + step)
-        tokens = torch.randint(0, 128, (2, 17), generator=g)
-        pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+        tokens = torch.randint(0, 128, (6 if split_batch else 2, 17), generator=g)
+        if split_batch:
+            dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+            tokens = tokens.chunk(dp)[rank]
+        pos = torch.arange(16).unsqueeze(0).expand(tokens.shape[0], -1)
         opt.zero_grad()
         model.zero_grad_buffer()
         loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).mean()
@@ -95,6 +115,63 @@ def train(model, opt, start, steps):
         assert ok
         losses.append(loss.item())
     return losses
+
+
+def full_weights(model) -> dict:
+    """Every weight at its TP=1 shape and layout (gathered over the tensor-parallel group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    out = {}
+    for name, p in model.module.named_parameters():
+        t = p.detach().float()
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(parts, t.contiguous(), group=group)
+            if "linear_fc1" in name:  # gated: each shard is [gate_i; up_i], TP=1 is [gate; up]
+                halves = [part.chunk(2, dim=0) for part in parts]
+                parts = [h[0] for h in halves] + [h[1] for h in halves]
+            t = torch.cat(parts, dim=p.partition_dim)
+        out[name.removeprefix("module.")] = t
+    return out
+
+
+def optimizer_bytes(opt, owner_of: dict) -> dict:
+    """name -> bytes this rank holds for that parameter: optimizer state plus its fp32 master (if any)."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    from sara_ds.optim import _tensors
+
+    per_name = {}
+    for wrapped in opt.chained_optimizers:
+        inner = wrapped.optimizer
+        if isinstance(wrapped, Float16OptimizerWithFloat16Params):
+            pairs = [(m, p) for ms, ps in zip(wrapped.fp32_from_float16_groups, wrapped.float16_groups)
+                     for m, p in zip(ms, ps)]
+        else:
+            pairs = [(p, p) for g in inner.param_groups for p in g["params"]]
+        for main, model_param in pairs:
+            name = owner_of[id(model_param)]
+            state = inner.state.get(main, {})
+            tensors = list(_tensors(state))
+            if main is not model_param:
+                tensors.append(main)
+            per_name[name] = per_name.get(name, 0) + sum(t.numel() * t.element_size() for t in tensors)
+    return per_name
+
+
+def sara_states(opt) -> dict:
+    """name -> SARA's state of that matrix at TP=1 layout, from whichever rank holds it."""
+    import torch.distributed as dist
+
+    from sara_ds.integrations.megatron import sara_checkpoint
+
+    mine = sara_checkpoint(opt).full_states()
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {name: st for part in every for name, st in part.items()}
 
 
 def save_checkpoint(model, opt, ckpt_dir):
@@ -141,16 +218,26 @@ def main(spec_path):
     for index, sc in enumerate(spec["scenarios"]):
         ckpt_dir = os.path.join(spec["ckpt_dir"], str(index))
         try:
-            model = build(bf16=sc.get("bf16", False))
+            model = build(bf16=sc.get("bf16", False), ddp_sharded=sc.get("ddp_sharded", False))
             opt = make_optimizer(model, sc)
         except Exception as exc:  # refusals are reported, not fatal
             results.append({"error": f"{type(exc).__name__}: {exc}"})
             continue
         kinds = [type(o).__name__ + ":" + type(o.optimizer).__name__ for o in opt.chained_optimizers]
-        if sc.get("mode") == "save":  # torch_dist checkpoint for another run (another TP size) to load
-            train(model, opt, 0, sc["steps"])
+        split = sc.get("split_batch", False)
+        if sc.get("mode") == "save":  # torch_dist checkpoint for another run (another TP or DP size) to load
+            train(model, opt, 0, sc["steps"], split_batch=split)
             save_checkpoint(model, opt, sc["ckpt"])
-            results.append({"saved": True})
+            results.append({"saved": True, "sara": sara_states(opt)})
+        elif sc.get("mode") == "continue":  # load such a checkpoint and train on to sc["steps"]
+            try:
+                load_checkpoint(model, opt, None, sc["ckpt"])
+            except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+                results.append({"error": f"{type(exc).__name__}: {exc}"})
+                continue
+            loaded = sara_states(opt)
+            train(model, opt, sc["resume_at"], sc["steps"], split_batch=split)
+            results.append({"weights": full_weights(model), "kinds": kinds, "sara": loaded})
         elif sc.get("mode") == "load":
             try:
                 load_checkpoint(model, opt, None, sc["ckpt"])
@@ -159,15 +246,33 @@ def main(spec_path):
                 results.append({"error": f"{type(exc).__name__}: {exc}"})
         elif sc.get("resume_at"):
             torch_dist = sc.get("format") == "torch_dist"
-            train(model, opt, 0, sc["resume_at"])
+            train(model, opt, 0, sc["resume_at"], split_batch=split)
             saved = save_checkpoint(model, opt, ckpt_dir if torch_dist else None)
-            straight = train(model, opt, sc["resume_at"], sc["steps"])
+            straight = train(model, opt, sc["resume_at"], sc["steps"], split_batch=split)
+            straight_weights = full_weights(model)
             model = build(bf16=sc.get("bf16", False))
             opt = make_optimizer(model, sc)
             load_checkpoint(model, opt, saved, ckpt_dir if torch_dist else None)
-            resumed = train(model, opt, sc["resume_at"], sc["steps"])
-            results.append({"straight": straight, "resumed": resumed, "kinds": kinds,
+            resumed = train(model, opt, sc["resume_at"], sc["steps"], split_batch=split)
+            names = {id(p): n.removeprefix("module.") for n, p in model.module.named_parameters()}
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, optimizer_bytes(opt, names))
+            results.append({"straight": straight, "resumed": resumed, "kinds": kinds, "bytes": every,
+                            "same_weights": all(torch.equal(w, straight_weights[n])
+                                                for n, w in full_weights(model).items()),
                              "files": sorted(os.listdir(ckpt_dir)) if torch_dist else None})
+        elif sc.get("split_batch"):  # invariance to TP x DP: the final weights at TP=1 layout, bytes per rank
+            from sara_ds.integrations.megatron import sara_state
+
+            train(model, opt, 0, sc["steps"], split_batch=True)
+            names = {id(p): n.removeprefix("module.") for n, p in model.module.named_parameters()}
+            counts = [None] * dist.get_world_size()
+            dist.all_gather_object(counts, (sara_state(opt).refresh_counts()["refreshes"],
+                                            optimizer_bytes(opt, names)))
+            results.append({"weights": full_weights(model), "kinds": kinds,
+                            "projected": sorted(sara_state(opt).param_names),
+                            "refreshes": sum(c[0] for c in counts), "bytes": [c[1] for c in counts],
+                            "owner": getattr(opt, "owner_of", None)})
         else:
             from sara_ds.integrations.megatron import sara_state
 

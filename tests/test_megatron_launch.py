@@ -26,16 +26,24 @@ def test_sara_flags_are_split_off_and_parsed():
 @pytest.mark.parametrize("argv,message", [
     (BASE + ["--sara-preset", "sara"], "--sara-rank"),
     (BASE + ["--sara-rank", "8", "--sara-rnak", "3"], "--sara-rnak"),
-    (BASE + ["--sara-rank", "8", "--use-distributed-optimizer"], "--use-distributed-optimizer"),
+    (BASE + ["--sara-rank", "8", "--use-distributed-optimizer", "--save", "c", "--ckpt-format", "torch"],
+     "--ckpt-format torch_dist"),
     (BASE + ["--sara-rank", "8", "--fp16"], "--fp16"),
     (["--optimizer", "muon", "--sara-rank", "8"], "--optimizer muon"),
     (BASE + ["--sara-rank", "8", "--save", "ckpt", "--ckpt-format", "fsdp_dtensor"], "--ckpt-format fsdp_dtensor"),
     (BASE, "no --sara-* flags"),
-], ids=["rank-required", "unknown-flag", "dist-opt", "fp16", "muon", "ckpt-fsdp-dtensor", "none"])
+], ids=["rank-required", "unknown-flag", "dist-opt-torch-format", "fp16", "muon", "ckpt-fsdp-dtensor", "none"])
 def test_bad_flags_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         split_argv(argv)
     assert message in (str(err.value) + capsys.readouterr().err)
+
+
+def test_the_distributed_optimizer_flag_is_taken_out_of_megatron_lms_view():
+    opts, rest = split_argv(BASE + ["--sara-rank", "8", "--use-distributed-optimizer", "--save", "c"])
+    assert opts.distributed_optimizer and rest == BASE + ["--save", "c"]
+    opts, rest = split_argv(BASE + ["--sara-rank", "8"])
+    assert not opts.distributed_optimizer
 
 
 @pytest.mark.parametrize("fmt", [[], ["--ckpt-format", "torch_dist"], ["--ckpt-format", "torch"]],
@@ -70,9 +78,11 @@ def test_patch_installs_on_megatron_lm_training():
 
 @pytest.mark.skipif(not os.environ.get("MEGATRON_LM"),
                     reason="outside CI: set MEGATRON_LM to a Megatron-LM checkout (not on the package index)")
-@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
-def test_pretrain_gpt_trains_with_sara_at_tp2_and_resumes(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,ranks", [("torch_dist", 2), ("torch", 2), ("torch_dist+distopt", 4)],
+                         ids=["torch_dist", "torch", "distributed-optimizer"])
+def test_pretrain_gpt_trains_with_sara_at_tp2_and_resumes(tmp_path, fmt, ranks):
     """Megatron-LM's own pretrain_gpt.py, TP=2, mock data, through the launcher (CPU shims from this test only).
+    With the distributed optimizer: TP=2 x DP=2 (4 ranks), each DP rank owning whole matrices.
 
     A job of 8 iterations exits after 6 (saving every 3), then a second job loads iteration 6 and finishes.
     Needs in the venv: six, triton, pybind11, and megatron/core/datasets/helpers_cpp built for this Python.
@@ -81,32 +91,35 @@ def test_pretrain_gpt_trains_with_sara_at_tp2_and_resumes(tmp_path, fmt):
 
     checkout = os.environ["MEGATRON_LM"]
     args = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --max-position-embeddings 16 "
-            "--micro-batch-size 2 --global-batch-size 2 --lr 1e-2 --mock-data --tokenizer-type "
+            f"--micro-batch-size 2 --global-batch-size {ranks} --lr 1e-2 --mock-data --tokenizer-type "
             "NullTokenizer --vocab-size 128 --tensor-model-parallel-size 2 --transformer-impl local "
             "--no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion "
             "--no-rope-fusion --use-cpu-initialization --distributed-backend gloo --clip-grad 0 --eval-iters 0 "
             "--eval-interval 1000 --optimizer adam --swiglu --position-embedding-type rope --normalization RMSNorm "
             "--disable-bias-linear --no-persist-layer-norm --log-interval 1 --save ckpt --save-interval 3 "
-            f"--ckpt-format {fmt} --sara-rank 4 --sara-update-proj-gap 2").split()
+            f"--ckpt-format {fmt.split('+')[0]} --sara-rank 4 --sara-update-proj-gap 2").split()
+    if fmt.endswith("+distopt"):
+        args.append("--use-distributed-optimizer")
     env = base_env(TORCHDYNAMO_DISABLE=1, CUDA_DEVICE_MAX_CONNECTIONS=1,
                    PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     env["PYTHONPATH"] = os.path.join(ROOT, "tests") + os.pathsep + env["PYTHONPATH"]
 
     def pretrain(*extra):
-        run = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+        run = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(ranks),
                               "--master_port", str(free_port()), os.path.join(ROOT, "tests", "megatron_lm_shims.py"),
                               checkout, os.path.join(checkout, "pretrain_gpt.py"), *args, *extra],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         out = run.stdout + run.stderr
         assert run.returncode == 0, out[-4000:]
         assert "[sara_ds] Megatron-LM optimizer: SaraAdamW" in out
+        assert ("distributed over data-parallel ranks" in out) == fmt.endswith("+distopt")
         return out, [(int(i), float(x)) for i, x in re.findall(r"iteration\s+(\d+)/.*?lm loss: ([0-9.E+-]+)", out)]
 
     _, first = pretrain("--train-iters", "8", "--exit-interval", "6")
     print(f"\npretrain_gpt.py TP=2 with SARA ({fmt}), lm loss per iteration:", first)
     assert [i for i, _ in first] == [1, 2, 3, 4, 5, 6] and first[-1][1] < first[0][1]
     assert (tmp_path / "ckpt" / "iter_0000006").is_dir()
-    if fmt == "torch_dist":
+    if fmt.startswith("torch_dist"):
         assert (tmp_path / "ckpt" / "iter_0000006" / "metadata.json").is_file()
     # same schedule, so the scheduler state agrees; --no-load-rng because the CPU shims fake the CUDA RNG state
     out, second = pretrain("--train-iters", "8", "--load", "ckpt", "--no-load-rng")

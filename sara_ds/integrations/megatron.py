@@ -12,20 +12,32 @@ both carry the keys Megatron's LR scheduler reads (max_lr, min_lr, wd_mult, ...)
 Adam betas and eps come from the ``OptimizerConfig``, so ``--optimizer adam``
 flags keep their meaning.
 
-Checkpoints: ``--ckpt-format torch`` saves each rank's ``state_dict()``. For
-``torch_dist`` the SARA part's ``sharded_state_dict`` stores the low-rank state
-(bases, low-rank moments, refresh counters) as one ``ShardedObject`` per
-(pipeline, tensor) rank, written by data-parallel rank 0; the bf16 master weights
-keep Megatron's own per-parameter sharding. Megatron's stock mapping cannot be used
-because it requires optimizer state shaped like the parameter. The low-rank part
-therefore resumes at the same TP and PP sizes only; a load at other sizes
-fails in dist_checkpointing with "Missing key ... optimizer.sara.tp<T>_pp<P>".
+Checkpoints: ``--ckpt-format torch`` saves each rank's ``state_dict()`` (a resume at the
+same sizes). For ``torch_dist`` SARA's state (bases, low-rank moments, refresh counters,
+fp32 masters) is saved per matrix at its TP=1 layout (``megatron_checkpoint``): Megatron's
+stock mapping cannot hold it, since it requires state shaped like the parameter. Such a
+checkpoint loads at another TP size and at another DP size (keep the distributed
+optimizer on or off as it was saved); the rest of the chain uses Megatron's own sharded
+state.
 
-Refused with a clear error: Megatron's distributed optimizer (it flattens gradients
-across data-parallel ranks, so no rank holds a 2-D gradient) and fp16 (use bf16).
+Distributed optimizer (``OptimizerConfig.use_distributed_optimizer=True``, Megatron-LM's
+``--use-distributed-optimizer``): each data-parallel rank owns whole parameters, through
+megatron-core's own ``LayerWiseDistributedOptimizer``. A rank keeps the fp32 masters and
+the optimizer state of what it owns only, runs those matrices' refreshes and updates,
+and the updated parameters are all-gathered after the step. Projected matrices are
+balanced over ranks by refresh cost, the rest (embeddings, output layer, norms) by size,
+and the rest keep Megatron's Adam, distributed layer-wise beside SARA. Megatron's flat
+distributed optimizer cannot be used underneath: it reduce-scatters the gradient buffer, so
+no rank holds a 2-D gradient. The model must therefore be wrapped with
+``DistributedDataParallelConfig(use_distributed_optimizer=False)`` (gradients all-reduced);
+the other wrapping is refused with a message saying so.
+
+Refused with a clear error: fp16 (use bf16) and expert-parallel parameters under the
+distributed optimizer.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -47,21 +59,23 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
     from megatron.core.optimizer import ChainedOptimizer, _get_param_groups, get_megatron_optimizer
     from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
 
-    if getattr(config, "use_distributed_optimizer", False):
-        raise ValueError(
-            "sara_ds: --use-distributed-optimizer (OptimizerConfig.use_distributed_optimizer=True) is not supported: "
-            "it flattens gradients across data-parallel ranks, so no rank holds the 2-D gradient a subspace is "
-            "computed from. Drop the flag (the low-rank state is already small)."
-        )
+    distributed = bool(getattr(config, "use_distributed_optimizer", False))
+    if distributed:
+        _check_all_reduced_gradients(model_chunks)
+        # the builders below make plain (unsharded, fp32-wrapped) optimizers; the layer-wise wrapper shards them
+        # and only then makes fp32 masters, for the owned parameters alone
+        build_config = dataclasses.replace(config, use_distributed_optimizer=False, bf16=False)
+    else:
+        build_config = config
     if getattr(config, "fp16", False):
         raise ValueError("sara_ds: fp16 (OptimizerConfig.fp16=True) is not supported; use bf16")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"sara_ds: optimizer must be one of {sorted(OPTIMIZERS)}, got optimizer={optimizer!r}")
 
     targets, others, names = [], [], {}
-    for chunk in model_chunks:
+    for index, chunk in enumerate(model_chunks):
         for name, p in chunk.named_parameters():
-            names[id(p)] = name
+            names[id(p)] = name if len(model_chunks) == 1 else f"chunk{index}.{name}"
             if p.requires_grad:
                 (targets if _projected(name, p, include) else others).append(p)
     if not targets:
@@ -92,56 +106,67 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
     def init_state_fn(opt, config=None):  # SARA state is created on the first step; nothing to pre-allocate
         return None
 
-    sara = (Float16OptimizerWithFloat16Params(inner, config, None, init_state_fn) if config.bf16
-            else FP32Optimizer(inner, config, init_state_fn))
+    sara = (Float16OptimizerWithFloat16Params(inner, config, None, init_state_fn) if build_config.bf16
+            else FP32Optimizer(inner, build_config, init_state_fn))
     sara.grad_stats_parallel_group = parallel_state.get_model_parallel_group()
     sara.tp_group = parallel_state.get_tensor_model_parallel_group()
-    _install_sharded_state_dict(sara)
 
     with frozen(targets):
-        rest = get_megatron_optimizer(config, model_chunks, config_overrides=config_overrides,
+        rest = get_megatron_optimizer(build_config, model_chunks, config_overrides=config_overrides,
                                       use_gloo_process_groups=use_gloo_process_groups)
-    return ChainedOptimizer([sara] + list(getattr(rest, "chained_optimizers", [rest])))
+    rest = list(getattr(rest, "chained_optimizers", [rest]))
+    gated = any(getattr(getattr(chunk, "config", None), "gated_linear_unit", False) for chunk in model_chunks)
+    if not distributed:
+        _install_checkpointing(sara, inner, names, gated)
+        return ChainedOptimizer([sara] + rest)
+    from .megatron_distributed import layer_wise_optimizer
+
+    return layer_wise_optimizer(config, [sara] + rest, inner, names, gated)
 
 
-SARA_CHECKPOINT_KEY = "optimizer.sara"
+def _check_all_reduced_gradients(model_chunks) -> None:
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.use_distributed_optimizer:
+            raise ValueError(
+                "sara_ds: with OptimizerConfig.use_distributed_optimizer=True, wrap the model with "
+                "DistributedDataParallelConfig(use_distributed_optimizer=False), got use_distributed_optimizer=True. "
+                "SARA's distributed optimizer gives each data-parallel rank whole matrices (megatron-core's "
+                "LayerWiseDistributedOptimizer), so every rank needs the all-reduced 2-D gradient; the "
+                "reduce-scattered flat buffer holds no matrix whole.")
 
 
-def _install_sharded_state_dict(wrapped) -> None:
-    """torch_dist support: the low-rank state goes into per-(PP, TP)-rank ShardedObjects."""
-    from itertools import chain
+def _install_checkpointing(wrapped, inner, names: dict, gated: bool) -> None:
+    """torch_dist: SARA's state per matrix, at its TP=1 layout (``megatron_checkpoint``), written by DP rank 0."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                            make_sharded_optimizer_tensor)
+    from .megatron_checkpoint import SaraCheckpoint
 
-    def low_rank_objects(inner: dict) -> dict:
-        pp_size, tp_size = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
-        # The sizes are in the key, so a load at other sizes fails with "Missing key ... sara.tp<T>_pp<P>"
-        # instead of handing one rank's bases to another rank's shard.
-        key = f"{SARA_CHECKPOINT_KEY}.tp{tp_size}_pp{pp_size}"
-        layout = dict(global_shape=(pp_size, tp_size),
-                      global_offset=(ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-                      replica_id=ps.get_data_parallel_rank(with_context_parallel=True))  # DP rank 0 writes
-        return {"state": ShardedObject(f"{key}.state", inner["state"], **layout),
-                "param_groups": ShardedObject(f"{key}.param_groups", inner["param_groups"], **layout)}
+    def pairs():
+        if isinstance(wrapped, Float16OptimizerWithFloat16Params):
+            return list(zip(wrapped.float16_groups, wrapped.fp32_from_float16_groups))
+        return [(g["params"], g["params"]) for g in inner.param_groups]
+
+    checkpoint = SaraCheckpoint(inner, pairs, names, gated, owned_by_one_dp_rank=False)
+    megatron_load = wrapped.load_state_dict
 
     def sharded_state_dict(model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
-        state_dict = wrapped.state_dict()
-        if "fp32_from_fp16_params" not in state_dict:  # FP32Optimizer: the state dict is SaraOptimizer's
-            return low_rank_objects(state_dict)
-        # bf16: fp32 master weights are parameter-shaped, so Megatron's own mapping applies to them
-        id_map = get_param_id_to_sharded_param_map(model_sharded_state_dict,
-                                                   chain.from_iterable(wrapped.float16_groups))
-        state_dict["fp32_from_fp16_params"] = [
-            [make_sharded_optimizer_tensor(id_map[pid], master, prefix="optimizer.state.fp32_param")
-             for pid, master in zip(group["params"], masters)]
-            for masters, group in zip(state_dict["fp32_from_fp16_params"], state_dict["optimizer"]["param_groups"])]
-        state_dict["optimizer"] = low_rank_objects(state_dict["optimizer"])
-        return state_dict
+        return {"sara": checkpoint.sharded_state_dict(is_loading)}
+
+    def load_state_dict(state_dict):
+        if isinstance(state_dict, dict) and "sara" in state_dict:
+            return checkpoint.load_state_dict(state_dict["sara"])
+        return megatron_load(state_dict)  # a per-rank state_dict() (--ckpt-format torch)
 
     wrapped.sharded_state_dict = sharded_state_dict
+    wrapped.load_state_dict = load_state_dict
+    wrapped.sara_checkpoint = checkpoint
+
+
+def sara_checkpoint(chained):
+    """The ``SaraCheckpoint`` of a chain built by ``get_sara_megatron_optimizer`` (``full_states()``: every
+    matrix's state at its TP=1 layout)."""
+    return getattr(chained, "checkpoint", None) or chained.chained_optimizers[0].sara_checkpoint
 
 
 def sara_state(chained) -> torch.optim.Optimizer:

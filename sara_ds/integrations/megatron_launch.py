@@ -4,6 +4,11 @@
         <the usual Megatron-LM arguments> \\
         --sara-rank 256 --sara-preset sara --sara-update-proj-gap 200 --sara-scale 0.25
 
+``--use-distributed-optimizer`` selects SARA's distributed optimizer (each data-parallel
+rank owns whole matrices, see ``sara_ds.integrations.megatron``); the launcher takes the
+flag out of Megatron-LM's view, so that Megatron-LM all-reduces gradients and checkpoints
+as without it, and use ``--ckpt-format torch_dist`` (the default) with it.
+
 The ``--sara-*`` flags are removed from ``sys.argv`` (so neither Megatron-LM argparse
 era sees them), ``megatron.training.training.get_megatron_optimizer`` is replaced by a
 wrapper that builds ``get_sara_megatron_optimizer`` with the same arguments, and the
@@ -15,6 +20,7 @@ what makes this patch portable.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import runpy
 import sys
@@ -46,6 +52,10 @@ def split_argv(argv):
     if stray:
         raise SystemExit(f"sara_ds: unknown flag(s) {stray}; see --sara-* in `python -m sara_ds.integrations.megatron_launch -h`")
     _refuse_incompatible(rest)
+    # SARA's distributed optimizer owns whole matrices per DP rank (megatron-core's layer-wise one) and needs the
+    # all-reduced gradient: Megatron-LM must build its DDP (and checkpoints) as without the flag.
+    ours.distributed_optimizer = DISTRIBUTED_OPTIMIZER in rest
+    rest = [a for a in rest if a != DISTRIBUTED_OPTIMIZER]
     return ours, rest
 
 
@@ -62,10 +72,14 @@ def _flag_value(argv, flag):
 CKPT_FORMATS = ("torch_dist", "torch")
 
 
+DISTRIBUTED_OPTIMIZER = "--use-distributed-optimizer"
+
+
 def _refuse_incompatible(argv):
-    if "--use-distributed-optimizer" in argv:
-        raise SystemExit("sara_ds: --use-distributed-optimizer is not supported with SARA (it flattens gradients "
-                         "across data-parallel ranks); drop the flag")
+    if DISTRIBUTED_OPTIMIZER in argv and ("--save" in argv or "--load" in argv) and _flag_value(argv, "--ckpt-format") == "torch":
+        raise SystemExit("sara_ds: --use-distributed-optimizer with --ckpt-format torch would lose state: Megatron-LM "
+                         "saves the optimizer of data-parallel rank 0 only, and each rank owns other matrices. Use "
+                         "--ckpt-format torch_dist (the default), which also reshards to other TP and DP sizes")
     if "--fp16" in argv:
         raise SystemExit("sara_ds: --fp16 is not supported with SARA; use --bf16")
     optimizer = _flag_value(argv, "--optimizer")
@@ -90,6 +104,8 @@ def install(options) -> None:
 
     def get_megatron_optimizer(config, model_chunks, *args, config_overrides=None, use_gloo_process_groups=True,
                                **kwargs):
+        if options.distributed_optimizer:
+            config = dataclasses.replace(config, use_distributed_optimizer=True)
         chained = get_sara_megatron_optimizer(
             config, model_chunks, rank=options.sara_rank, update_proj_gap=options.sara_update_proj_gap,
             scale=options.sara_scale, optimizer=options.sara_optimizer,
@@ -110,9 +126,11 @@ def _announce(chained, options) -> None:
         return
     sara = chained.chained_optimizers[0].optimizer
     rest = [type(o.optimizer).__name__ for o in chained.chained_optimizers[1:]]
+    layout = (", distributed over data-parallel ranks (whole matrices per rank)" if options.distributed_optimizer
+              else "")
     print(f"[sara_ds] Megatron-LM optimizer: {type(sara).__name__} (preset={options.sara_preset}, r={options.sara_rank}, "
           f"T={options.sara_update_proj_gap}, tp_spectrum={options.sara_tp_spectrum}) for "
-          f"{len(sara.original_params)} matrices; Megatron's {rest} for the rest", flush=True)
+          f"{len(sara.original_params)} matrices; Megatron's {rest} for the rest{layout}", flush=True)
 
 
 def main(argv=None):

@@ -23,6 +23,12 @@ class Placement:
         self.index_of = {id(p): i for i, p in enumerate(original_params)}
         self.layouts = zero.LayoutCache()
         self.tp_contexts: dict = {}
+        self.owner_group = None  # ranks that each step a different subset of the matrices (whole-matrix ownership)
+
+    def alias(self, copies: list, originals: list) -> None:
+        """``copies[i]`` stands for ``originals[i]`` (an engine's fp32 master of a parameter it was given)."""
+        for copy, original in zip(copies, originals, strict=True):
+            self.index_of[id(copy)] = self.index_of[id(original)]
 
     def clear(self) -> None:
         """Engines rebuild their flat partitions on checkpoint load."""
@@ -57,6 +63,7 @@ class Placement:
         if not (dist.is_available() and dist.is_initialized()):
             return []
         groups = [self.tp_group] if self.tp_group is not None else []
+        groups += [self.owner_group] if self.owner_group is not None else []
         groups += [layout.group for layout in self.layouts.values()]
         unique = {id(g): g for g in groups}  # None (the default group) is one group too
         return [g for g in unique.values() if dist.get_world_size(g) > 1]

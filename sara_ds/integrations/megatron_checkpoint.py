@@ -1,0 +1,127 @@
+"""torch_dist checkpoints of SARA's state under megatron-core, independent of the TP and DP sizes.
+
+Each projected matrix's state is one ``ShardedObject`` keyed by the parameter's name,
+held as it would be at TP=1:
+
+* the basis (and OSD's basis moments, its anchor) is the same on every TP rank: it is
+  computed from the whole matrix, whichever side is split, so it is stored once;
+* every tensor in ``SPLIT_STATE`` runs along the columns of R = B^T A, which are the
+  matrix's TP-split axis: they are gathered over the TP group at save and cut again
+  at load;
+* the fp32 master (bf16 models) is gathered along the parameter's own split axis.
+
+Megatron's gated fc1 keeps [gate_i; up_i] on TP rank i, while TP=1 holds
+[gate; up]; both cuts follow that layout. Only one rank writes each object (TP rank 0
+of a DP rank that holds the matrix), and any rank that holds the matrix at load, at
+any TP or DP size, reads it. The hyperparameters of SARA's param groups are one more
+object, written once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from ..sharding.tensor_parallel import is_tp_sharded, partition_dim
+
+SARA_KEY = "optimizer.sara"
+
+# state entries shaped [..., columns of R]: split over TP ranks like the matrix's split axis
+SPLIT_STATE = frozenset({"exp_avg", "exp_avg_sq", "exp_avg_sq_col", "v_block"})
+
+
+def _tp():
+    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+
+
+def _gather(t: torch.Tensor, dim: int, gated: bool) -> torch.Tensor:
+    size, _ = _tp()
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    if gated:  # each shard is [gate_i; up_i]: TP=1 is [gate; up]
+        halves = [p.chunk(2, dim=dim) for p in parts]
+        parts = [h[0] for h in halves] + [h[1] for h in halves]
+    return torch.cat(parts, dim=dim)
+
+
+def _cut(t: torch.Tensor, dim: int, gated: bool) -> torch.Tensor:
+    size, rank = _tp()
+    if not gated:
+        return t.chunk(size, dim=dim)[rank].clone()
+    gate, up = t.chunk(2, dim=dim)
+    return torch.cat([gate.chunk(size, dim=dim)[rank], up.chunk(size, dim=dim)[rank]], dim=dim).clone()
+
+
+class SaraCheckpoint:
+    """Saves and loads the SARA part of a Megatron optimizer chain. ``pairs()`` gives, per SARA param group,
+    (model parameters, the tensors SARA steps for them: the same ones, or fp32 masters)."""
+
+    def __init__(self, inner, pairs, names: dict, gated: bool, owned_by_one_dp_rank: bool):
+        self.inner, self.pairs, self.names, self.gated = inner, pairs, names, gated
+        self.owned_by_one_dp_rank = owned_by_one_dp_rank
+
+    def _split(self, param, name) -> bool:
+        return is_tp_sharded(param) and ps.get_tensor_model_parallel_world_size() > 1
+
+    def _object(self, suffix: str, obj, replica_id) -> ShardedObject:
+        pp = ps.get_pipeline_model_parallel_world_size()
+        return ShardedObject(f"{SARA_KEY}.{suffix}", obj, global_shape=(pp,),
+                             global_offset=(ps.get_pipeline_model_parallel_rank(),), replica_id=replica_id)
+
+    def sharded_state_dict(self, is_loading: bool = False) -> dict:
+        _, tp_rank = _tp()
+        dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+        owner_replica = (tp_rank, 0 if self.owned_by_one_dp_rank else dp_rank)  # one copy of each is main
+        full = {} if is_loading else self.full_states()
+        matrices = {name: self._object(name, full.get(name), owner_replica)
+                    for model_params, _ in self.pairs() for name in (self.names[id(p)] for p in model_params)}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.inner.state_dict()["param_groups"]]
+        return {"matrices": matrices, "param_groups": self._object("param_groups", groups, (tp_rank, dp_rank))}
+
+    def full_states(self) -> dict:
+        """name -> the state of every matrix held here, at its TP=1 layout (a collective over the TP group)."""
+        return {self.names[id(p)]: self._full_state(p, main, self.names[id(p)])
+                for model_params, mains in self.pairs() for p, main in zip(model_params, mains)}
+
+    def _full_state(self, p, main, name) -> dict:
+        split = self._split(p, name)
+        gated = self.gated and "linear_fc1" in name
+        state = {}
+        for key, value in self.inner.state.get(main, {}).items():
+            if isinstance(value, torch.Tensor):
+                # clone: a bank's views would otherwise save the whole bank
+                value = _gather(value, -1, gated) if split and key in SPLIT_STATE else value.detach().clone()
+            state[key] = value
+        master = None
+        if main is not p:
+            master = _gather(main.detach(), partition_dim(p), gated) if split else main.detach().clone()
+        return {"state": state, "master": master, "shape": tuple(p.shape), "tp": _tp()[0]}
+
+    def load_state_dict(self, loaded: dict) -> None:
+        saved_groups = loaded["param_groups"]
+        if len(saved_groups) != len(self.inner.param_groups):
+            raise ValueError(f"sara_ds: the checkpoint has {len(saved_groups)} SARA param groups, this optimizer "
+                             f"{len(self.inner.param_groups)}")
+        state, groups, next_id = {}, [], 0
+        for (model_params, mains), saved in zip(self.pairs(), saved_groups):
+            ids = []
+            for p, main in zip(model_params, mains):
+                name = self.names[id(p)]
+                if name not in loaded["matrices"]:
+                    raise KeyError(f"sara_ds: the checkpoint holds no SARA state for {name}")
+                obj = loaded["matrices"][name]
+                split, gated = self._split(p, name), self.gated and "linear_fc1" in name
+                if obj["master"] is not None and main is not p:
+                    main.detach().copy_(_cut(obj["master"], partition_dim(p), gated) if split else obj["master"])
+                st = {k: (_cut(v, -1, gated) if split and k in SPLIT_STATE else v) if isinstance(v, torch.Tensor)
+                      else v for k, v in obj["state"].items()}
+                if "left" in st and is_tp_sharded(p) and st["left"] != (partition_dim(p) == 1):
+                    raise ValueError(f"sara_ds: the checkpoint projects {name} on the "
+                                     f"{'left' if st['left'] else 'right'}, but its TP split needs the other side")
+                if st:
+                    state[next_id] = st
+                ids.append(next_id)
+                next_id += 1
+            groups.append(dict(saved, params=ids))
+        self.inner.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,174 @@
+"""SARA under Megatron's distributed optimizer: whole matrices per data-parallel rank.
+
+``get_sara_megatron_optimizer`` comes here when ``OptimizerConfig.use_distributed_optimizer``
+is set. The chain (SARA for the projected matrices, Megatron's Adam for the rest) is handed
+to megatron-core's own ``LayerWiseDistributedOptimizer``, which keeps on each DP rank only
+the parameters that rank owns (their fp32 masters, their state), steps them, and
+all-gathers the updated parameters. Two things differ from its defaults:
+
+* **ownership** (``sharding.ownership``): projected matrices are balanced by refresh cost,
+  the rest by size, instead of megatron-core's ping-pong by size; the balance is printed
+  once;
+* **the all-gather** pads every rank's shard to the largest one and makes one
+  ``all_gather_into_tensor``: megatron-core's uneven ``all_gather`` runs on NCCL only.
+
+Checkpoints (``torch_dist``): SARA's state is saved per matrix, at its TP=1 layout
+(``megatron_checkpoint``), by the matrix's owner, so a load at another DP or TP size finds
+every matrix's state wherever it is owned now. The rest goes through megatron-core's
+layer-wise checkpoint code. ``state_dict()`` (``--ckpt-format torch``) is per rank, for a
+resume at the same sizes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
+from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
+from megatron.core.optimizer.optimizer import ChainedOptimizer, Float16OptimizerWithFloat16Params
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from ..sharding import ownership
+from .megatron_checkpoint import SaraCheckpoint
+
+
+class SaraLayerWiseOptimizer(LayerWiseDistributedOptimizer):
+    """megatron-core's layer-wise distributed optimizer with SARA first in its chain."""
+
+    def __init__(self, optimizers, config, pg_collection, sara_inner, names: dict, gated: bool):
+        self.names = names  # id(model parameter) -> its name
+        # the bf16 wrappers made after sharding need each optimizer's state initialiser for torch_dist loads
+        init_state_fns = [getattr(opt, "init_state_fn", None) or _no_state for opt in optimizers]
+        if config.bf16:  # megatron-core makes the bf16 wrappers itself, after sharding (>= 0.19 wants raw ones)
+            optimizers = [getattr(opt, "optimizer", opt) for opt in optimizers]
+        super().__init__(optimizers, config, pg_collection, init_state_fns)
+        self.sara_inner = sara_inner
+        self.checkpoint = SaraCheckpoint(sara_inner, self._sara_pairs_by_group, names, gated, owned_by_one_dp_rank=True)
+        dp = pg_collection.dp_cp
+        # a step that one owner skips on a non-finite gradient must be skipped by every owner
+        sara_inner.placement.owner_group = dp if get_pg_size(dp) > 1 else None
+        for model_params, mains in self._sara_pairs_by_group():
+            if model_params is not mains:
+                sara_inner.placement.alias(mains, model_params)
+
+    # ------------------------------------------------------------ ownership
+
+    def shard_params(self, optimizers, full_param_layouts=None):
+        # full_param_layouts (megatron-core >= 0.19): DDP buffers packed by whole parameter; not used here, since
+        # ownership follows refresh cost and the gradients are all-reduced
+        dp = self.pg_collection.dp_cp
+        size = get_pg_size(dp)
+        groups = [g for opt in optimizers for g in opt.param_groups]
+        if any(g.get("is_expert_parallel", False) and g["params"] for g in groups):
+            raise ValueError("sara_ds: the distributed optimizer does not support expert-parallel parameters "
+                             "(is_expert_parallel=True) yet; drop use_distributed_optimizer for MoE models")
+        self.dp_cp_params_list = self.expt_dp_params_list = None
+        members = [(p, gi) for gi, g in enumerate(groups) for p in g["params"]]
+        items = [ownership.Item(p.numel(), tuple(p.shape), "rank" in groups[gi] and p.dim() == 2) for p, gi in members]
+        owner = ownership.owners(items, size)
+        self.owner_of = {self.names[id(p)]: o for (p, _), o in zip(members, owner)}
+        if dist.get_rank() == 0:
+            print(f"sara_ds: distributed optimizer, {len(members)} parameters over {size} data-parallel ranks "
+                  f"(whole parameters; SARA's matrices balanced by refresh cost, the rest by size)\n"
+                  + ownership.balance_table(items, owner, size), flush=True)
+        if size == 1:
+            return
+        me = get_pg_rank(dp)
+        self.dp_cp_params_list = [[p for (p, _), o in zip(members, owner) if o == r] for r in range(size)]
+        for gi, g in enumerate(groups):
+            g["params"] = [p for (p, g_index), o in zip(members, owner) if g_index == gi and o == me]
+
+    @torch.no_grad()
+    def allgather_params(self):
+        """Each rank's updated parameters to every rank: one all-gather of equal, padded buffers."""
+        if self.dp_cp_params_list is None:
+            return
+        group = self.pg_collection.dp_cp
+        me = get_pg_rank(group)
+        shards = self.dp_cp_params_list
+        width = max(sum(p.numel() for p in params) for params in shards)
+        sample = next(p for params in shards for p in params)
+        local = sample.new_zeros(width)
+        if shards[me]:
+            flat = torch.cat([p.detach().reshape(-1) for p in shards[me]])
+            local[:flat.numel()].copy_(flat)
+        gathered = sample.new_empty(len(shards) * width)
+        dist.all_gather_into_tensor(gathered, local, group=group)
+        for rank, params in enumerate(shards):
+            offset = rank * width
+            for p in params:
+                if rank != me:
+                    p.detach().copy_(gathered[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _sara_pairs_by_group(self):
+        """(model parameters, the tensors SARA steps for them) per SARA param group."""
+        wrapped = self.chained_optimizers[0]
+        if isinstance(wrapped, Float16OptimizerWithFloat16Params):
+            return list(zip(wrapped.float16_groups, wrapped.fp32_from_float16_groups))
+        return [(g["params"], g["params"]) for g in self.sara_inner.param_groups]
+
+    def _rest(self):
+        """The chain without SARA, for megatron-core's own layer-wise checkpoint code."""
+        outer = self
+
+        class _Swap:
+            def __enter__(self):
+                self.saved = outer.chained_optimizers
+                outer.chained_optimizers = self.saved[1:]
+
+            def __exit__(self, *exc):
+                outer.chained_optimizers = self.saved
+        return _Swap()
+
+    def _rest_sharded_state_dict(self, model_sharded_state_dict, is_loading, **kwargs):
+        """megatron-core's layer-wise post-processing of the rest's sharded state (0.16.1's
+        ``LayerWiseDistributedOptimizer.sharded_state_dict``), also for fp32, where ``FP32Optimizer``
+        returns the torch optimizer's own dict and megatron-core's version fails with KeyError 'optimizer'."""
+        with self._rest():
+            rest = ChainedOptimizer.sharded_state_dict(self, model_sharded_state_dict, is_loading, **kwargs)
+            single = len(self.chained_optimizers) == 1
+        for sh_base in nested_values(rest):  # each parameter's state is written by its owner alone
+            if hasattr(sh_base, "replica_id"):
+                sh_base.replica_id = (0 if isinstance(sh_base.replica_id, int) else (*sh_base.replica_id[:2], 0))
+        for sd in ({1: rest} if single else rest).values():
+            if "fp32_from_fp16_params" in sd:
+                sd["fp32_from_fp16_params"] = {i: group if group else LocalNonpersistentObject(group)
+                                               for i, group in enumerate(sd["fp32_from_fp16_params"])}
+            optimizer_sd = sd.get("optimizer", sd)
+            if not optimizer_sd["state"]:
+                optimizer_sd["state"] = LocalNonpersistentObject(optimizer_sd["state"])
+            for i, group in enumerate(optimizer_sd["param_groups"]):
+                # a rank that owns nothing in a group has no hyperparameters worth saving; take another's
+                local_params = group.pop("params")
+                group["params"] = bool(local_params.unwrap())
+                every = [None] * dist.get_world_size()
+                dist.all_gather_object(every, group)
+                chosen = next((g for g in every if g["params"]), group)
+                chosen["params"] = local_params
+                optimizer_sd["param_groups"][i] = chosen
+        return rest
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+        rest = self._rest_sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+        return {"sara": self.checkpoint.sharded_state_dict(is_loading), "rest": rest}
+
+    def load_state_dict(self, state_dict):
+        if not (isinstance(state_dict, dict) and "sara" in state_dict):
+            # a per-rank state_dict() (torch format), loaded as megatron-core's load_state_dict_from_file does
+            return ChainedOptimizer.load_state_dict(self, state_dict)
+        with self._rest():
+            super().load_state_dict(state_dict["rest"])
+        self.checkpoint.load_state_dict(state_dict["sara"])
+
+
+def _no_state(optimizer, config=None):
+    return None
+
+
+def layer_wise_optimizer(config, optimizers, sara_inner, names, gated) -> SaraLayerWiseOptimizer:
+    return SaraLayerWiseOptimizer(optimizers, config, ProcessGroupCollection.use_mpu_process_groups(), sara_inner,
+                                  names, gated)

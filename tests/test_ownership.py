@@ -1,0 +1,35 @@
+"""Whole-matrix ownership (sharding/ownership.py): deterministic, balanced by refresh cost, within one item of the mean."""
+import random
+
+from sara_ds.sharding import ownership
+
+
+def test_refresh_cost_is_the_largest_dim_times_the_smallest_squared():
+    assert ownership.refresh_cost((4096, 11008)) == 11008 * 4096 ** 2
+    assert ownership.refresh_cost((11008, 4096)) == ownership.refresh_cost((4096, 11008))
+
+
+def test_the_largest_load_is_within_one_item_of_the_mean():
+    rng = random.Random(0)
+    for ranks in (2, 3, 8):
+        costs = [rng.randint(1, 1000) for _ in range(37)]
+        owner = ownership.assign(costs, ranks)
+        loads = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(ranks)]
+        assert max(loads) <= sum(costs) / ranks + max(costs)
+        assert ownership.assign(costs, ranks) == owner  # every rank computes the same answer
+
+
+def test_projected_matrices_are_balanced_by_refresh_cost_and_the_rest_by_size():
+    # a LLaMA block at TP=1: qkv, o, gate_up, down; plus norms and an embedding
+    blocks = [(3 * 512, 512), (512, 512), (2 * 1376, 512), (512, 1376)] * 4
+    items = [ownership.Item(m * n, (m, n), True) for m, n in blocks]
+    items += [ownership.Item(512, (512,), False)] * 9 + [ownership.Item(4096 * 512, (4096, 512), False)]
+    owner = ownership.owners(items, 2)
+    cost = [sum(ownership.refresh_cost(it.shape) for it, o in zip(items, owner) if o == r and it.projected)
+            for r in range(2)]
+    assert max(cost) / min(cost) < 1.2
+    rest = [sum(it.numel for it, o in zip(items, owner) if o == r and not it.projected) for r in range(2)]
+    assert rest[0] != rest[1] and max(rest) <= sum(rest) / 2 + 4096 * 512  # the embedding alone on one side
+    assert len(set(owner)) == 2
+    table = ownership.balance_table(items, owner, 2)
+    assert "refresh cost" in table and len(table.splitlines()) == 3
