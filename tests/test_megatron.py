@@ -58,16 +58,81 @@ def _invariance_scenarios(distributed):
 
 REFUSED = dict(preset="sara", steps=1, distributed_optimizer=True, ddp_sharded=True)
 
+# (rule, index of its uninterrupted run in EVERY_RULE, bf16)
+RESHARD_RULES = [("sara", "SaraAdamW", 0, False), ("sara_fira", "SaraAdamW", 3, False),
+                 ("sara", "SaraAdafactor", 8, False), ("sara", "SaraAdamMini", None, True)]
+# exact resume with the distributed optimizer: both formats and dtypes, and Fira's norm state
+DISTRIBUTED_CHECKPOINT_RULES = CHECKPOINT_RULES[:5]
+
+
+def _reshard_scenarios(distributed=True):
+    return [dict(preset=p, optimizer=o, bf16=b, split_batch=True, distributed_optimizer=distributed)
+            for p, o, _, b in RESHARD_RULES]
+
+
+class Layouts:
+    """One launch per TP x DP, holding every scenario that layout serves (a Megatron launch costs ~10 s of
+    imports per process on two cores). Built lazily, in dependency order: a layout that continues from a
+    checkpoint runs after the one that saved it.
+
+      1x1: the one-process references, the refusal, checkpoints saved without the distributed optimizer
+      2x2: invariance, exact resumes and checkpoints with it, and a continue from 1x1
+      1x3: invariance and a continue from 2x2;  1x2: invariance;  1x1 again: a continue from 2x2
+    """
+
+    def __init__(self, folder):
+        self.folder, self.runs = folder, {}
+
+    def ckpt(self, tp, dp):
+        return [str(self.folder / f"{tp}x{dp}_{i}") for i in range(len(RESHARD_RULES))]
+
+    def _saves(self, tp, dp, distributed):
+        return [dict(sc, steps=3, mode="save", ckpt=c)
+                for sc, c in zip(_reshard_scenarios(distributed), self.ckpt(tp, dp))]
+
+    def _continues(self, source, distributed):
+        return [dict(sc, steps=5, resume_at=3, mode="continue", ckpt=c)
+                for sc, c in zip(_reshard_scenarios(distributed), self.ckpt(*source))]
+
+    def get(self, key):
+        if key not in self.runs:
+            parts = self._parts(key)
+            tp, dp = (1, 1) if key == "1x1 from 2x2" else key
+            runs = _run(tp, [sc for part in parts.values() for sc in part], world=tp * dp)
+            out, start = {}, 0
+            for name, part in parts.items():
+                out[name], start = runs[start:start + len(part)], start + len(part)
+            self.runs[key] = out
+        return self.runs[key]
+
+    def _parts(self, key):
+        if key == (1, 1):
+            return {"invariance": _invariance_scenarios(False), "refused": [REFUSED],
+                    "saved": self._saves(1, 1, distributed=False)}
+        if key == "1x1 from 2x2":
+            self.get((2, 2))
+            return {"continued": self._continues((2, 2), distributed=True)}
+        parts = {"invariance": _invariance_scenarios(False) + _invariance_scenarios(True)}
+        if key == (2, 2):
+            self.get((1, 1))
+            parts["resumes"] = [dict(sc, steps=6, resume_at=3, split_batch=True, distributed_optimizer=True)
+                                for sc in DISTRIBUTED_CHECKPOINT_RULES]
+            parts["saved"] = self._saves(2, 2, distributed=True)
+            parts["continued"] = self._continues((1, 1), distributed=False)
+        if key == (1, 3):
+            self.get((2, 2))
+            parts["continued"] = self._continues((2, 2), distributed=True)
+        return parts
+
 
 @pytest.fixture(scope="module")
-def one_process_and_refusal():
-    runs = _run(1, _invariance_scenarios(False) + [REFUSED])
-    return runs[:-1], runs[-1]
+def layouts(tmp_path_factory):
+    return Layouts(tmp_path_factory.mktemp("megatron_layouts"))
 
 
 @pytest.fixture(scope="module")
-def one_process(one_process_and_refusal):
-    return one_process_and_refusal[0]
+def one_process(layouts):
+    return layouts.get((1, 1))["invariance"]
 
 
 def _max_diff(a, b):
@@ -75,15 +140,16 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize("tp,dp", [(1, 2), (1, 3), (2, 2)], ids=["tp1xdp2", "tp1xdp3", "tp2xdp2"])
-def test_distributed_optimizer_is_invariant_to_tp_and_dp(one_process, tp, dp):
+def test_distributed_optimizer_is_invariant_to_tp_and_dp(layouts, one_process, tp, dp):
     # Each DP rank owns whole matrices (their state, refreshes and updates) and takes its own slice of a
     # 6-sequence batch. Two comparisons after 3 refreshes, in one launch:
     #  * against the same TP x DP with SARA replicated on every DP rank (same gradients, bit for bit): the
     #    ownership, the all-gather and the shared skip flag must change nothing;
     #  * against TP=1 x DP=1 on the whole batch: within 2e-5. OSD amplifies the round-off of the data-parallel
     #    reduction itself: its replicated run, which shares no optimizer state across ranks, lands as far from
-    #    one process (2e-2), and its bound is that distance.
-    runs = _run(tp, _invariance_scenarios(False) + _invariance_scenarios(True), world=tp * dp)
+    #    one process (2e-2), and its bound is that distance (README: B's Adam normalises round-off into a
+    #    full-size step at the stationary point the SVD starts it from).
+    runs = layouts.get((tp, dp))["invariance"]
     replicated, distributed = runs[:len(EVERY_RULE)], runs[len(EVERY_RULE):]
     for sc, ref, rep, res in zip(EVERY_RULE, one_process, replicated, distributed):
         label = f"{sc.get('optimizer', 'SaraAdamW')}/{sc['preset']}"
@@ -117,41 +183,16 @@ def _assert_split_over_dp(per_rank: list, one_process: dict, tp: int, dp: int, l
         assert largest <= total / dp + max(v for r in ranks for v in r.values()), (label, largest, total)
 
 
-def test_distributed_optimizer_refuses_a_reduce_scattered_gradient_buffer(one_process_and_refusal):
-    res = one_process_and_refusal[1]
+def test_distributed_optimizer_refuses_a_reduce_scattered_gradient_buffer(layouts):
+    (res,) = layouts.get((1, 1))["refused"]
     assert "DistributedDataParallelConfig(use_distributed_optimizer=False)" in res["error"], res
 
 
-# (rule, index of its uninterrupted run in EVERY_RULE, bf16)
-RESHARD_RULES = [("sara", "SaraAdamW", 0, False), ("sara_fira", "SaraAdamW", 3, False),
-                 ("sara", "SaraAdafactor", 8, False), ("sara", "SaraAdamMini", None, True)]
-
-
-def _reshard_scenarios(distributed=True):
-    return [dict(preset=p, optimizer=o, bf16=b, split_batch=True, distributed_optimizer=distributed)
-            for p, o, _, b in RESHARD_RULES]
-
-
-def _saves(folder, tp, dp, distributed=True):
-    ckpt = [str(folder / f"{tp}x{dp}_{i}") for i in range(len(RESHARD_RULES))]
-    return ckpt, [dict(sc, steps=3, mode="save", ckpt=c) for sc, c in zip(_reshard_scenarios(distributed), ckpt)]
-
-
-@pytest.fixture(scope="module")
-def tp2_dp2_checkpoints(tmp_path_factory):
-    """One TP=2 x DP=2 launch with the distributed optimizer: the exact-resume runs, and the checkpoints the
-    reshard test loads elsewhere."""
-    resumes = [dict(sc, steps=6, resume_at=3, split_batch=True, distributed_optimizer=True) for sc in CHECKPOINT_RULES]
-    ckpt, saves = _saves(tmp_path_factory.mktemp("tp2xdp2"), 2, 2)
-    runs = _run(2, resumes + saves, world=4)
-    return runs[:len(resumes)], (ckpt, runs[len(resumes):])
-
-
-def test_distributed_optimizer_checkpoints_resume_exactly(tp2_dp2_checkpoints):
+def test_distributed_optimizer_checkpoints_resume_exactly(layouts):
     # TP=2 x DP=2: torch (each rank's state_dict()) and torch_dist (SARA's state per matrix, the rest through
-    # megatron-core's layer-wise code), fp32 and bf16, every base
-    runs, _ = tp2_dp2_checkpoints
-    for sc, res in zip(CHECKPOINT_RULES, runs):
+    # megatron-core's layer-wise code), fp32 and bf16, and SARA-Fira
+    runs = layouts.get((2, 2))["resumes"]
+    for sc, res in zip(DISTRIBUTED_CHECKPOINT_RULES, runs):
         _assert_resumed_exactly(sc, res)
         if sc.get("bf16"):  # the fp32 masters too are made for owned parameters only
             per_rank = res["bytes"]
@@ -172,18 +213,15 @@ def _same_state(saved: dict, loaded: dict) -> bool:
     return saved.keys() == loaded.keys() and all(same_matrix(saved[n], loaded[n]) for n in saved)
 
 
-def test_torch_dist_checkpoints_reshard_over_tp_and_dp(tmp_path, one_process, tp2_dp2_checkpoints):
+def test_torch_dist_checkpoints_reshard_over_tp_and_dp(layouts, one_process):
     # Saved after 3 steps at one TP x DP, loaded at another: every matrix's state (bases, moments, norms, fp32
     # masters; at its TP=1 layout) comes back bit for bit, and the continued run (a refresh at step 4) ends
     # within 2e-5 of the uninterrupted one-process run (fp32). TP 2->1 with DP 2->1 and 2->3 with the
     # distributed optimizer; TP 1->2 with DP 1->2 without it (SARA replicated over DP, DP rank 0 writes).
-    ckpt, saves = _saves(tmp_path, 1, 1, distributed=False)
-    saved = {(2, 2): tp2_dp2_checkpoints[1], (1, 1): (ckpt, _run(1, saves))}
-    for (stp, sdp), (tp, dp), distributed in (((2, 2), (1, 1), True), ((2, 2), (1, 3), True),
-                                              ((1, 1), (2, 2), False)):
-        ckpt, before = saved[stp, sdp]
-        runs = _run(tp, [dict(sc, steps=5, resume_at=3, mode="continue", ckpt=c)
-                         for sc, c in zip(_reshard_scenarios(distributed), ckpt)], world=tp * dp)
+    moves = [((2, 2), (1, 1), "1x1 from 2x2", True), ((2, 2), (1, 3), (1, 3), True), ((1, 1), (2, 2), (2, 2), False)]
+    for (stp, sdp), (tp, dp), layout, distributed in moves:
+        before = layouts.get((stp, sdp))["saved"]
+        runs = layouts.get(layout)["continued"]
         for (preset, optimizer, ref, _), b, res in zip(RESHARD_RULES, before, runs):
             label = f"{optimizer}/{preset}: TP={stp} x DP={sdp} -> TP={tp} x DP={dp}"
             assert "error" not in res, (label, res.get("error"))

@@ -61,7 +61,8 @@ class SaraCheckpoint:
         self.inner, self.pairs, self.names, self.gated = inner, pairs, names, gated
         self.owned_by_one_dp_rank = owned_by_one_dp_rank
 
-    def _split(self, param, name) -> bool:
+    @staticmethod
+    def _split(param) -> bool:
         return is_tp_sharded(param) and ps.get_tensor_model_parallel_world_size() > 1
 
     def _object(self, suffix: str, obj, replica_id) -> ShardedObject:
@@ -85,7 +86,7 @@ class SaraCheckpoint:
                 for model_params, mains in self.pairs() for p, main in zip(model_params, mains)}
 
     def _full_state(self, p, main, name) -> dict:
-        split = self._split(p, name)
+        split = self._split(p)
         gated = self.gated and "linear_fc1" in name
         state = {}
         for key, value in self.inner.state.get(main, {}).items():
@@ -111,7 +112,7 @@ class SaraCheckpoint:
                 if name not in loaded["matrices"]:
                     raise KeyError(f"sara_ds: the checkpoint holds no SARA state for {name}")
                 obj = loaded["matrices"][name]
-                split, gated = self._split(p, name), self.gated and "linear_fc1" in name
+                split, gated = self._split(p), self.gated and "linear_fc1" in name
                 if obj["master"] is not None and main is not p:
                     main.detach().copy_(_cut(obj["master"], partition_dim(p), gated) if split else obj["master"])
                 st = {k: (_cut(v, -1, gated) if split and k in SPLIT_STATE else v) if isinstance(v, torch.Tensor)
