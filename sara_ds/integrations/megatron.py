@@ -138,16 +138,10 @@ def _check_all_reduced_gradients(model_chunks) -> None:
 
 def _install_checkpointing(wrapped, inner, names: dict, gated: bool) -> None:
     """torch_dist: SARA's state per matrix, at its TP=1 layout (``megatron_checkpoint``), written by DP rank 0."""
-    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+    from .megatron_checkpoint import SaraCheckpoint, model_and_main_params
 
-    from .megatron_checkpoint import SaraCheckpoint
-
-    def pairs():
-        if isinstance(wrapped, Float16OptimizerWithFloat16Params):
-            return list(zip(wrapped.float16_groups, wrapped.fp32_from_float16_groups))
-        return [(g["params"], g["params"]) for g in inner.param_groups]
-
-    checkpoint = SaraCheckpoint(inner, pairs, names, gated, owned_by_one_dp_rank=False)
+    checkpoint = SaraCheckpoint(inner, lambda: model_and_main_params(wrapped, inner), names, gated,
+                                owned_by_one_dp_rank=False)
     megatron_load = wrapped.load_state_dict
 
     def sharded_state_dict(model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):

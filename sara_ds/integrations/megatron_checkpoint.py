@@ -53,6 +53,16 @@ def _cut(t: torch.Tensor, dim: int, gated: bool) -> torch.Tensor:
     return torch.cat([gate.chunk(size, dim=dim)[rank], up.chunk(size, dim=dim)[rank]], dim=dim).clone()
 
 
+def model_and_main_params(wrapped, inner) -> list:
+    """(model parameters, the tensors SARA steps for them: the same ones, or fp32 masters) per SARA param group
+    of ``wrapped``, Megatron's FP32Optimizer or Float16OptimizerWithFloat16Params around ``inner``."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    if isinstance(wrapped, Float16OptimizerWithFloat16Params):
+        return list(zip(wrapped.float16_groups, wrapped.fp32_from_float16_groups))
+    return [(g["params"], g["params"]) for g in inner.param_groups]
+
+
 class SaraCheckpoint:
     """Saves and loads the SARA part of a Megatron optimizer chain. ``pairs()`` gives, per SARA param group,
     (model parameters, the tensors SARA steps for them: the same ones, or fp32 masters)."""

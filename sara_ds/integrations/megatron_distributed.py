@@ -25,12 +25,12 @@ import torch.distributed as dist
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
-from megatron.core.optimizer.optimizer import ChainedOptimizer, Float16OptimizerWithFloat16Params
+from megatron.core.optimizer.optimizer import ChainedOptimizer
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from ..sharding import ownership
-from .megatron_checkpoint import SaraCheckpoint
+from .megatron_checkpoint import SaraCheckpoint, model_and_main_params
 
 
 class SaraLayerWiseOptimizer(LayerWiseDistributedOptimizer):
@@ -106,10 +106,7 @@ class SaraLayerWiseOptimizer(LayerWiseDistributedOptimizer):
 
     def _sara_pairs_by_group(self):
         """(model parameters, the tensors SARA steps for them) per SARA param group."""
-        wrapped = self.chained_optimizers[0]
-        if isinstance(wrapped, Float16OptimizerWithFloat16Params):
-            return list(zip(wrapped.float16_groups, wrapped.fp32_from_float16_groups))
-        return [(g["params"], g["params"]) for g in self.sara_inner.param_groups]
+        return model_and_main_params(self.chained_optimizers[0], self.sara_inner)
 
     def _rest(self):
         """The chain without SARA, for megatron-core's own layer-wise checkpoint code."""
