@@ -121,9 +121,9 @@ def main():
     warnings.simplefilter("ignore")
     try:
         from galore_torch import GaLoreAdamW
-    except ImportError:
+    except ImportError as error:  # its package also imports bitsandbytes (GaLoreAdamW8bit)
         GaLoreAdamW = None
-        print("galore-torch not installed: its column is skipped (pip install galore-torch)")
+        print(f"galore-torch not importable ({error}): its column is skipped (pip install galore-torch bitsandbytes)")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} on {where}; scope {args.scope}; T={args.gap}; "
           f"times are medians of {args.repeats} ordinary steps\n")

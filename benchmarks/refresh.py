@@ -1,7 +1,9 @@
 """One subspace refresh at LLaMA-7B layer shapes: the full SVD against gram-eigh and the sketch, in one run.
 
 For each shape it times, on the same matrix and the same threads:
-  * svd     torch.linalg.svd(G, full_matrices=False), galore-torch's call (spectrum='svd');
+  * svd     spectrum='svd': on a CPU torch.linalg.svd(G, full_matrices=False), galore-torch's call; on CUDA
+            cuSOLVER's gesvda driver;
+  * gesvdj, gesvd  on CUDA only: the same SVD through torch's default driver and the QR-iteration one;
   * gram    eigh of A^T A on the basis side (tp_spectrum='gram' at TP=1);
   * sketch  randomized range finder, k = rank + oversample, q power iterations (spectrum='sketch'),
 and prints each one's time, its speed-up over the SVD, the residual ratio
@@ -47,6 +49,11 @@ def timed(fn, device):
     return tuple(t.cpu() for t in out), time.perf_counter() - start
 
 
+def svd_driver(matrix, left, driver):
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False, driver=driver)
+    return s, (u if left else vh.mT)
+
+
 def inclusion(sigma, n, rank, draws, seed):
     """Monte Carlo inclusion probability of each of n singular directions under SARA's draw."""
     counts = torch.zeros(n)
@@ -77,7 +84,7 @@ def main():
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; r={r}, sketch k=r+{oversamples}, "
           f"q={args.power_iters}, spectrum d_i=(i+1)^-{args.decay}, {args.draws} draws")
-    print(f"{'shape':>12} {'method':>7} {'seconds':>9} {'vs svd':>7} {'residual':>9} {'TV(incl.)':>10}"
+    print(f"{'shape':>12} {'method':>7} {'seconds':>9} {'vs svd':>7} {'residual':>9} {'TV(incl.)':>10} {'|VtV-I|':>9}"
           "   (k=...: the sketch)")
     for shape in args.shapes.split(","):
         rows, cols = (int(x) for x in shape.split("x"))
@@ -87,8 +94,11 @@ def main():
         n = a.shape[1]
         gen = torch.Generator().manual_seed(3)
         on = grad.to(device)
-        results = {"svd": timed(lambda: spectral.full_svd(on, left), device),
-                   "gram": timed(lambda: spectral.gram_eigh(on.mT if left else on), device)}
+        results = {"svd": timed(lambda: spectral.full_svd(on, left), device)}
+        if device.type == "cuda":  # sara_ds's gesvda above; torch's default (gesvdj) and QR-iteration drivers
+            results["gesvdj"] = timed(lambda: svd_driver(on, left, "gesvdj"), device)
+            results["gesvd"] = timed(lambda: svd_driver(on, left, "gesvd"), device)
+        results["gram"] = timed(lambda: spectral.gram_eigh(on.mT if left else on), device)
         for p in oversamples:
             results[f"k={spectral.sketch_size(n, r, p)}"] = timed(
                 lambda: spectral.local_spectrum(on, left, "sketch", gen, r, p, args.power_iters), device)
@@ -97,12 +107,15 @@ def main():
         exact_incl = inclusion(exact_sigma, n, r, args.draws, seed=1)
         floor = tv(exact_incl, inclusion(exact_sigma, n, r, args.draws, seed=2), r)
         svd_seconds = results["svd"][1]
+        a_on = a.to(device)
         for method, ((sigma, vectors), seconds) in results.items():
-            v = vectors[:, :r]
-            residual = ((a - (a @ v) @ v.mT).double().norm() / best).item()
+            v = vectors[:, :r].to(device)
+            residual = ((a_on - (a_on @ v) @ v.mT).double().norm() / best).item()
             incl = inclusion(sigma, n, r, args.draws, seed=2)
+            every = vectors.to(device)
+            orthogonality = (every.mT @ every - torch.eye(every.shape[1], device=device)).abs().max().item()
             print(f"{shape:>12} {method:>7} {seconds:9.2f} {svd_seconds / seconds:6.1f}x {residual:9.4f} "
-                  f"{tv(exact_incl, incl, r):10.4f}")
+                  f"{tv(exact_incl, incl, r):10.4f} {orthogonality:9.1e}")
         print(f"{shape:>12} {'':>7} (TV noise floor of {args.draws} draws: {floor:.4f}; "
               f"sigma_r/sigma_1 = {(exact_sigma[r - 1] / exact_sigma[0]).item():.3g})")
 

@@ -119,10 +119,11 @@ def main():
 
     def evaluate():
         engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL reduces only CUDA tensors
         with torch.no_grad():
             for x, y in val_batches:
-                total += torch.tensor([engine(x.to(device), y.to(device)).item() * y.numel(), y.numel()], dtype=torch.float64)
+                total += torch.tensor([engine(x.to(device), y.to(device)).item() * y.numel(), y.numel()],
+                                      dtype=torch.float64, device=device)
         dist.all_reduce(total)
         engine.train()
         return math.exp(total[0].item() / total[1].item())
@@ -201,13 +202,12 @@ def main():
     full = {}
     for n, p in model.named_parameters():
         value = safe_get_full_fp32_param(p) if engine.zero_optimization() else p.detach().float()
-        value = value.detach().cpu().clone()
         if tp_group is not None and partition_dim(p) is not None:  # a TP shard: gather the whole matrix
             parts = [torch.empty_like(value) for _ in range(tp)]
             dist.all_gather(parts, value.contiguous(), group=tp_group)
             value = torch.cat(parts, dim=partition_dim(p))
-        full[n] = value
-    global_loss = torch.tensor([loss_value], dtype=torch.float64)
+        full[n] = value.detach().cpu().clone()
+    global_loss = torch.tensor([loss_value], dtype=torch.float64, device=device)
     dist.all_reduce(global_loss)
     checksum = float(sum(t.double().sum() for t in full.values()))
     print(f"[sara_ds] rank {rank}/{world}: mean final loss {global_loss.item() / world:.6f} "

@@ -27,6 +27,8 @@ from .sharding import Slot
 from .sharding.placement import Placement
 
 _OSD_BASIS_ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}
+# GradScaler's non-finite kernel has no bf16 on CUDA ("not implemented for 'BFloat16'", seen on an H200)
+_AMP_CHECK_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 class SaraOptimizer(torch.optim.Optimizer):
@@ -199,8 +201,12 @@ class SaraOptimizer(torch.optim.Optimizer):
         for g in grads:
             if g.numel():
                 by_dtype.setdefault(g.dtype, []).append(g)
-        for same in by_dtype.values():  # the kernel takes one dtype at a time, as in GradScaler
-            torch._amp_foreach_non_finite_check_and_unscale_(same, found, one)
+        for dtype, same in by_dtype.items():  # the kernel takes one dtype at a time, as in GradScaler
+            if dtype in _AMP_CHECK_DTYPES:
+                torch._amp_foreach_non_finite_check_and_unscale_(same, found, one)
+            else:  # max |g| is NaN or Inf exactly where an element is, and cannot overflow
+                peaks = torch.stack(torch._foreach_norm(same, ord=float("inf"))).float()
+                found = torch.maximum(found, (~torch.isfinite(peaks).all()).float())
         keep = ~self.placement.any_rank(found).to(device)
         skipped = (~keep).float()
         self._pending_skips = skipped if self._pending_skips is None else self._pending_skips.add_(skipped)

@@ -23,6 +23,8 @@ maths runs in one process (the defaults) and across TP ranks
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -39,10 +41,29 @@ def _alone(t: Tensor) -> list:
 
 
 def full_svd(matrix: Tensor, left: bool) -> tuple[Tensor, Tensor]:
-    """Thin fp32 SVD of the matrix as stored (the same call and orientation as galore-torch,
+    """Thin fp32 SVD of the matrix as stored (on a CPU the same call and orientation as galore-torch,
     so singular-vector signs, and hence trajectories, match it)."""
-    u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
-    return s, (u if left else vh.mT)
+    a = matrix.float()
+    if not a.is_cuda:
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return s, (u if left else vh.mT)
+    tall = a.shape[-2] >= a.shape[-1]
+    u, s, vh = gesvda_or_default(a if tall else a.mT)
+    return s, ((u if tall else vh.mT) if left else (vh.mT if tall else u))
+
+
+def gesvda_or_default(tall: Tensor, svd=torch.linalg.svd) -> tuple[Tensor, Tensor, Tensor]:
+    """cuSOLVER's batched gesvda (tall matrices only). On an H200 it took 1/4 to 1/7 of the time of torch's
+    default CUDA driver (gesvdj) at LLaMA-7B shapes and 1/10 to 1/20 on LLaMA-60M..350M banks, with singular
+    vectors orthonormal to 3e-6 where gesvdj's were off by 2.7e-3. It refuses to converge on a spectrum spanning
+    ~15 decades (d_i = (i+1)^-2 at 4096 columns), so such a batch is decomposed again by torch's default
+    driver, with a warning: the same SVD, slower."""
+    try:
+        return svd(tall, full_matrices=False, driver="gesvda")
+    except torch.linalg.LinAlgError as error:
+        warnings.warn(f"sara_ds: cuSOLVER's gesvda did not converge on a {tuple(tall.shape)} refresh ({error}); "
+                      "that refresh used torch's default SVD driver", RuntimeWarning, stacklevel=3)
+        return svd(tall, full_matrices=False)
 
 
 def tsqr(a: Tensor, all_gather=_alone) -> tuple[Tensor, Tensor]:

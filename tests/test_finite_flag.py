@@ -99,6 +99,18 @@ def test_the_device_flag_in_bf16(case):
     assert [reads[s] for s in (1, 2, 4, 5, 7)] == [0] * 5
 
 
+@pytest.mark.parametrize("where", [0, 4, len(SHAPES) + 1], ids=["bank-member", "loner", "full-rank"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_nonfinite_bf16_gradient_is_skipped_on_the_device(where, bad):
+    """bf16 gradients take max |g| instead of GradScaler's kernel, which CUDA does not implement for bf16."""
+    _, opt, reads, trace = _run(sara_ds.SaraAdamW, "device", dtype=torch.bfloat16, steps=6, poison_at=4,
+                                poison=(where, bad), preset="sara", foreach=True)
+    assert reads[4] == 0
+    assert all(torch.equal(a, b) for a, b in zip(trace[4][0], trace[5][0]))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(trace[4][1], trace[5][1]))
+    assert opt.refresh_counts()["skipped_steps"] == 1
+
+
 @pytest.mark.parametrize("case", [CASES[i] for i in (5, 6, 8, 10, 11, 12)] + IN_PLACE, ids=_case_id)
 @pytest.mark.parametrize("foreach", [True, False], ids=["banks", "per-matrix"])
 @pytest.mark.parametrize("where", [0, 4, len(SHAPES) + 1], ids=["bank-member", "loner", "full-rank"])

@@ -120,3 +120,20 @@ def test_an_unknown_spectrum_is_refused_by_name():
     w = torch.nn.Parameter(torch.zeros(8, 8))
     with pytest.raises(ValueError, match=r"spectrum must be one of \('svd', 'gram', 'sketch'\), got spectrum='qr'"):
         sara_ds.SaraAdamW([dict(params=[w], rank=2)], spectrum="qr")
+
+
+def test_a_gesvda_that_does_not_converge_is_redone_by_the_default_driver_with_a_warning():
+    """The CUDA refresh's fallback (gesvda exists on CUDA only, so its refusal is played here by a stand-in)."""
+    calls = []
+
+    def svd(a, full_matrices, driver=None):
+        calls.append(driver)
+        if driver == "gesvda":
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (error code: 4088).")
+        return torch.linalg.svd(a, full_matrices=full_matrices)
+
+    a = torch.randn(3, 40, 12, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match=r"gesvda did not converge on a \(3, 40, 12\) refresh"):
+        u, s, vh = spectral.gesvda_or_default(a, svd)
+    assert calls == ["gesvda", None]
+    assert torch.allclose((u * s.unsqueeze(-2)) @ vh, a, atol=1e-5)
