@@ -304,7 +304,7 @@ def test_resume_at_another_data_parallel_size_is_refused(tmp_path):
     params = dict(BASE, preset="sara")
     (saved,) = run_scenarios(2, [dict(name="save", params=params, zero={"stage": 2}, save_to=ckpt)])
     assert "error" not in saved
-    for world in (1, 3):  # DeepSpeed refuses these itself, before the optimizer sees any state
+    for world in (1,):  # DeepSpeed refuses this itself, before the optimizer sees any state
         (res,) = run_scenarios(world, [dict(name=f"load-w{world}", params=params, zero={"stage": 2},
                                             load_from=ckpt, resume_step=7, expect_error=True)])
         print(f"  load a 2-rank checkpoint on {world} rank(s): {res.get('error', 'NO ERROR')[:300]}")

@@ -78,7 +78,7 @@ def _check(results, scenarios):
         name = f"{sc.get('optimizer', 'SaraAdamW')}/{sc.get('preset', '-')}/z{sc['stage']}"
         print(f"  {name:<32} max|TP2xDP2 under DeepSpeed - dense| = {diff:.2e}")
         if sc.get("optimizer") == "AdamW":
-            worst_adamw = diff
+            worst_adamw = max(diff, worst_adamw or 0.0)
             continue
         assert diff < (3 * osd_sensitivity() if sc["preset"] == "osd" else TOLERANCE), name
         assert res["tp_group_size"] == 2, name  # the engine's TP group reached the optimizer
@@ -104,23 +104,21 @@ def _check(results, scenarios):
     return worst_adamw
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_megatron_deepspeed_tp2_dp2_equals_one_dense_process(stage):
-    scenarios = [dict(preset=p, stage=stage) for p in sorted(sara_ds.PRESETS)]
-    scenarios += [dict(preset="sara", optimizer=o, stage=stage) for o in ("SaraAdafactor", "SaraAdamMini")]
-    scenarios.append(dict(optimizer="AdamW", stage=stage))
-    results = run_scenarios(4, scenarios, worker="ds_tp_worker.py", timeout=600)
-    print(f"\nTP=2 x DP=2, ZeRO-{stage}, fp32, 7 steps (refreshes at 0, 2, 4, 6):")
-    adamw = _check(results, scenarios)
+def test_megatron_deepspeed_tp2_dp2_equals_one_dense_process():
+    """Every preset and base at ZeRO-0, 1 and 2, and the gram and sketch spectra, in one 4-rank launch."""
+    scenarios = []
+    for stage in (0, 1, 2):
+        scenarios += [dict(preset=p, stage=stage) for p in sorted(sara_ds.PRESETS)]
+        scenarios += [dict(preset="sara", optimizer=o, stage=stage) for o in ("SaraAdafactor", "SaraAdamMini")]
+        scenarios.append(dict(optimizer="AdamW", stage=stage))
+    spectra = [dict(preset="sara", stage=2, mode="sketch"), dict(preset="galore", stage=1, mode="gram"),
+               dict(preset="sara_fira", stage=0, mode="sketch")]
+    results = run_scenarios(4, scenarios + spectra, worker="ds_tp_worker.py", timeout=900)
+    print("\nTP=2 x DP=2, ZeRO-0/1/2, fp32, 7 steps (refreshes at 0, 2, 4, 6):")
+    adamw = _check(results[:len(scenarios)], scenarios)
     assert adamw < TOLERANCE  # the harness itself: stock AdamW through the same engine
-
-
-def test_the_gram_and_sketch_spectra_under_deepspeed_tp():
-    scenarios = [dict(preset="sara", stage=2, mode="sketch"), dict(preset="galore", stage=1, mode="gram"),
-                 dict(preset="sara_fira", stage=0, mode="sketch")]
-    results = run_scenarios(4, scenarios, worker="ds_tp_worker.py", timeout=600)
     print("\nTP=2 x DP=2 under DeepSpeed, the other spectra:")
-    _check(results, scenarios)
+    _check(results[len(scenarios):], spectra)
 
 
 def test_tp_weights_without_a_tp_group_are_refused():
@@ -133,9 +131,12 @@ def test_tp_weights_without_a_tp_group_are_refused():
     assert "MegatronCoreMPU" in res["error"] and "autotp_size" in res["error"]
 
 
+# ZeRO-1 partitions the optimizer state as ZeRO-2 does; beyond stock AdamW and SARA it is left to the
+# Megatron-DeepSpeed route above, which runs every preset at every stage (CI's time)
 AUTOTP = [dict(optimizer="AdamW", stage=s) for s in (0, 1, 2)]
-AUTOTP += [dict(optimizer="SaraAdamW", preset=p, stage=s) for p in sorted(sara_ds.PRESETS) for s in (0, 1, 2)]
-AUTOTP += [dict(optimizer=o, preset="sara", stage=s) for o in ("SaraAdafactor", "SaraAdamMini") for s in (0, 1, 2)]
+AUTOTP += [dict(optimizer="SaraAdamW", preset=p, stage=s) for p in sorted(sara_ds.PRESETS) for s in (0, 1, 2)
+           if s != 1 or p == "sara"]
+AUTOTP += [dict(optimizer=o, preset="sara", stage=s) for o in ("SaraAdafactor", "SaraAdamMini") for s in (0, 2)]
 OSD = dict(optimizer="SaraAdamW", preset="osd", stage=0)
 PROJECTED_KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -146,7 +147,7 @@ def _autotp_diff(a, b):
 
 def test_autotp_hf_llama_tp2_dp2_tracks_one_dense_process_as_closely_as_stock_adamw():
     """DeepSpeed's own AutoTP ("tensor_parallel": {"autotp_size": 2}) on a tiny Hugging Face Llama, 4 ranks,
-    every preset and base under ZeRO-0, 1 and 2.
+    every preset and base under ZeRO-0 and 2 (ZeRO-1: AdamW and SARA).
 
     The papers' rule finds AutoTP's LinearLayer / LinearAllreduce, the TP group comes from the engine, and the
     weights stay within twice stock AdamW's deviation from one dense process through the same harness (AdamW's

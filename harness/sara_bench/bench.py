@@ -2,7 +2,7 @@
 
     sara-bench                         # CPU default, ~1 h on 2 cores, writes bench_results/cpu/
     sara-bench --size smoke            # a 1-minute end-to-end check of the whole harness
-    sara-bench --size gpu60m --device cuda --jobs 1
+    python -m sara_bench.code_corpus build && sara-bench --size gpu60m --device cuda --jobs 1   # the code corpus
 
 Protocol (GaLore's, scaled to the run): cosine schedule with 10% warmup down to
 10% of peak, alpha (scale) = 0.25, r = hidden/4, T = steps/40, gradient clipping
@@ -49,10 +49,11 @@ SIZES = {
     # about an hour on 2 idle cores: 14 methods x 3 seeds + 2 extra AdamW lrs x 3 seeds = 48 runs of ~2.3 min
     "cpu": Size(hidden=128, layers=4, heads=4, seq_len=128, batch=16, steps=500, eval_every=50, eval_batches=10,
                 adamw_lrs=(2.5e-3, 5e-3, 1e-2), lowrank_lr=1e-2),
-    # LLaMA-60M layer shapes (GaLore's smallest C4 model) on the bundled corpus's 4096-token vocabulary
-    "gpu60m": Size(hidden=512, intermediate=1376, layers=8, heads=8, seq_len=256, batch=128, steps=10000,
-                   eval_every=500, eval_batches=40, adamw_lrs=(1e-3, 2.5e-3, 5e-3), lowrank_lr=1e-2,
-                   checkpoint_every=500, jobs=1),
+    # LLaMA-60M (GaLore's smallest C4 model: its layer shapes and 32000-token vocabulary) on the code corpus
+    # (python -m sara_bench.code_corpus build): 2500 x 64 x 256 = 41M tokens, 0.95 of an epoch of its 43.0M
+    "gpu60m": Size(hidden=512, intermediate=1376, layers=8, heads=8, seq_len=256, batch=64, steps=2500,
+                   eval_every=250, eval_batches=40, adamw_lrs=(1e-3, 2.5e-3, 5e-3), lowrank_lr=1e-2,
+                   checkpoint_every=250, jobs=1, data="code"),
 }
 
 
@@ -79,7 +80,10 @@ def plan(size: Size, methods=None, seeds=None) -> list[RunSpec]:
 
 
 def size_fingerprint(size: Size, device: str) -> str:
-    blob = json.dumps(dict(dataclasses.asdict(size), device=device), sort_keys=True, default=str)
+    config = dataclasses.asdict(size)
+    if config["data"] == "prose":  # the default: folders written before sizes named their data still resume
+        del config["data"]
+    blob = json.dumps(dict(config, device=device), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -119,7 +123,7 @@ def build(spec: RunSpec, size: Size, device: str):
     from . import corpus, llama
 
     torch.manual_seed(spec.seed)
-    cfg = llama.LlamaConfig(vocab_size=corpus.VOCAB_SIZE, hidden=size.hidden, layers=size.layers, heads=size.heads,
+    cfg = llama.LlamaConfig(vocab_size=corpus.vocab_size(size.data), hidden=size.hidden, layers=size.layers, heads=size.heads,
                             intermediate=size.ffn, max_seq=size.seq_len)
     model = llama.Llama(cfg).to(device)
     method = METHOD_BY_NAME[spec.method]
@@ -150,8 +154,8 @@ def train_run(spec: RunSpec, size: Size, out_dir: str, device: str = "cpu", prog
     from . import corpus
 
     model, opt, sched, projected = build(spec, size, device)
-    data = corpus.Batches(corpus.token_ids("train"), size.seq_len, size.batch, seed=spec.seed)
-    val = list(corpus.validation_batches(size.seq_len, size.batch, size.eval_batches))
+    data = corpus.Batches(corpus.token_ids("train", size.data), size.seq_len, size.batch, seed=spec.seed)
+    val = list(corpus.validation_batches(size.seq_len, size.batch, size.eval_batches, size.data))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else None
     ckpt_path = os.path.join(out_dir, "checkpoints", f"{spec.run_id}.pt")
     initial = {n: p.detach().float().cpu().clone() for n, p in projected.items()}
@@ -271,7 +275,7 @@ def _fmt_seconds(s: float) -> str:
 
 def run_benchmark(size_name: str, out_dir: str, jobs: int | None = None, device: str = "cpu", methods=None,
                   seeds=None, steps: int | None = None, stop_after: int | None = None, log=print,
-                  command: str | None = None) -> dict:
+                  command: str | None = None, data: str | None = None) -> dict:
     """Run every planned (method, lr, seed) not yet in ``out_dir/results.jsonl``; returns all results."""
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -285,6 +289,12 @@ def run_benchmark(size_name: str, out_dir: str, jobs: int | None = None, device:
     if steps is not None:
         size = dataclasses.replace(size, steps=steps, eval_every=min(size.eval_every, steps),
                                    checkpoint_every=min(size.checkpoint_every, steps))
+    if data is not None:
+        from . import corpus
+
+        if data not in corpus.DATA:
+            raise ValueError(f"sara-bench: unknown data={data!r}; choose one of {corpus.DATA}")
+        size = dataclasses.replace(size, data=data)
     jobs = jobs or size.jobs
     os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
     meta_path = os.path.join(out_dir, "meta.json")
@@ -375,6 +385,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHOD_BY_NAME))
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the size's, 0,1,2)")
     ap.add_argument("--steps", type=int, default=None, help="override the size's step count")
+    ap.add_argument("--data", default=None, choices=("prose", "code"),
+                    help="override the size's corpus: the bundled prose, or the code corpus "
+                         "(python -m sara_bench.code_corpus build); gpu60m trains on code")
     ap.add_argument("--docs", default=None, help="also write the report (table + plots) into this folder")
     ap.add_argument("--report-only", action="store_true", help="only (re)write the report from results.jsonl")
     ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: interrupt mid-run
@@ -386,7 +399,7 @@ def main(argv=None) -> int:
     if not args.report_only:
         try:
             run_benchmark(args.size, out, args.jobs, args.device, methods, seeds, args.steps, args.stop_after,
-                          log=lambda m: print(m, flush=True), command=command)
+                          log=lambda m: print(m, flush=True), command=command, data=args.data)
         except (RunInterrupted, KeyboardInterrupt) as e:
             print(f"[bench] interrupted ({e or 'Ctrl-C'}); finished runs are in {out}/results.jsonl and unfinished "
                   "ones resume from their checkpoints when the same command is run again", flush=True)

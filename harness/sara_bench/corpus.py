@@ -26,8 +26,30 @@ def tokenizer():
     return Tokenizer.from_file(_data_path("tokenizer.json"))
 
 
-def token_ids(split: str) -> np.ndarray:
-    """All tokens of ``split`` ('train' or 'val') as a uint16 array."""
+DATA = ("prose", "code")  # the bundled corpus; the code corpus the GPU size trains on (sara_bench.code_corpus)
+
+
+def _check_data(data: str) -> None:
+    if data not in DATA:
+        raise ValueError(f"sara_bench: data must be one of {DATA}, got data={data!r}")
+
+
+def vocab_size(data: str = "prose") -> int:
+    _check_data(data)
+    if data == "code":
+        from . import code_corpus
+
+        return code_corpus.load_manifest()["vocab_size"]
+    return VOCAB_SIZE
+
+
+def token_ids(split: str, data: str = "prose") -> np.ndarray:
+    """All tokens of ``split`` ('train' or 'val'; the code corpus also has 'select') as a uint16 array."""
+    _check_data(data)
+    if data == "code":
+        from . import code_corpus
+
+        return code_corpus.token_ids(split)
     if split not in ("train", "val"):
         raise ValueError(f"sara_bench: split must be 'train' or 'val', got split={split!r}")
     raw = open(_data_path(f"{split}.txt.gz"), "rb").read()
@@ -62,7 +84,7 @@ class Batches:
     """
 
     def __init__(self, ids: np.ndarray, seq_len: int, global_batch: int, seed: int = 0):
-        self.ids = torch.from_numpy(ids.astype(np.int64))
+        self.ids = torch.from_numpy(np.asarray(ids).astype(np.int64))
         self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
 
     def get(self, step: int, rank: int = 0, world: int = 1):
@@ -76,9 +98,9 @@ class Batches:
         return window[:, :-1], window[:, 1:]
 
 
-def validation_batches(seq_len: int, batch: int, count: int):
+def validation_batches(seq_len: int, batch: int, count: int, data: str = "prose", split: str = "val"):
     """Fixed, non-overlapping validation windows (the same for every run)."""
-    ids = torch.from_numpy(token_ids("val").astype(np.int64))
+    ids = torch.from_numpy(np.asarray(token_ids(split, data)).astype(np.int64))
     n = min(count * batch, (len(ids) - 1) // seq_len)
     windows = [ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]
     for i in range(0, n - batch + 1, batch):

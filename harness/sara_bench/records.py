@@ -56,6 +56,7 @@ class Size:
     intermediate: int | None = None
     checkpoint_every: int = 100
     jobs: int = 2
+    data: str = "prose"  # or "code": sara_bench.corpus.DATA
 
     @property
     def ffn(self) -> int:

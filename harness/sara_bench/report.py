@@ -94,7 +94,9 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
         f"Produced by `{command}` (sara_ds {_version()}, torch {meta.get('torch')}, device {meta.get('device')}).",
         "",
         f"Model: LLaMA-style, {size.layers} layers x hidden {size.hidden} (ffn {size.ffn}), {size.heads} heads, "
-        f"vocabulary 4096, on the bundled Wikipedia + Austen corpus. {size.steps} steps of "
+        + ("vocabulary 4096, on the bundled Wikipedia + Austen corpus. " if size.data == "prose" else
+           "on the code corpus (sara_bench.code_corpus: Python sources of pinned packages; networkx held out). ")
+        + f"{size.steps} steps of "
         f"{size.batch} x {size.seq_len} tokens ({size.steps * size.batch * size.seq_len / 1e6:.2f}M tokens), "
         f"validation on {size.eval_batches} fixed batches of held-out text.",
         f"Protocol: cosine schedule, 10% warmup, floor 10% of peak; rank r = hidden/4 = {size.rank}, "
