@@ -243,3 +243,57 @@ def test_the_report_reads_results_without_importing_the_benchmark():
     run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=PYTHONPATH),
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_the_t_distribution_and_the_paired_tests():
+    for t in (0.3, 1.0, 2.92, 9.9):  # closed forms at 1 and 2 degrees of freedom
+        assert abs(report.t_sf(t, 1) - (0.5 - math.atan(t) / math.pi)) < 1e-12
+        assert abs(report.t_sf(t, 2) - (0.5 - t / (2 * math.sqrt(2 + t * t)))) < 1e-12
+        assert abs(report.t_sf(-t, 3) - (1 - report.t_sf(t, 3))) < 1e-12
+    assert abs(report.t_sf(2.015, 5) - 0.05) < 1e-4 and abs(report.t_sf(2.228, 10) - 0.025) < 1e-4  # tables
+    better = report.paired_test([0.020, 0.018, 0.025])
+    assert better["positive"] == 3 and better["sign_p_one"] == 0.125  # 3 of 3 cannot beat 1/8
+    assert abs(better["t"] - 0.021 / (statistics.stdev([0.020, 0.018, 0.025]) / math.sqrt(3))) < 1e-9
+    assert 0 < better["p_one"] < 0.01 and better["p_two"] == 2 * better["p_one"]
+    mixed = report.paired_test([0.02, -0.03, 0.01])
+    assert mixed["p_one"] > 0.4 and mixed["positive"] == 2 and mixed["sign_p_one"] == 0.5
+
+
+def test_the_select_split_is_held_out_apart_from_the_reported_one():
+    size = bench.SIZES["cpu"]
+    val = torch.cat([x for x, _ in corpus.validation_batches(size.seq_len, size.batch, size.eval_batches)])
+    select = torch.cat([x for x, _ in corpus.validation_batches(size.seq_len, size.batch, size.eval_batches,
+                                                                split="select")])
+    assert val.shape == select.shape
+    ids = corpus.token_ids("val")
+    n = val.shape[0] * size.seq_len
+    assert torch.equal(val.flatten(), torch.from_numpy(ids[:n].astype("int64")))  # from the start...
+    assert torch.equal(select.flatten(), torch.from_numpy(ids[len(ids) - 1 - n:len(ids) - 1].astype("int64")))
+    assert len(ids) - 1 - n >= n  # ...and from the end, not overlapping
+    with pytest.raises(ValueError, match="too short for disjoint val and select"):
+        list(corpus.validation_batches(256, 64, 40, split="select"))
+
+
+def test_the_lr_is_chosen_on_the_select_split_and_closures_are_paired_by_seed():
+    def run(method, lr, seed, val_loss, select_loss=None):
+        rec = dict(run_id=f"{method}_lr{lr:g}_s{seed}", method=method, lr=lr, seed=seed, val_loss=val_loss,
+                   val_ppl=math.exp(val_loss), overlap=[], effective_rank=[], seconds=1.0)
+        return rec if select_loss is None else dict(rec, select_loss=select_loss)
+
+    runs = [run("GaLore", 0.01, 0, 4.60, 4.70), run("GaLore", 0.02, 0, 4.55, 4.75),  # val prefers 0.02, select 0.01
+            run("GaLore", 0.01, 1, 4.62, 4.72), run("GaLore", 0.01, 2, 4.61, 4.71),
+            run("SARA-GaLore", 0.01, 0, 4.58, 4.68), run("SARA-GaLore", 0.01, 1, 4.60, 4.70),
+            run("SARA-GaLore", 0.01, 2, 4.60, 4.70),
+            run("AdamW-split", 0.01, 0, 4.50), run("AdamW-split", 0.01, 1, 4.52), run("AdamW-split", 0.01, 2, 4.51)]
+    summary = report.summarize({r["run_id"]: r for r in runs})
+    assert summary["GaLore"]["lr"] == 0.01 and summary["GaLore"]["selected_on"] == "select"
+    assert summary["GaLore"]["sweep_seeds"] == [0] and summary["GaLore"]["n"] == 3
+    assert summary["AdamW-split"]["selected_on"] == "val"  # results without a select loss say so
+    (row,) = [r for r in report.closures(summary) if r["base"] == "GaLore"]
+    assert row["seeds"] == [0, 1, 2] and row["paired_reference"]
+    expected = [(math.exp(b) - math.exp(s)) / (math.exp(b) - math.exp(a))
+                for b, s, a in ((4.60, 4.58, 4.50), (4.62, 4.60, 4.52), (4.61, 4.60, 4.51))]
+    assert all(abs(x - y) < 1e-12 for x, y in zip(row["seed_closures"], expected))
+    assert row["test"]["positive"] == 3 and abs(row["test"]["mean"] - (0.02 + 0.02 + 0.01) / 3) < 1e-12
+    assert bench.plan(bench.SIZES["cpu"], ["GaLore"], [0], lrs=[0.005, 0.01]) == [
+        bench.RunSpec("GaLore", 0.005, 0), bench.RunSpec("GaLore", 0.01, 0)]

@@ -99,10 +99,23 @@ class Batches:
 
 
 def validation_batches(seq_len: int, batch: int, count: int, data: str = "prose", split: str = "val"):
-    """Fixed, non-overlapping validation windows (the same for every run)."""
-    ids = torch.from_numpy(np.asarray(token_ids(split, data)).astype(np.int64))
-    n = min(count * batch, (len(ids) - 1) // seq_len)
-    windows = [ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]
+    """Fixed, non-overlapping held-out windows (the same for every run).
+
+    ``split='val'`` is the reported validation set. ``split='select'`` is held out too and is where learning rates
+    are chosen: the code corpus's own split, or for the prose the same number of windows from the end of its
+    validation text, which must not overlap the reported ones."""
+    if data == "prose" and split == "select":
+        ids = torch.from_numpy(np.asarray(token_ids("val", data)).astype(np.int64))
+        n = min(count * batch, (len(ids) - 1) // seq_len)
+        if 2 * n * seq_len + 1 > len(ids):
+            raise ValueError(f"sara_bench: the prose validation text ({len(ids)} tokens) is too short for disjoint "
+                             f"val and select sets of {count} x {batch} x {seq_len} tokens")
+        offset = len(ids) - 1 - n * seq_len
+    else:
+        ids = torch.from_numpy(np.asarray(token_ids(split, data)).astype(np.int64))
+        n = min(count * batch, (len(ids) - 1) // seq_len)
+        offset = 0
+    windows = [ids[offset + i * seq_len:offset + i * seq_len + seq_len + 1] for i in range(n)]
     for i in range(0, n - batch + 1, batch):
         w = torch.stack(windows[i:i + batch])
         yield w[:, :-1], w[:, 1:]

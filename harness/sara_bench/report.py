@@ -36,20 +36,80 @@ def _mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with df degrees of freedom: I_{df/(df+t^2)}(df/2, 1/2) / 2 for t > 0."""
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1.0 - tail
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (Numerical Recipes' betacf)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side only
+        return 1.0 - _betainc(b, a, 1.0 - x)
+
+    def guard(v):
+        return v if abs(v) > 1e-300 else 1e-300
+
+    c, d = 1.0, 1.0 / guard(1.0 - (a + b) * x / (a + 1))
+    h = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 / guard(1.0 + numerator * d)
+            c = guard(1.0 + numerator / c)
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    return front * h / a
+
+
+def paired_test(differences) -> dict:
+    """Paired t-test and exact sign test of per-seed differences (positive: the SARA run is better)."""
+    d = list(differences)
+    n = len(d)
+    out = dict(n=n, mean=statistics.mean(d) if d else float("nan"), t=float("nan"), p_one=float("nan"),
+               p_two=float("nan"), positive=sum(x > 0 for x in d), sign_p_one=float("nan"))
+    if n >= 2:
+        sd = statistics.stdev(d)
+        t = out["mean"] / (sd / math.sqrt(n)) if sd > 0 else math.copysign(math.inf, out["mean"])
+        p_one = t_sf(t, n - 1) if math.isfinite(t) else (0.0 if t > 0 else 1.0)
+        out.update(t=t, p_one=p_one, p_two=min(1.0, 2 * min(p_one, 1 - p_one)))
+    if n:
+        out["sign_p_one"] = sum(math.comb(n, k) for k in range(out["positive"], n + 1)) / 2 ** n
+    return out
+
+
+def _selection_loss(runs) -> tuple:
+    """What picks a method's lr: the held-out select split where every run has it, else (older results) the
+    reported validation split, which the report then says."""
+    if all("select_loss" in r for r in runs):
+        return statistics.mean(r["select_loss"] for r in runs), "select"
+    return statistics.mean(r["val_loss"] for r in runs), "val"
+
+
 def summarize(results: dict) -> dict:
-    """Per method: the runs that count (AdamW: its best lr), ppl mean/std, and the diagnostics."""
+    """Per method: the runs that count (at the lr chosen on the select split), ppl mean/std, and the diagnostics."""
     by_method = {}
     for rec in results.values():
         by_method.setdefault(rec["method"], {}).setdefault(rec["lr"], []).append(rec)
     summary = {}
     for name, by_lr in by_method.items():
         grid = {lr: _mean_std(r["val_ppl"] for r in runs) + (len(runs),) for lr, runs in sorted(by_lr.items())}
-        best_lr = min(grid, key=lambda lr: grid[lr][0])
+        # an lr is chosen among those run at every seed the method has (a sweep on one seed: that seed's runs)
+        sweep_seeds = set.intersection(*({r["seed"] for r in runs} for runs in by_lr.values()))
+        comparable = {lr: _selection_loss([r for r in runs if r["seed"] in sweep_seeds]) for lr, runs in by_lr.items()}
+        best_lr = min(comparable, key=lambda lr: comparable[lr][0]) if sweep_seeds else min(grid, key=lambda lr: grid[lr][0])
         runs = sorted(by_lr[best_lr], key=lambda r: r["seed"])
         mean, std = _mean_std(r["val_ppl"] for r in runs)
         last_overlap = [statistics.mean(r["overlap"][-1][1].values()) for r in runs if r["overlap"]]
         last_rank = [statistics.mean(r["effective_rank"][-1][1].values()) for r in runs if r["effective_rank"]]
         summary[name] = dict(lr=best_lr, grid=grid, runs=runs, ppl=mean, ppl_std=std, n=len(runs),
+                             selection={lr: comparable[lr] for lr in sorted(comparable)},
+                             selected_on=comparable[best_lr][1] if sweep_seeds else "val",
+                             sweep_seeds=sorted(sweep_seeds),
                              overlap=statistics.mean(last_overlap) if last_overlap else None,
                              effective_rank=statistics.mean(last_rank) if last_rank else None,
                              seconds=statistics.mean(r["seconds"] for r in runs),
@@ -76,12 +136,23 @@ def closures(summary: dict) -> list[dict]:
         b, s, a = summary[base], summary[sara], adamw
         gap = b["ppl"] - a["ppl"]
         closure = (b["ppl"] - s["ppl"]) / gap if gap != 0 else float("nan")
-        # per seed, against the mean AdamW: how much of that number is seed noise
-        seeds = {r["seed"]: r["val_ppl"] for r in b["runs"]}
-        per_seed = [(seeds[r["seed"]] - r["val_ppl"]) / (seeds[r["seed"]] - a["ppl"])
-                    for r in s["runs"] if r["seed"] in seeds and seeds[r["seed"]] != a["ppl"]]
+        # paired by seed (same data order and initial weights): each seed's base, SARA and full-rank runs
+        base_runs = {r["seed"]: r for r in b["runs"]}
+        adamw_runs = {r["seed"]: r for r in a["runs"]}
+        seeds, per_seed, differences = [], [], []
+        for r in s["runs"]:
+            if r["seed"] not in base_runs:
+                continue
+            base_ppl = base_runs[r["seed"]]["val_ppl"]
+            reference_ppl = adamw_runs[r["seed"]]["val_ppl"] if r["seed"] in adamw_runs else a["ppl"]
+            if base_ppl != reference_ppl:
+                seeds.append(r["seed"])
+                per_seed.append((base_ppl - r["val_ppl"]) / (base_ppl - reference_ppl))
+                differences.append(base_runs[r["seed"]]["val_loss"] - r["val_loss"])
         rows.append(dict(base=base, sara=sara, reference=reference, ppl_base=b["ppl"], ppl_sara=s["ppl"], ppl_adamw=a["ppl"], gap=gap,
-                         closure=closure, per_seed=_mean_std(per_seed), n=len(per_seed)))
+                         closure=closure, per_seed=_mean_std(per_seed), n=len(per_seed), seeds=seeds,
+                         seed_closures=per_seed, test=paired_test(differences),
+                         paired_reference=all(sd in adamw_runs for sd in seeds)))
     return rows
 
 
@@ -124,15 +195,29 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
                      f"| {ov} | {er} | {s['seconds']:.0f} |")
     lines += ["", "s/run is wall-clock time with runs sharing the machine; it is not a speed benchmark "
               "(see benchmarks/optimizer_step.py for that)."]
-    if "AdamW" in summary and len(summary["AdamW"]["grid"]) > 1:
-        lines += ["", "AdamW lr grid: " + "; ".join(
-            f"lr {lr:g}: {m:.2f} ± {sd:.2f} (n={n})" for lr, (m, sd, n) in summary["AdamW"]["grid"].items())]
+    swept = [m.name for m in METHODS if m.name in summary and len(summary[m.name]["grid"]) > 1]
+    if swept:
+        lines += ["", "## Learning-rate sweeps", "",
+                  "Each method's lr is the one with the lowest loss on the *select* split, held out apart from the "
+                  "reported validation split (prose: as many windows from the end of the validation text, disjoint "
+                  "from the reported ones; code: mpmath), over the seeds every lr of the method ran at. Runs written "
+                  "before the select split existed are chosen on the validation split, and marked.", "",
+                  "| method | lr | select loss (seeds) | val ppl (all seeds) | chosen |", "|---|---|---|---|---|"]
+        for name in swept:
+            s = summary[name]
+            seeds = ",".join(str(x) for x in s["sweep_seeds"])
+            for lr, (m, sd, n) in s["grid"].items():
+                loss, split = s["selection"][lr]
+                chosen = ("yes" + ("" if s["selected_on"] == "select" else " (on val)")) if lr == s["lr"] else ""
+                lines.append(f"| {name} | {lr:g} | {loss:.4f}{'' if split == 'select' else ' (val)'} (s{seeds}) | "
+                             f"{m:.2f} ± {sd:.2f} (n={n}) | {chosen} |")
     rows = closures(summary)
     if rows:
         lines += ["", "## Gap closure", "",
                   f"closure = (ppl_base − ppl_base+SARA) / (ppl_base − ppl_AdamW), with ppl_AdamW the best full-rank "
                   f"configuration ({rows[0]['reference']}). The per-seed column pairs each seed's base and SARA runs "
-                  "against that mean and shows how much of the figure is noise. A negative gap (the low-rank base "
+                  "against the same seed's full-rank run (its mean where that seed has none) and shows how much of the "
+                  "figure is noise. A negative gap (the low-rank base "
                   "already beats full rank) makes closure meaningless; it is marked n/a.", "",
                   "| base | + SARA | ppl base | ppl base+SARA | ppl AdamW | closure | per seed |",
                   "|---|---|---|---|---|---|---|"]
@@ -142,6 +227,20 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
             per_seed = f"{m:+.1%} ± {sd:.1%} (n={r['n']})" if r["gap"] > 0 else "n/a"
             lines.append(f"| {r['base']} | {r['sara']} | {r['ppl_base']:.2f} | {r['ppl_sara']:.2f} | "
                          f"{r['ppl_adamw']:.2f} | {closure} | {per_seed} |")
+        lines += ["", "### Paired by seed", "",
+                  "Each seed's base and SARA runs share the data order and initial weights; the full-rank reference is "
+                  "the same seed's run where there is one. The tests are on the per-seed difference in validation loss "
+                  "(base − SARA; positive: SARA is better): a paired t-test (one-sided p for SARA better, and two-sided) "
+                  "and the exact sign test (one-sided).", "",
+                  "| base | + SARA | closure per seed | mean ± std | Δ loss mean | t | p one-sided | p two-sided | "
+                  "sign test p |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            test = r["test"]
+            seeds = ", ".join(f"s{sd}: {c:+.1%}" for sd, c in zip(r["seeds"], r["seed_closures"]))
+            m, sd = r["per_seed"]
+            lines.append(f"| {r['base']} | {r['sara']} | {seeds} | {m:+.1%} ± {sd:.1%} | {test['mean']:+.4f} | "
+                         f"{test['t']:.2f} | {test['p_one']:.3f} | {test['p_two']:.3f} | "
+                         f"{test['sign_p_one']:.3f} ({test['positive']}/{test['n']}) |")
     lines += ["", "## Figures", "", "![validation curves](val_curves.png)", "",
               "![subspace overlap per layer type](overlap.png)", "",
               "![effective rank of the accumulated update](effective_rank.png)", "",
