@@ -16,13 +16,13 @@ export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALL
 
 # 1. the sweep, seed 0 (6 runs)
 "${BENCH[@]}" --methods GaLore,SARA-GaLore --lrs 0.005,0.01,0.02 --seeds 0
-# 2. seeds 1 and 2 of each at the lr the select split chose (4 runs)
-for method in GaLore SARA-GaLore; do
-  lr=$("$PY" -c "
-import sys; from sara_bench import records, report
-print(report.summarize(records.load_results('$OUT/results.jsonl'))['$method']['lr'])")
-  echo "[long evidence] $method: lr $lr chosen on the select split at seed 0"
-  "${BENCH[@]}" --methods "$method" --lrs "$lr" --seeds 1,2
-done
-# 3. the full-rank reference and the Fira pair at the protocol's lr, 3 seeds (9 runs)
-"${BENCH[@]}" --methods AdamW-split,Fira,SARA-Fira --seeds 0,1,2
+# 2. the full-rank reference and seeds 1 and 2 of each at the lr the select split chose, seed by seed, so that
+#    a stopped campaign leaves whole seeds (7 runs)
+chosen=$("$PY" -c "
+from sara_bench import records, report
+s = report.summarize(records.load_results('$OUT/results.jsonl'))
+print(','.join(f'{m}={s[m][\"lr\"]}' for m in ('GaLore', 'SARA-GaLore')))")
+echo "[long evidence] chosen on the select split at seed 0: $chosen"
+"${BENCH[@]}" --methods AdamW-split,GaLore,SARA-GaLore --lrs "$chosen" --seeds 0,1,2
+# 3. the Fira pair at the protocol's lr, 3 seeds (6 runs)
+"${BENCH[@]}" --methods Fira,SARA-Fira --seeds 0,1,2

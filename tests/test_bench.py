@@ -297,3 +297,8 @@ def test_the_lr_is_chosen_on_the_select_split_and_closures_are_paired_by_seed():
     assert row["test"]["positive"] == 3 and abs(row["test"]["mean"] - (0.02 + 0.02 + 0.01) / 3) < 1e-12
     assert bench.plan(bench.SIZES["cpu"], ["GaLore"], [0], lrs=[0.005, 0.01]) == [
         bench.RunSpec("GaLore", 0.005, 0), bench.RunSpec("GaLore", 0.01, 0)]
+    per_method = bench.parse_lrs("GaLore=0.02,SARA-GaLore=0.005")
+    assert bench.plan(bench.SIZES["cpu"], ["AdamW-split", "GaLore", "SARA-GaLore"], [1], lrs=per_method) == [
+        bench.RunSpec("AdamW-split", 0.01, 1), bench.RunSpec("GaLore", 0.02, 1), bench.RunSpec("SARA-GaLore", 0.005, 1)]
+    with pytest.raises(ValueError, match="'Galore=0.01' is not METHOD=LR"):
+        bench.parse_lrs("Galore=0.01")

@@ -69,16 +69,35 @@ class RunSpec:
 
 
 def plan(size: Size, methods=None, seeds=None, lrs=None) -> list[RunSpec]:
-    """Every (method, lr, seed) to run. ``lrs`` replaces each chosen method's lrs (a sweep); a folder may hold
-    several lrs of a method, and the report picks each method's on the held-out select split."""
+    """Every (method, lr, seed) to run. ``lrs`` replaces the chosen methods' lrs (a sweep): a list for all of
+    them, or a dict method -> lrs for some. A folder may hold several lrs of a method; the report picks each
+    method's on the held-out select split."""
     chosen = [METHOD_BY_NAME[m] for m in methods] if methods else list(METHODS)
     seeds = tuple(seeds) if seeds is not None else size.seeds
     runs = []
     for seed in seeds:  # seed-major: a partial benchmark already has one comparable seed of everything
         for m in chosen:
-            grid = tuple(lrs) if lrs else size.adamw_lrs if m.name == "AdamW" else (size.lowrank_lr,)
+            grid = size.adamw_lrs if m.name == "AdamW" else (size.lowrank_lr,)
+            if isinstance(lrs, dict):
+                grid = tuple(lrs.get(m.name, grid))
+            elif lrs:
+                grid = tuple(lrs)
             runs.extend(RunSpec(m.name, lr, seed) for lr in grid)
     return runs
+
+
+def parse_lrs(text: str):
+    """'0.005,0.01' (every chosen method) or 'GaLore=0.01,SARA-GaLore=0.02' (per method)."""
+    if "=" not in text:
+        return [float(x) for x in text.split(",")]
+    out = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in METHOD_BY_NAME or not value:
+            raise ValueError(f"sara-bench: --lrs entry {item!r} is not METHOD=LR with METHOD one of "
+                             f"{[m.name for m in METHODS]}")
+        out.setdefault(name, []).append(float(value))
+    return out
 
 
 def size_fingerprint(size: Size, device: str) -> str:
@@ -394,8 +413,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated subset of: " + ", ".join(METHOD_BY_NAME))
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the size's, 0,1,2)")
     ap.add_argument("--steps", type=int, default=None, help="override the size's step count")
-    ap.add_argument("--lrs", default=None, help="comma-separated lrs for every chosen method (a sweep); each "
-                    "method's lr is then chosen on the held-out select split, not on the reported one")
+    ap.add_argument("--lrs", default=None, help="comma-separated lrs for every chosen method (a sweep), or "
+                    "METHOD=LR entries for some; each method's lr is then chosen on the held-out select split, not on "
+                    "the reported one")
     ap.add_argument("--data", default=None, choices=("prose", "code"),
                     help="override the size's corpus: the bundled prose, or the code corpus "
                          "(python -m sara_bench.code_corpus build); gpu60m trains on code")
@@ -411,7 +431,7 @@ def main(argv=None) -> int:
         try:
             run_benchmark(args.size, out, args.jobs, args.device, methods, seeds, args.steps, args.stop_after,
                           log=lambda m: print(m, flush=True), command=command, data=args.data,
-                          lrs=[float(x) for x in args.lrs.split(",")] if args.lrs else None)
+                          lrs=parse_lrs(args.lrs) if args.lrs else None)
         except (RunInterrupted, KeyboardInterrupt) as e:
             print(f"[bench] interrupted ({e or 'Ctrl-C'}); finished runs are in {out}/results.jsonl and unfinished "
                   "ones resume from their checkpoints when the same command is run again", flush=True)
