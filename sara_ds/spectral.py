@@ -54,7 +54,7 @@ def full_svd(matrix: Tensor, left: bool) -> tuple[Tensor, Tensor]:
 
 def gesvda_or_default(tall: Tensor, svd=torch.linalg.svd) -> tuple[Tensor, Tensor, Tensor]:
     """cuSOLVER's batched gesvda (tall matrices only). On an H200 it took 1/4 to 1/7 of the time of torch's
-    default CUDA driver (gesvdj) at LLaMA-7B shapes and 1/10 to 1/20 on LLaMA-60M..350M banks, with singular
+    default CUDA driver (gesvdj) at LLaMA-7B shapes and 1/9 to 1/21 on LLaMA-60M..350M banks, with singular
     vectors orthonormal to 3e-6 where gesvdj's were off by 2.7e-3. It refuses to converge on a spectrum spanning
     ~15 decades (d_i = (i+1)^-2 at 4096 columns), so such a batch is decomposed again by torch's default
     driver, with a warning: the same SVD, slower."""
