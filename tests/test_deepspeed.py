@@ -3,6 +3,7 @@
 Each launch runs several scenarios in one process group (see ds_worker.py).
 """
 import os
+import sys
 
 import pytest
 import torch
@@ -103,6 +104,23 @@ def test_zero_equals_single_process_for_every_rule(world, stage):
                 held.setdefault(i, set()).add(n)
         assert set(held) == projected, sc["name"]
         assert all(n == {1 if sc["name"].startswith("osd") else 4} for n in held.values()), (sc["name"], held)
+    # DeepSpeed's partition map as benchmarks/zero_straddlers.py models it (the LLaMA-7B straddler figures come
+    # from that model) gives each rank exactly the matrices the engine gave it
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from zero_straddlers import holders
+
+    reference = reference_weights("SaraAdamW", _preset_params("sara"), steps=1)[1]
+    index = {id(p): i for i, p in enumerate(reference.original_params)}
+    expected = {}
+    for group in reference.param_groups:
+        for p, ranks in zip(group["params"], holders([q.numel() for q in group["params"]], world)):
+            if index[id(p)] in projected:
+                expected[index[id(p)]] = set(ranks)
+    actual = {}
+    for k, r in enumerate(results[0]["ranks"]):
+        for i in r["matrices"]:
+            actual.setdefault(i, set()).add(k)
+    assert actual == expected and any(len(ranks) > 1 for ranks in expected.values())
 
 
 def test_zero_options_and_other_bases_equal_single_process():

@@ -1,0 +1,78 @@
+"""ZeRO-1/2 straddlers at LLaMA-7B: how much refresh and update work is done twice, from DeepSpeed's partition map.
+
+Under ZeRO-1/2 DeepSpeed flattens each param group (in order, no per-parameter padding by default; the whole
+padded to a multiple of 2 x DP) and cuts it into DP equal partitions (``stage_1_and_2.py``:
+``get_data_parallel_partitions``, ``get_partition_info``). A projected matrix that crosses a boundary is a
+straddler: sara_ds reassembles it and runs its refresh and its projected update on every rank holding a piece,
+so its work is done once per holder. This counts that work analytically (no engine):
+
+  * refresh cost of an m x n matrix: max(m, n) * min(m, n)^2 (the SVD);
+  * ordinary update cost: m * n * r (the projection and the back-projection are two m x n x r products);
+  * redundant work = sum over straddlers of (holders - 1) x cost, as a share of the total;
+  * the busiest rank's work against the mean (what the step waits for).
+
+tests/test_deepspeed.py checks ``holders`` against the matrices each rank of a real ZeRO-1/2 engine holds.
+
+    python benchmarks/zero_straddlers.py                 # LLaMA-7B, DP = 8, 16, 32, 64
+    python benchmarks/zero_straddlers.py --dp 8,64 --rank 512
+"""
+import argparse
+
+
+def holders(numels, dp: int) -> list:
+    """For each parameter of one flattened param group (in order), the DP ranks whose partition holds a piece."""
+    total = sum(numels)
+    alignment = 2 * dp  # nccl_start_alignment_factor x DP
+    partition = -(-total // alignment) * alignment // dp
+    out, start = [], 0
+    for n in numels:
+        end = start + n
+        out.append(list(range(start // partition, (end - 1) // partition + 1)) if n else [])
+        start = end
+    return out
+
+
+def llama_matrices(hidden=4096, ffn=11008, layers=32):
+    """The projected matrices of a LLaMA in Hugging Face's parameter order: q, k, v, o, gate, up, down per layer."""
+    block = [(hidden, hidden)] * 4 + [(ffn, hidden), (ffn, hidden), (hidden, ffn)]
+    return block * layers
+
+
+def straddler_cost(shapes, dp: int, rank: int) -> dict:
+    refresh = [max(s) * min(s) ** 2 for s in shapes]
+    update = [s[0] * s[1] * rank for s in shapes]
+    held = holders([s[0] * s[1] for s in shapes], dp)
+    per_rank_refresh, per_rank_update = [0] * dp, [0] * dp
+    for ranks, r, u in zip(held, refresh, update):
+        for k in ranks:
+            per_rank_refresh[k] += r
+            per_rank_update[k] += u
+    straddlers = [ranks for ranks in held if len(ranks) > 1]
+    return dict(dp=dp, matrices=len(shapes), straddlers=len(straddlers),
+                extra_refresh=sum((len(h) - 1) * r for h, r in zip(held, refresh)) / sum(refresh),
+                extra_update=sum((len(h) - 1) * u for h, u in zip(held, update)) / sum(update),
+                busiest_refresh=max(per_rank_refresh) / (sum(refresh) / dp),
+                busiest_update=max(per_rank_update) / (sum(update) / dp))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dp", default="8,16,32,64")
+    ap.add_argument("--rank", type=int, default=1024, help="projection rank (LLaMA-7B: hidden/4)")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--ffn", type=int, default=11008)
+    ap.add_argument("--layers", type=int, default=32)
+    args = ap.parse_args()
+    shapes = llama_matrices(args.hidden, args.ffn, args.layers)
+    print(f"LLaMA hidden {args.hidden}, ffn {args.ffn}, {args.layers} layers: {len(shapes)} projected matrices in one "
+          f"param group, r = {args.rank}; ZeRO-1/2 partitions as DeepSpeed cuts them\n")
+    print(f"{'DP':>4}{'straddlers':>12}{'redundant refresh':>19}{'redundant update':>18}"
+          f"{'busiest rank: refresh':>23}{'update':>8}   (busiest: its work over the mean rank's)")
+    for dp in (int(x) for x in args.dp.split(",")):
+        c = straddler_cost(shapes, dp, args.rank)
+        print(f"{dp:>4}{c['straddlers']:>12}{c['extra_refresh']:>18.1%}{c['extra_update']:>18.1%}"
+              f"{c['busiest_refresh']:>22.2f}x{c['busiest_update']:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
