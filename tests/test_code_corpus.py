@@ -104,6 +104,20 @@ def test_the_build_is_deterministic(stand_ins, tmp_path):
             assert x.read() == y.read(), name
 
 
+def test_a_packed_corpus_unpacks_to_the_same_files(stand_ins, tmp_path):
+    built = str(tmp_path / "built")
+    manifest = code_corpus.build(built, vocab_size=400)
+    archive = code_corpus.pack(str(tmp_path / "corpus.tar.xz"), built)
+    assert code_corpus.unpack(archive, str(tmp_path / "there")) == manifest
+    for name in code_corpus.FILES:
+        with open(tmp_path / "built" / name, "rb") as x, open(tmp_path / "there" / name, "rb") as y:
+            assert x.read() == y.read(), name
+    with tarfile.open(tmp_path / "other.tar.xz", "w:xz") as t:
+        t.add(os.path.join(built, "val.npy"), arcname="val.npy")
+    with pytest.raises(ValueError, match="not a packed code corpus"):
+        code_corpus.unpack(str(tmp_path / "other.tar.xz"), str(tmp_path / "elsewhere"))
+
+
 def test_a_missing_corpus_and_a_vocab_past_uint16_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("SARA_DS_CACHE", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match=r"python -m sara_bench.code_corpus build"):

@@ -2,6 +2,8 @@
 
     python -m sara_bench.code_corpus build          # minutes; needs only the package registries
     python -m sara_bench.code_corpus info           # what the built corpus holds
+    python -m sara_bench.code_corpus pack --file c.tar.xz   # for a machine without the registries (xz: val.npy 4.4x)
+    python -m sara_bench.code_corpus unpack --file c.tar.xz
 
 The sources are the wheels (deepspeed: its sdist) of ``PACKAGES`` at their pinned versions, fetched with
 ``pip download --no-deps`` (the set-up installs these packages; the corpus reads the released archives instead of
@@ -178,14 +180,44 @@ def token_ids(split: str, folder: str | None = None) -> np.ndarray:
     return np.load(os.path.join(folder or cache_dir(), f"{split}.npy"), mmap_mode="r")
 
 
+FILES = ("manifest.json", "tokenizer.json", "train.npy", "select.npy", "val.npy")
+
+
+def pack(archive: str, folder: str | None = None) -> str:
+    """The built corpus as one xz tarball (the token files compress ~4x), for a machine that cannot download."""
+    folder = folder or cache_dir()
+    load_manifest(folder)
+    with tarfile.open(archive, "w:xz") as t:
+        for name in FILES:
+            t.add(os.path.join(folder, name), arcname=name)
+    return archive
+
+
+def unpack(archive: str, folder: str | None = None) -> dict:
+    """Extract a ``pack``ed corpus into ``folder`` (default ``cache_dir()``); its manifest."""
+    folder = folder or cache_dir()
+    os.makedirs(folder, exist_ok=True)
+    with tarfile.open(archive, "r:xz") as t:
+        names = sorted(t.getnames())
+        if names != sorted(FILES):
+            raise ValueError(f"sara-bench: {archive} is not a packed code corpus: it holds {names}, not {list(FILES)}")
+        t.extractall(folder, filter="data")
+    return load_manifest(folder)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=("build", "info"))
-    ap.add_argument("--out", default=None, help="output folder (default: $SARA_DS_CACHE/code_corpus)")
+    ap.add_argument("command", choices=("build", "info", "pack", "unpack"))
+    ap.add_argument("--out", default=None, help="the corpus folder (default: $SARA_DS_CACHE/code_corpus)")
+    ap.add_argument("--file", default="code_corpus.tar.xz", help="pack / unpack: the tarball")
     ap.add_argument("--vocab", type=int, default=VOCAB_SIZE)
     ap.add_argument("--archives", default=None, help="folder for the downloaded archives (default: OUT/archives)")
     args = ap.parse_args(argv)
-    manifest = build(args.out, args.vocab, args.archives) if args.command == "build" else load_manifest(args.out)
+    if args.command == "pack":
+        print(pack(args.file, args.out))
+        return 0
+    manifest = (build(args.out, args.vocab, args.archives) if args.command == "build"
+                else unpack(args.file, args.out) if args.command == "unpack" else load_manifest(args.out))
     print(json.dumps(dict(splits=manifest["splits"], vocab_size=manifest["vocab_size"],
                           fingerprint=manifest["fingerprint"]), indent=1))
     return 0
