@@ -172,7 +172,8 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
         f"validation on {size.eval_batches} fixed batches of held-out text.",
         f"Protocol: cosine schedule, 10% warmup, floor 10% of peak; rank r = hidden/4 = {size.rank}, "
         f"scale alpha = 0.25, subspace refresh every T = {size.update_proj_gap} steps (steps/40); "
-        f"betas (0.9, 0.95), no weight decay, gradient clipping 1.0. Low-rank methods at lr {size.lowrank_lr}; "
+        f"betas (0.9, 0.95), no weight decay, gradient clipping 1.0. "
+        f"Low-rank methods at lr {size.lowrank_lr} unless swept (below); "
         f"AdamW over lr {', '.join(f'{x:g}' for x in size.adamw_lrs)}.",
         "",
         "## Validation perplexity (mean ± std over seeds)",
