@@ -199,18 +199,22 @@ def train_run(spec: RunSpec, size: Size, out_dir: str, device: str = "cpu", prog
         with autocast:
             return model(x, y)
 
-    def evaluate(step: int) -> None:
+    def held_out_loss(batches) -> float:
         model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
-            for x, y in val:
+            for x, y in batches:
                 total += forward(x.to(device), y.to(device)).item() * y.numel()
                 count += y.numel()
         model.train()
+        return total / count
+
+    def evaluate(step: int) -> None:
+        loss = held_out_loss(val)
         ranks = {}
         for name, p in projected.items():
             ranks.setdefault(layer_type(name), []).append(effective_rank(p.detach().float().cpu() - initial[name]))
-        record["val"].append([step, total / count])
+        record["val"].append([step, loss])
         record["effective_rank"].append([step, {k: sum(v) / len(v) for k, v in ranks.items()}])
 
     t0 = time.time() - record["seconds"]
@@ -247,13 +251,9 @@ def train_run(spec: RunSpec, size: Size, out_dir: str, device: str = "cpu", prog
             if stop_after is not None and done >= stop_after:
                 raise RunInterrupted(f"sara-bench: {spec.run_id} stopped after step {done} as asked; "
                                      "rerun the same command to continue from its checkpoint")
-    model.eval()  # the held-out split learning rates are chosen on, apart from the reported one
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in corpus.validation_batches(size.seq_len, size.batch, size.eval_batches, size.data, "select"):
-            total += forward(x.to(device), y.to(device)).item() * y.numel()
-            count += y.numel()
-    record["select_loss"] = total / count
+    # the held-out split learning rates are chosen on, apart from the reported one
+    record["select_loss"] = held_out_loss(
+        corpus.validation_batches(size.seq_len, size.batch, size.eval_batches, size.data, "select"))
     record["seconds"] = time.time() - t0
     record["val_loss"] = record["val"][-1][1]
     record["val_ppl"] = math.exp(record["val_loss"]) if math.isfinite(record["val_loss"]) else float("inf")
