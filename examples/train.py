@@ -7,7 +7,9 @@ torchrun, mpirun or srun (ranks are discovered by ``sara_ds.env``). Progress bar
 and periodic validation perplexity on rank 0 (also at step 0: the untrained baseline); subspace
 overlap is logged through DeepSpeed's monitor config (``tensorboard`` / ``csv_monitor``); checkpoints
 with ``--save_dir`` and auto-resume from the latest one with ``--resume`` (``latest`` names a checkpoint
-only once every rank has written it: ``sara_ds.integrations.deepspeed.save_checkpoint``).
+only once every rank has written it: ``sara_ds.integrations.deepspeed.save_checkpoint``); ``--resume
+--load_universal`` resumes at another data-parallel size from a checkpoint converted by
+``python -m sara_ds.ds_to_universal``.
 
 dtype: ``--dtype auto`` (the default) keeps an explicit ``bf16.enabled`` true/false from the config;
 where the config says ``"auto"`` (the shipped ones do) it trains in bf16 only where the device has native
@@ -57,6 +59,10 @@ def parse_args():
     ap.add_argument("--save_dir", default=None, help="write DeepSpeed checkpoints here")
     ap.add_argument("--save_interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save_dir")
+    ap.add_argument("--load_universal", action="store_true",
+                    help="with --resume: load the universal checkpoint named by --save_dir/latest_universal (written by "
+                         "python -m sara_ds.ds_to_universal), at any data-parallel size; sets the config's "
+                         "checkpoint.load_universal")
     ap.add_argument("--summary_json", default=None, help="write the final summary (and final weights' checksum) here")
     ap.add_argument("--dump_weights", default=None, help="rank 0 saves the final fp32 weights to this file")
     ap.add_argument("--no_progress", action="store_true")
@@ -88,6 +94,8 @@ def main():
     if rank == 0:
         print(dtype_msg, flush=True)
     args.deepspeed_config = None  # DeepSpeed refuses a config file and a config dict together
+    if args.load_universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     steps = args.steps or ds_config.get("scheduler", {}).get("params", {}).get("total_num_steps", 300)
     torch.manual_seed(args.seed)
     cfg = llama.LlamaConfig(vocab_size=corpus.VOCAB_SIZE, hidden=args.hidden, layers=args.layers, heads=args.heads,
@@ -107,7 +115,8 @@ def main():
     device = engine.device
 
     start = 0
-    if args.resume and args.save_dir and os.path.exists(os.path.join(args.save_dir, "latest")):
+    latest = "latest_universal" if args.load_universal else "latest"
+    if args.resume and args.save_dir and os.path.exists(os.path.join(args.save_dir, latest)):
         _, client = engine.load_checkpoint(args.save_dir)
         start = int(client["step"])
     if rank == 0:

@@ -65,25 +65,27 @@ def reference_weights(optimizer="SaraAdamW", params=None, steps=7, world=1, grid
     compared is the optimizer's layout invariance rather than the round-off of a
     global-batch mean (which the importance rule can amplify, see test_deepspeed).
     With ``grid_grads`` per-rank gradients are on a fixed-point grid, summed exactly,
-    then scaled by fl(1/world) as DeepSpeed's all-reduce path does.
+    then scaled by fl(1/world) as DeepSpeed's all-reduce path does. ``world`` may be a
+    list (one entry per step): a run resumed at another data-parallel size.
     """
     params = dict(params or {})
     selection = {k: params.pop(k) for k in list(params) if k in ("rank", "update_proj_gap", "scale", "proj_type")}
     model = build_model(grid_grads=grid_grads)
     opt = sara_ds.OPTIMIZERS[optimizer](sara_ds.param_groups(model, **selection), **params)
-    per = GLOBAL_BATCH // world
     for step in range(steps):
         if step == skip_step:
             continue
+        ranks = world[step] if isinstance(world, (list, tuple)) else world
+        per = GLOBAL_BATCH // ranks
         x, y = global_batch(step)
         total = None
-        for r in range(world):
+        for r in range(ranks):
             opt.zero_grad()
             model(x[r * per:(r + 1) * per], y[r * per:(r + 1) * per]).backward()
-            grads = [p.grad.clone() if grid_grads else p.grad / world for p in model.parameters()]
+            grads = [p.grad.clone() if grid_grads else p.grad / ranks for p in model.parameters()]
             total = grads if total is None else [t + g for t, g in zip(total, grads)]
         if grid_grads:
-            total = [t * (1.0 / world) for t in total]
+            total = [t * (1.0 / ranks) for t in total]
         for p, g in zip(model.parameters(), total):
             p.grad = g
         opt.step()
@@ -99,6 +101,7 @@ def ds_config(sc, world):
         "optimizer": {"type": sc.get("optimizer", "SaraAdamW"), "params": sc["params"]},
         "zero_optimization": zero,
         "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 when the key is absent; the single-process oracle does not
     }
     if sc.get("dtype") == "bf16":
         cfg["bf16"] = {"enabled": True}
@@ -170,8 +173,9 @@ def run_scenario(sc, rank, world, tmp):
     opt = inner(engine)
     steps = sc.get("steps", 7)
     if "load_from" in sc:
-        engine.load_checkpoint(sc["load_from"])
-        train(engine, sc.get("resume_step", 0), sc.get("resume_step", 0) + 1, rank, world)
+        engine.load_checkpoint(sc["load_from"], tag=sc.get("load_tag"))
+        start = sc.get("resume_step", 0)
+        result["losses"] = train(engine, start, sc.get("steps", start + 1), rank, world)
     elif sc.get("resume_at"):
         train(engine, 0, sc["resume_at"], rank, world)
         ckpt = os.path.join(tmp, f"ckpt-{sc['name']}")
@@ -191,8 +195,12 @@ def run_scenario(sc, rank, world, tmp):
     else:
         result["losses"] = train(engine, 0, steps, rank, world)
     if "save_to" in sc:
-        engine.save_checkpoint(sc["save_to"], tag="final")
+        from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
+
+        engine.save_checkpoint(sc["save_to"], tag="final", client_state={UNIVERSAL_CHECKPOINT_INFO: {}})
     result["weights"] = full_weights(model, engine)
+    if sc.get("return_state"):  # one rank: {matrix id: state}
+        result["state"] = {i: st for root in opt.state.values() for i, st in root.items()}
     gathered = [None] * world
     layouts = opt.placement.layouts if isinstance(opt, sara_ds.SaraOptimizer) else {}
     straddlers = sum(1 for lay in layouts.values() for f in lay.fragments

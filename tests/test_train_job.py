@@ -43,8 +43,10 @@ def test_main_job_through_the_deepspeed_launcher(tmp_path):
     shm_before = _shm_files()
     config = os.path.join(ROOT, "configs", "ds", "sara.json")
     summary = tmp_path / "summary.json"
+    ckpt = tmp_path / "ckpt"
     run = _deepspeed(["--deepspeed_config", config, "--steps", "60", "--eval_interval", "30", "--eval_batches", "2",
-                      "--summary_json", str(summary), *SMALL, *FP32], cwd=tmp_path, env=base_env(TORCH_EXTENSIONS_DIR=ext))
+                      "--summary_json", str(summary), "--save_dir", str(ckpt), *SMALL, *FP32], cwd=tmp_path,
+                     env=base_env(TORCH_EXTENSIONS_DIR=ext))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     out = run.stdout + run.stderr
     assert "[sara_ds] summary:" in out and " 30:" in out and "[sara_ds] dtype fp32: --dtype fp32" in out
@@ -65,6 +67,22 @@ def test_main_job_through_the_deepspeed_launcher(tmp_path):
     assert len(rows) >= 2 and 0.0 <= float(rows[-1][1]) <= 1.0
     # the CPU traps: nothing JIT-compiled, nothing left in /dev/shm
     assert not any(ext.rglob("*.so")) and _shm_files() <= shm_before
+    # a node is lost: the README's commands resume the 2-rank run on 1 rank through the universal checkpoint
+    convert = subprocess.run([sys.executable, "-m", "sara_ds.ds_to_universal", "--input_folder", str(ckpt / "step60"),
+                              "--output_folder", str(ckpt / "step60_universal")], cwd=ROOT, env=base_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert convert.returncode == 0, convert.stdout[-3000:] + convert.stderr[-3000:]
+    assert "[sara_ds] wrote the state of 21 parameters (14 projected; saved at DP=2)" in convert.stdout, convert.stdout[-2000:]
+    resumed = _deepspeed(["--deepspeed_config", config, "--steps", "70", "--eval_interval", "10", "--eval_batches", "2",
+                          "--summary_json", str(summary), "--save_dir", str(ckpt), "--resume", "--load_universal",
+                          *SMALL, *FP32], cwd=tmp_path, env=base_env(TORCH_EXTENSIONS_DIR=ext), ranks=1)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    after = json.loads(summary.read_text())
+    assert "steps=60->70" in resumed.stdout + resumed.stderr and after["world"] == 1
+    # the refresh counters came back with the state (a fresh state would have refreshed all 14 at step 60: 14)
+    assert after["refreshes"] == 2 * 7 * 2, after
+    print(f"resumed on 1 rank from the 2-rank step-60 checkpoint: val ppl {after['val_history']}")
+    assert after["val_history"][-1][1] < mid, after["val_history"]
 
 
 CONFIGS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "configs", "ds", "*.json")))

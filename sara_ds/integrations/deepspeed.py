@@ -10,7 +10,9 @@ DeepSpeed has no optimizer registry: an unknown ``type`` is resolved with
     or ``include`` / ``exclude`` regexes from the config, using the parameter names
     of the engine that is calling it;
   * refuses engine settings that would corrupt low-rank state
-    (``zero_optimization.elastic_checkpoint``, universal checkpoint loading, ZeRO-3);
+    (``zero_optimization.elastic_checkpoint``, ZeRO-3);
+  * with ``checkpoint.load_universal``, makes ``engine.load_checkpoint`` restore sara_ds's state from a
+    universal checkpoint written by ``python -m sara_ds.ds_to_universal`` (``deepspeed_universal``);
   * adds the class to DeepSpeed's ZeRO allow-list, so no
     ``zero_allow_untested_optimizer`` is needed.
 
@@ -31,6 +33,7 @@ from .. import groups as _groups
 from ..config import SUBSPACE_OPTIONS
 from ..optim import OPTIMIZERS
 from ..sharding import tensor_parallel
+from . import deepspeed_universal
 
 SELECTION_KEYS = {"rank", "update_proj_gap", "scale", "proj_type", "include", "exclude"}
 
@@ -75,11 +78,11 @@ def _refuse_unsupported(engine) -> None:
         if not (engine.bfloat16_enabled() or engine.fp16_enabled()) and not engine.zero_compute_grad_norm():
             raise ValueError(f"sara_ds: zero_optimization.compute_grad_norm=false is not supported: {why} "
                              "(in fp32 that check is the invalid-norm test). Remove the key (its default is true).")
-    if engine.load_universal_checkpoint():
+    if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 0:
         raise ValueError(
-            "sara_ds: checkpoint.load_universal=true is not supported: universal checkpoints carry only "
-            "flat-shaped optimizer state and would silently drop the low-rank state. Resume from the regular "
-            "checkpoint at the same data-parallel size."
+            "sara_ds: checkpoint.load_universal=true is supported at zero_optimization.stage 1 and 2 only. At stage 0 "
+            "every rank holds the whole optimizer state and the regular checkpoint (mp_rank_00_model_states.pt) "
+            "loads at any data-parallel size: remove checkpoint.load_universal."
         )
 
 
@@ -223,6 +226,8 @@ def _factory(cls):
         groups = _build_groups(model_parameters, selection, engine)
         _refuse_tp_weights_without_group(groups, tp_group, engine)
         optimizer = cls(groups, tp_group=tp_group, **params)
+        if engine is not None and engine.load_universal_checkpoint():
+            deepspeed_universal.guard_until_loaded(engine, optimizer)
         _allow_under_zero(cls)
         return optimizer
 

@@ -142,7 +142,8 @@ def partition_slots(params, members, original_params, state, cache: LayoutCache,
                 "sara_ds: the loaded optimizer state holds matrices "
                 f"{sorted(set(root) - owned)[:8]} that this rank does not own (and lacks {sorted(owned - set(root))[:8]}). "
                 "The checkpoint was written with a different data-parallel size or ZeRO partitioning. "
-                "sara_ds state is partitioned by matrix ownership: resume at the same data-parallel size and ZeRO stage."
+                "sara_ds state is partitioned by matrix ownership: resume at the same data-parallel size and ZeRO stage, "
+                "or convert with `python -m sara_ds.ds_to_universal` and load with checkpoint.load_universal=true."
             )
         for f in layout.fragments:
             q = original_params[f.index]

@@ -1,0 +1,181 @@
+"""Resuming a ZeRO-1/2 run at another data-parallel size through DeepSpeed's universal checkpoint
+(``python -m sara_ds.ds_to_universal``, then ``"checkpoint": {"load_universal": true}``).
+
+6 steps at DP=A, save, convert, 6 steps at DP=B, for 2->3, 3->2 and 2->1 at stages 1 and 2, against one process
+fed the gradient each step's DP size forms. Per-rank gradients are on a fixed-point grid (test_deepspeed explains
+why), so the comparison measures the checkpoint's round trip and nothing else. Every rule goes through 2->3 at
+stage 2; the other cases take one rule of each kind of state (plain, Fira's norm, OSD's basis moments, a random
+draw).
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+import sara_ds  # noqa: E402
+from ds_worker import reference_weights  # noqa: E402
+from launch_utils import run_scenarios  # noqa: E402
+from sara_ds.integrations import deepspeed_universal  # noqa: E402
+
+BEFORE, AFTER, GAP = 6, 6, 3  # refreshes at 0, 3 (before), 6 (the first step after the resume), 9
+KINDS = ("sara", "sara_fira", "osd", "golore")
+CASES = [(2, 3, 2, sorted(sara_ds.PRESETS)), (2, 3, 1, KINDS), (3, 2, 1, KINDS), (3, 2, 2, KINDS), (2, 1, 1, KINDS),
+         (2, 1, 2, KINDS)]  # (DP before, DP after, ZeRO stage, rules)
+UNIVERSAL = {"checkpoint": {"load_universal": True}}
+
+
+def _params(preset):
+    return dict(lr=0.01, rank=4, update_proj_gap=GAP, scale=0.25, seed=5, preset=preset,
+                **({"osd_lr": 0.01} if preset == "osd" else {}))
+
+
+def _zero(stage):
+    return {"stage": stage, "reduce_scatter": False}  # scale after summing, as the grid oracle does
+
+
+def _max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _saved(root, world, stage, preset):
+    return os.path.join(root, f"w{world}-z{stage}-{preset}")
+
+
+def _saves(world, root):
+    """The checkpoints the cases need from ``world`` ranks, after BEFORE steps."""
+    wanted = sorted({(stage, preset) for a, _, stage, presets in CASES if a == world for preset in presets})
+    return [dict(name=f"save-{preset}-z{stage}", params=_params(preset), zero=_zero(stage), grid_grads=True,
+                 steps=BEFORE, save_to=_saved(root, world, stage, preset)) for stage, preset in wanted]
+
+
+def _resumes(target, root):
+    return [dict(name=f"resume-{a}-{preset}-z{stage}", params=_params(preset), zero=_zero(stage), grid_grads=True,
+                 load_from=_saved(root, a, stage, preset) + "-universal", resume_step=BEFORE, steps=BEFORE + AFTER,
+                 extra_config=UNIVERSAL, source_world=a, stage=stage, preset=preset)
+            for a, b, stage, presets in CASES if b == target for preset in presets]
+
+
+def _convert_all(world, root):
+    for a, _, stage, presets in CASES:
+        for preset in presets if a == world else ():
+            out = os.path.join(_saved(root, a, stage, preset) + "-universal", "universal")
+            if not os.path.isdir(out):  # DeepSpeed also writes latest_universal beside it
+                deepspeed_universal.convert(os.path.join(_saved(root, a, stage, preset), "final"), out,
+                                            num_extract_workers=1, num_merge_workers=1)
+
+
+def test_resume_at_another_data_parallel_size_matches_one_process(tmp_path):
+    root = str(tmp_path)
+    # stage 0 needs no conversion: every rank holds the whole state, and the regular checkpoint loads at any size
+    stage0 = dict(name="resume-2-sara-z0", params=_params("sara"), zero={"stage": 0}, grid_grads=True,
+                  resume_step=BEFORE, steps=BEFORE + AFTER, source_world=2, stage=0, preset="sara",
+                  load_from=_saved(root, 2, 0, "sara"), load_tag="final")
+    saved = run_scenarios(2, _saves(2, root) + [dict(name="save-sara-z0", params=_params("sara"), zero={"stage": 0},
+                                                         grid_grads=True, steps=BEFORE,
+                                                         save_to=_saved(root, 2, 0, "sara"))])
+    assert all("error" not in r for r in saved), [r.get("error") for r in saved]
+    _convert_all(2, root)
+    # the regular (not universal) checkpoints at another size: DeepSpeed refuses them itself at 2 -> 1, and at
+    # the same size with other ownership (each rank handed the other's file, as a checkpoint written under another
+    # partitioning would give it) DeepSpeed accepts, so sara_ds's own check must refuse
+    regular = dict(name="regular-2-to-1", params=_params("sara"), zero=_zero(2), load_from=_saved(root, 2, 2, "sara"),
+                   load_tag="final", resume_step=BEFORE, expect_error=True)
+    swapped = os.path.join(root, "swapped")
+    shutil.copytree(_saved(root, 2, 2, "sara"), swapped)
+    name = os.path.join(swapped, "final", "zero_pp_rank_{}_mp_rank_00_optim_states.pt")
+    os.rename(name.format(0), name.format("tmp"))
+    os.rename(name.format(1), name.format(0))
+    os.rename(name.format("tmp"), name.format(1))
+    swap = dict(regular, name="swapped", load_from=swapped)
+    results = {3: run_scenarios(3, _resumes(3, root) + _saves(3, root))}
+    _convert_all(3, root)
+    results[2] = run_scenarios(2, _resumes(2, root) + [swap])
+    results[1] = run_scenarios(1, _resumes(1, root) + [stage0, regular])
+    print(f"\nsave after {BEFORE} steps at DP=A, ds_to_universal, {AFTER} more steps at DP=B (fp32, refreshes every "
+          f"{GAP} steps): max |resumed - one process|")
+    worst = 0.0
+    for target, extra in ((3, []), (2, []), (1, [stage0])):
+        for res, sc in zip(results[target], _resumes(target, root) + extra):
+            assert "error" not in res, (sc["name"], res.get("error"))
+            a = sc["source_world"]
+            ref, _ = reference_weights("SaraAdamW", sc["params"], steps=BEFORE + AFTER, grid_grads=True,
+                                       world=[a] * BEFORE + [target] * AFTER)
+            diff = _max_diff(res["weights"], ref)
+            worst = max(worst, diff)
+            print(f"  {a}->{target} ZeRO-{sc['stage']} {sc['preset']:<10} {diff:.2e}")
+            assert diff < 1e-5, (sc["name"], diff)
+            # the resumed state is partitioned at the new size: every projected matrix is held, and each refreshed
+            # at 0, 3, 6, 9 (OSD once, then its basis moves every step), counted across the save
+            held = {}
+            for r in res["ranks"]:
+                for i, n in r["refreshes"].items():
+                    held.setdefault(i, set()).add(n)
+            assert held and all(n == {1 if sc["preset"] == "osd" else 4} for n in held.values()), (sc["name"], held)
+    print(f"  worst {worst:.2e}")
+    refused = {"regular-2-to-1": results[1][-1], "swapped": results[2][-1]}
+    for label, res in refused.items():
+        print(f"  {label}: {res.get('error', 'NO ERROR')[:300]}")
+    assert "used a DP world size of 2 but the current world size is 1" in refused["regular-2-to-1"].get("error", "")
+    assert "that this rank does not own" in refused["swapped"].get("error", "") \
+        and "same data-parallel size" in refused["swapped"]["error"]
+
+
+def test_the_state_is_never_dropped(tmp_path):
+    """DeepSpeed's own conversion dies on sara_ds state; a universal folder without sara_ds's state, or an engine
+    that would step before loading one, is refused; a straddler whose copies differ fails the conversion."""
+    from deepspeed.checkpoint import ds_to_universal as d2u
+    import argparse
+
+    root = str(tmp_path)
+    (saved,) = run_scenarios(2, [dict(name="save", params=_params("sara"), zero=_zero(2), grid_grads=True, steps=2,
+                                      save_to=os.path.join(root, "ckpt"))])
+    assert "error" not in saved
+    tag = os.path.join(root, "ckpt", "final")
+    args = argparse.Namespace(input_folder=tag, output_folder=os.path.join(root, "ds_own"), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    with pytest.raises(KeyError, match="exp_avg"):
+        d2u.main(args)
+    # a straddler's copies made to differ: a projected matrix (stepped whole on both ranks: the copies must be
+    # equal) and a full-rank AdamW one (stepped piece by piece: the pieces must agree on their step count)
+    states = [torch.load(os.path.join(tag, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), weights_only=False)
+              for r in range(2)]
+    groups = [s["optimizer_state_dict"]["base_optimizer_state"]["state"] for s in states]
+    cases = {}
+    for g in groups[0]:
+        for index in sorted(set(groups[0][g]) & set(groups[1][g])):
+            kind = "projected" if "basis" in groups[1][g][index] else "pieces"
+            cases.setdefault(kind, (g, index))
+    assert set(cases) == {"projected", "pieces"}, f"the test model should have both kinds of straddler: {cases}"
+    for kind, (g, index) in cases.items():
+        bad = os.path.join(root, f"bad-{kind}")
+        os.makedirs(bad)
+        for name in os.listdir(tag):
+            if not name.startswith("zero_pp_rank_1_"):
+                os.symlink(os.path.join(tag, name), os.path.join(bad, name))
+        changed = torch.load(os.path.join(tag, "zero_pp_rank_1_mp_rank_00_optim_states.pt"), weights_only=False)
+        changed["optimizer_state_dict"]["base_optimizer_state"]["state"][g][index]["step"] += 1
+        torch.save(changed, os.path.join(bad, "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+        expected = (f"matrix {index} .* straddles ZeRO partitions and its copies on DP ranks \\[0, 1\\] differ"
+                    if kind == "projected" else f"the pieces of .* \\(matrix {index}\\) disagree on 'step'")
+        with pytest.raises(RuntimeError, match=expected):
+            deepspeed_universal.convert(bad, os.path.join(root, f"bad-{kind}-out"), 1, 1)
+    # DeepSpeed's output for a plain universal folder (the sidecar removed) and an engine that never loads
+    deepspeed_universal.convert(tag, os.path.join(root, "u", "universal"), 1, 1)
+    os.remove(os.path.join(root, "u", "universal", deepspeed_universal.SIDECAR))
+    universal = {"checkpoint": {"load_universal": True}}
+    results = run_scenarios(1, [
+        dict(name="no-sidecar", params=_params("sara"), zero=_zero(2), load_from=os.path.join(root, "u"),
+             resume_step=2, extra_config=universal, expect_error=True),
+        dict(name="never-loaded", params=_params("sara"), zero=_zero(2), steps=1, extra_config=universal,
+             expect_error=True),
+        dict(name="stage-0", params=_params("sara"), zero={"stage": 0}, steps=1, extra_config=universal,
+             expect_error=True),
+    ])
+    expected = {"no-sidecar": "optimizer_state.pt is missing", "never-loaded": "no universal checkpoint has been loaded",
+                "stage-0": "load_universal=true is supported at zero_optimization.stage 1 and 2 only"}
+    for res in results:
+        print(f"  {res['name']}: {res.get('error', 'NO ERROR')[:200]}")
+        assert expected[res["name"]] in res.get("error", ""), res
