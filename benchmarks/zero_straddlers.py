@@ -4,19 +4,27 @@ Under ZeRO-1/2 DeepSpeed flattens each param group (in order, no per-parameter p
 padded to a multiple of 2 x DP) and cuts it into DP equal partitions (``stage_1_and_2.py``:
 ``get_data_parallel_partitions``, ``get_partition_info``). A projected matrix that crosses a boundary is a
 straddler: sara_ds reassembles it and runs its refresh and its projected update on every rank holding a piece,
-so its work is done once per holder. This counts that work analytically (no engine):
+so its work was done once per holder. Since then each such straddler has one stepper (the least-loaded of its
+holders by refresh cost, ``sara_ds.sharding.ownership.assign_among``), which the other holders send their pieces
+to. This counts the work both ways analytically (no engine):
 
   * refresh cost of an m x n matrix: max(m, n) * min(m, n)^2 (the SVD);
   * ordinary update cost: m * n * r (the projection and the back-projection are two m x n x r products);
   * redundant work = sum over straddlers of (holders - 1) x cost, as a share of the total;
   * the busiest rank's work against the mean (what the step waits for).
 
-tests/test_deepspeed.py checks ``holders`` against the matrices each rank of a real ZeRO-1/2 engine holds.
+tests/test_deepspeed.py checks ``holders`` and ``steppers`` against the matrices each rank of a real ZeRO-1/2
+engine steps.
 
     python benchmarks/zero_straddlers.py                 # LLaMA-7B, DP = 8, 16, 32, 64
     python benchmarks/zero_straddlers.py --dp 8,64 --rank 512
 """
 import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from sara_ds.sharding.ownership import assign_among, refresh_cost  # noqa: E402
 
 
 def holders(numels, dp: int) -> list:
@@ -30,6 +38,18 @@ def holders(numels, dp: int) -> list:
         out.append(list(range(start // partition, (end - 1) // partition + 1)) if n else [])
         start = end
     return out
+
+
+def steppers(shapes, dp: int) -> list:
+    """The DP rank that steps each matrix of one param group: its holder, or for a straddler the one sara_ds picks."""
+    held = holders([s[0] * s[1] for s in shapes], dp)
+    loads = [0] * dp
+    for ranks, shape in zip(held, shapes):
+        if len(ranks) == 1:
+            loads[ranks[0]] += refresh_cost(shape)
+    chosen = assign_among([(i, ranks, refresh_cost(shapes[i])) for i, ranks in enumerate(held) if len(ranks) > 1],
+                          loads)
+    return [chosen.get(i, ranks[0]) for i, ranks in enumerate(held)]
 
 
 def llama_matrices(hidden=4096, ffn=11008, layers=32):
@@ -48,7 +68,13 @@ def straddler_cost(shapes, dp: int, rank: int) -> dict:
             per_rank_refresh[k] += r
             per_rank_update[k] += u
     straddlers = [ranks for ranks in held if len(ranks) > 1]
+    one_refresh, one_update = [0] * dp, [0] * dp
+    for k, r, u in zip(steppers(shapes, dp), refresh, update):
+        one_refresh[k] += r
+        one_update[k] += u
     return dict(dp=dp, matrices=len(shapes), straddlers=len(straddlers),
+                stepper_refresh=max(one_refresh) / (sum(refresh) / dp),
+                stepper_update=max(one_update) / (sum(update) / dp),
                 extra_refresh=sum((len(h) - 1) * r for h, r in zip(held, refresh)) / sum(refresh),
                 extra_update=sum((len(h) - 1) * u for h, u in zip(held, update)) / sum(update),
                 busiest_refresh=max(per_rank_refresh) / (sum(refresh) / dp),
@@ -66,12 +92,15 @@ def main():
     shapes = llama_matrices(args.hidden, args.ffn, args.layers)
     print(f"LLaMA hidden {args.hidden}, ffn {args.ffn}, {args.layers} layers: {len(shapes)} projected matrices in one "
           f"param group, r = {args.rank}; ZeRO-1/2 partitions as DeepSpeed cuts them\n")
+    print("every holder steps a straddler (before) | one stepper per straddler (now: no redundant work)")
     print(f"{'DP':>4}{'straddlers':>12}{'redundant refresh':>19}{'redundant update':>18}"
-          f"{'busiest rank: refresh':>23}{'update':>8}   (busiest: its work over the mean rank's)")
+          f"{'busiest rank: refresh':>23}{'update':>8} |{'busiest rank: refresh':>23}{'update':>8}"
+          "   (busiest: its work over the mean rank's)")
     for dp in (int(x) for x in args.dp.split(",")):
         c = straddler_cost(shapes, dp, args.rank)
         print(f"{dp:>4}{c['straddlers']:>12}{c['extra_refresh']:>18.1%}{c['extra_update']:>18.1%}"
-              f"{c['busiest_refresh']:>22.2f}x{c['busiest_update']:>7.2f}x")
+              f"{c['busiest_refresh']:>22.2f}x{c['busiest_update']:>7.2f}x |"
+              f"{c['stepper_refresh']:>22.2f}x{c['stepper_update']:>7.2f}x")
 
 
 if __name__ == "__main__":

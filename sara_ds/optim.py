@@ -135,6 +135,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         elif not self._step_is_finite(grads):
             for group in self.param_groups:  # as GradScaler and DeepSpeed's overflow check: nothing moves
                 group["skipped_steps"] = group.get("skipped_steps", 0) + 1
+            self.placement.finish()
             return loss
         self._refresh_where_due([(group, slot) for group, slot in work
                                  if not slot.fragment and self._projected(group, slot.index)])
@@ -148,6 +149,7 @@ class SaraOptimizer(torch.optim.Optimizer):
             self._full_rank_adamw_foreach(slots, group, keep)
         for group, slots in bank_steps:
             self._projected_bank_step(slots, group, keep)
+        self.placement.finish()
         return loss
 
     def _plan(self, work):
@@ -162,8 +164,7 @@ class SaraOptimizer(torch.optim.Optimizer):
                     singles.append((group, slot, self._projected_step))
                 else:
                     banked.setdefault(key, (group, []))[1].append(slot)
-            elif (self.base.name == "adamw" and (_batched(group, slot.grad) or group["fused"])
-                  and slot.takes_whole_update):
+            elif self.base.name == "adamw" and (_batched(group, slot.grad) or group["fused"]):
                 batched.setdefault(id(group), (group, []))[1].append(slot)
             else:
                 singles.append((group, slot, self._full_rank_step))
@@ -234,7 +235,7 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     def _apply(self, slot: Slot, delta: Tensor, step_size: float, group, keep=None) -> None:
         target = slot.target
-        target.add_(slot.local(delta).to(target.dtype), alpha=-step_size)
+        target.add_(delta.to(target.dtype), alpha=-step_size)
         self._decay_all([target], group, keep)
 
     @staticmethod
@@ -363,8 +364,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         step_size = group["lr"] * step_scale
         if in_place:
             for i, slot in enumerate(slots):
-                slot.update_in_place(lambda w, i=i: projector.add_back_projection_(
-                    w, n[i], basis[i], left, -step_size * group["scale"]))
+                projector.add_back_projection_(slot.target, n[i], basis[i], left, -step_size * group["scale"])
             self._decay_in_place([slot.target for slot in slots], group, keep)
             return
         update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
@@ -372,16 +372,9 @@ class SaraOptimizer(torch.optim.Optimizer):
             back_r = projector.project_back_to_param(r, basis, left).mul_(group["scale"])
             factor = projector.rank_axis_factor(updates.fira_scaling(r, n), left)
             update += updates.fira_residual(grad, back_r, factor, state["fira_norm"], reduce, keep)
-        whole = [slot for slot in slots if slot.takes_whole_update]
-        if whole:
-            deltas = update.to(whole[0].target.dtype).unbind(0)
-            targets = [slot.target for slot in whole]
-            torch._foreach_add_(targets, [d for d, slot in zip(deltas, slots) if slot.takes_whole_update],
-                                alpha=-step_size)
-            self._decay_all(targets, group, keep)
-        for i, slot in enumerate(slots):  # a ZeRO straddler takes its own part of the update
-            if not slot.takes_whole_update:
-                self._apply(slot, update[i], step_size, group, keep)
+        targets = [slot.target for slot in slots]
+        torch._foreach_add_(targets, list(update.to(targets[0].dtype).unbind(0)), alpha=-step_size)
+        self._decay_all(targets, group, keep)
 
     def _projected_step(self, slot: Slot, group, keep=None) -> None:
         st = slot.state
@@ -395,7 +388,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         n, step_scale = self.base.direction(r, st, group, st["base_step"], reduce, keep)
         if self._in_place(slot, group):
             alpha = -group["lr"] * step_scale * group["scale"]
-            slot.update_in_place(lambda w: projector.add_back_projection_(w, n, basis, left, alpha))
+            projector.add_back_projection_(slot.target, n, basis, left, alpha)
             self._decay_in_place([slot.target], group, keep)
         else:
             update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])

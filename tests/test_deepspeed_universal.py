@@ -138,28 +138,36 @@ def test_the_state_is_never_dropped(tmp_path):
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
     with pytest.raises(KeyError, match="exp_avg"):
         d2u.main(args)
-    # a straddler's copies made to differ: a projected matrix (stepped whole on both ranks: the copies must be
-    # equal) and a full-rank AdamW one (stepped piece by piece: the pieces must agree on their step count)
+    # a straddler's state made inconsistent: a full-rank AdamW one (stepped piece by piece, each rank keeps its
+    # piece's moments: the pieces must agree on their step count), and a projected one (stepped by one rank since
+    # this version; an older one kept a copy per holder, and such copies must be equal)
     states = [torch.load(os.path.join(tag, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), weights_only=False)
               for r in range(2)]
     groups = [s["optimizer_state_dict"]["base_optimizer_state"]["state"] for s in states]
-    cases = {}
-    for g in groups[0]:
-        for index in sorted(set(groups[0][g]) & set(groups[1][g])):
-            kind = "projected" if "basis" in groups[1][g][index] else "pieces"
-            cases.setdefault(kind, (g, index))
-    assert set(cases) == {"projected", "pieces"}, f"the test model should have both kinds of straddler: {cases}"
-    for kind, (g, index) in cases.items():
+    pieces = sorted(set(groups[0][0]) & set(groups[1][0]))
+    ids, _ = deepspeed_universal._matrices_of(torch.load(os.path.join(tag, "mp_rank_00_model_states.pt"),
+                                                         weights_only=False))
+    on_rank1 = {ids[name] for mapping in states[1]["optimizer_state_dict"]["param_slice_mappings"] for name in mapping}
+    projected = [(g, i) for g in groups[0] for i, st in groups[0][g].items() if "basis" in st and i in on_rank1]
+    assert pieces and projected, "the test model should have a full-rank and a projected straddler at 2 ranks"
+    assert not any(set(groups[0][g]) & set(groups[1][g]) for g, _ in projected), "a projected matrix has 2 steppers"
+    for kind in ("pieces", "projected"):
         bad = os.path.join(root, f"bad-{kind}")
         os.makedirs(bad)
         for name in os.listdir(tag):
             if not name.startswith("zero_pp_rank_1_"):
                 os.symlink(os.path.join(tag, name), os.path.join(bad, name))
         changed = torch.load(os.path.join(tag, "zero_pp_rank_1_mp_rank_00_optim_states.pt"), weights_only=False)
-        changed["optimizer_state_dict"]["base_optimizer_state"]["state"][g][index]["step"] += 1
+        state = changed["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        if kind == "pieces":
+            index = pieces[0]
+            state[0][index]["step"] += 1
+            expected = f"the pieces of .* \\(matrix {index}\\) disagree on 'step'"
+        else:
+            g, index = projected[0]
+            state[g][index] = dict(groups[0][g][index], step=groups[0][g][index]["step"] + 1)
+            expected = f"matrix {index} .* straddles ZeRO partitions and its copies on DP ranks \\[0, 1\\] differ"
         torch.save(changed, os.path.join(bad, "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
-        expected = (f"matrix {index} .* straddles ZeRO partitions and its copies on DP ranks \\[0, 1\\] differ"
-                    if kind == "projected" else f"the pieces of .* \\(matrix {index}\\) disagree on 'step'")
         with pytest.raises(RuntimeError, match=expected):
             deepspeed_universal.convert(bad, os.path.join(root, f"bad-{kind}-out"), 1, 1)
     # DeepSpeed's output for a plain universal folder (the sidecar removed) and an engine that never loads

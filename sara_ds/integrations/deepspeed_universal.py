@@ -16,7 +16,7 @@ only refills state shaped like the flat partition. sara_ds keeps the flow and th
   agree bit for bit, and every matrix the optimizer ever stepped must be there, or the conversion fails.
 * ``engine.load_checkpoint`` does the rest: the optimizer factory wraps the engine's method when
   ``checkpoint.load_universal`` is on, so after DeepSpeed has put the fp32 weights into the new partitions
-  each rank takes the state of the matrices it now owns (``sharding.zero.build_layout``). Matrix ids and the
+  each rank takes the state of the matrices it now steps (``sharding.zero``). Matrix ids and the
   refresh generator (seed, matrix id, step // gap) do not depend on the data-parallel size, so the resumed
   run draws the same subspaces.
 
@@ -318,7 +318,9 @@ def restore_state(optimizer, sidecar: str) -> None:
                 raise RuntimeError("sara_ds: a universal checkpoint restores into ZeRO-1/2 flat partitions only")
             layout = placement.layouts[id(flat)] = zero.build_layout(flat, members, optimizer.original_params,
                                                                     placement.tp_group)
-            owned = [f.index for f in layout.fragments]
+            layout.steppers = zero.choose_steppers(layout, optimizer.original_params,
+                                                   lambda i, group=group: optimizer._needs_full_matrix(group, i))
+            owned = [f.index for f in layout.fragments if layout.steps(f.index)]
             have = [i for i in owned if i in matrices]
             if not have:
                 optimizer.state.pop(flat, None)
@@ -329,7 +331,7 @@ def restore_state(optimizer, sidecar: str) -> None:
                 raise RuntimeError(f"sara_ds: {sidecar} has state for some matrices of param group "
                                    f"{group['sara_group']} but not for {names}: the checkpoint is incomplete")
             optimizer.state[flat] = {f.index: _to_device(_piece(matrices[f.index], f, optimizer, group), flat.device)
-                                     for f in layout.fragments}
+                                     for f in layout.fragments if layout.steps(f.index)}
             restored.update(have)
     everyone = [None] * (dist.get_world_size(layout.group) if layout is not None else 1)
     if layout is not None and len(everyone) > 1:

@@ -2,8 +2,7 @@
 
 The optimizer iterates ``Slot``s (built by ``placement.Placement``). A slot is one
 parameter as the optimizer sees it on this process: its full gradient (or, for
-elementwise updates only, a fragment of it), the tensor to update, a function
-picking this process's part of a full-shaped update, and its shard context: the
+elementwise updates only, a fragment of it), the tensor to update, and its shard context: the
 matrix's spectrum at refreshes, the sums over its shards, and its full shape
 (``LocalContext`` when it is whole here, ``TensorParallelContext`` when it is split
 over tensor-parallel ranks).
@@ -12,15 +11,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import Tensor
 
 from .. import spectral
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
 
 
 @dataclass(frozen=True)
@@ -67,28 +62,12 @@ def local_context(method: str = "svd", oversample: int = 8, power_iters: int = 2
 class Slot:
     index: int                       # stable matrix id (position in the optimizer's original parameter order)
     grad: Optional[Tensor]           # full gradient in the parameter's shape, or a 1-D fragment if ``fragment``
-    target: Tensor                   # what the update is added to (param, fp32 master, partition slice)
+    target: Tensor                   # what the update is added to (param, fp32 master, partition slice, or a
+                                     # ZeRO straddler's gathered full weight: ``zero``), shaped like ``grad``
     state: dict                      # this matrix's optimizer state
-    local: Callable[[Tensor], Tensor] = _identity  # full-shaped update -> the part ``target`` holds
-    fragment: bool = False
+    fragment: bool = False           # a piece of a matrix stepped piece by piece (elementwise full-rank only)
     context: LocalContext = LOCAL    # or a TensorParallelContext
 
-    @property
-    def takes_whole_update(self) -> bool:
-        """The target takes the full-shaped update as it is (nothing to cut to this rank's part)."""
-        return self.local is _identity
-
-    def update_in_place(self, apply: Callable[[Tensor], object]) -> None:
-        """``apply`` changes a weight of the full matrix's shape in place (an addmm_ into it, say). A ZeRO
-        straddler holds only a slice of its matrix: it lends the slice to a full-shaped buffer, so every
-        element it holds goes through the same kernel, on the same shapes, as on one process."""
-        if self.takes_whole_update:
-            apply(self.target)
-            return
-        full = self.target.new_zeros(self.grad.shape)
-        self.local(full).copy_(self.target)
-        apply(full)
-        self.target.copy_(self.local(full))
 
 def plain_slots(params, indices, state, context_for) -> list[Slot]:
     return [Slot(i, p.grad, p, state[p], context=context_for(p)) for p, i in zip(params, indices)]

@@ -62,3 +62,15 @@ def balance_table(items: list[Item], owner: list[int], ranks: int) -> str:
                      f"{sum(not it.projected for it in mine):>12} "
                      f"{100 * sum(it.numel for it in mine) / total_numel:>7.1f}%")
     return "\n".join(lines)
+
+
+def assign_among(items: list, loads: list) -> dict:
+    """Each item ``(id, candidate ranks, cost)`` to the least-loaded of its own candidates, costliest first (ties:
+    lower rank, then the smaller id), starting from ``loads``. ZeRO-1/2 straddlers: the candidates are the ranks
+    holding a piece. Deterministic."""
+    loads, out = list(loads), {}
+    for index, ranks, cost in sorted(items, key=lambda it: (-it[2], it[0])):
+        rank = min(ranks, key=lambda r: (loads[r], r))
+        out[index] = rank
+        loads[rank] += cost
+    return out

@@ -58,6 +58,11 @@ class Placement:
             "Supported: plain parameters, same-shaped master copies, DeepSpeed ZeRO stage 1/2 flat partitions."
         )
 
+    def finish(self) -> None:
+        """After a step (taken or skipped): ZeRO straddlers' new weights back from their steppers."""
+        for layout in self.layouts.values():
+            layout.finish()
+
     def step_groups(self) -> list:
         """Process groups over which this optimizer's ranks see different gradients of one step."""
         if not (dist.is_available() and dist.is_initialized()):
