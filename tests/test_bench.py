@@ -295,6 +295,12 @@ def test_the_lr_is_chosen_on_the_select_split_and_closures_are_paired_by_seed():
                 for b, s, a in ((4.60, 4.58, 4.50), (4.62, 4.60, 4.52), (4.61, 4.60, 4.51))]
     assert all(abs(x - y) < 1e-12 for x, y in zip(row["seed_closures"], expected))
     assert row["test"]["positive"] == 3 and abs(row["test"]["mean"] - (0.02 + 0.02 + 0.01) / 3) < 1e-12
+    # a seed whose base beats its own full-rank run has no gap: n/a there, out of the per-seed mean (which a ratio
+    # of two negatives would have inflated), still in the paired test
+    runs[-1] = run("AdamW-split", 0.01, 2, 4.65)
+    (row,) = [r for r in report.closures(report.summarize({r["run_id"]: r for r in runs})) if r["base"] == "GaLore"]
+    assert math.isnan(row["seed_closures"][2]) and row["seed_gaps"][2] < 0 and row["n"] == 2
+    assert row["per_seed"][0] == pytest.approx(sum(expected[:2]) / 2) and row["test"]["n"] == 3
     assert bench.plan(bench.SIZES["cpu"], ["GaLore"], [0], lrs=[0.005, 0.01]) == [
         bench.RunSpec("GaLore", 0.005, 0), bench.RunSpec("GaLore", 0.01, 0)]
     per_method = bench.parse_lrs("GaLore=0.02,SARA-GaLore=0.005")

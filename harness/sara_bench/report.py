@@ -139,19 +139,22 @@ def closures(summary: dict) -> list[dict]:
         # paired by seed (same data order and initial weights): each seed's base, SARA and full-rank runs
         base_runs = {r["seed"]: r for r in b["runs"]}
         adamw_runs = {r["seed"]: r for r in a["runs"]}
-        seeds, per_seed, differences = [], [], []
+        # a seed whose base already beats its full-rank run has no gap: its closure is undefined (NaN), not the
+        # ratio of two negatives; the paired test of base against SARA does not need a gap and takes every seed
+        seeds, per_seed, seed_gaps, differences = [], [], [], []
         for r in s["runs"]:
             if r["seed"] not in base_runs:
                 continue
             base_ppl = base_runs[r["seed"]]["val_ppl"]
             reference_ppl = adamw_runs[r["seed"]]["val_ppl"] if r["seed"] in adamw_runs else a["ppl"]
-            if base_ppl != reference_ppl:
-                seeds.append(r["seed"])
-                per_seed.append((base_ppl - r["val_ppl"]) / (base_ppl - reference_ppl))
-                differences.append(base_runs[r["seed"]]["val_loss"] - r["val_loss"])
+            seeds.append(r["seed"])
+            seed_gaps.append(base_ppl - reference_ppl)
+            per_seed.append((base_ppl - r["val_ppl"]) / seed_gaps[-1] if seed_gaps[-1] > 0 else float("nan"))
+            differences.append(base_runs[r["seed"]]["val_loss"] - r["val_loss"])
+        defined = [c for c in per_seed if c == c]
         rows.append(dict(base=base, sara=sara, reference=reference, ppl_base=b["ppl"], ppl_sara=s["ppl"], ppl_adamw=a["ppl"], gap=gap,
-                         closure=closure, per_seed=_mean_std(per_seed), n=len(per_seed), seeds=seeds,
-                         seed_closures=per_seed, test=paired_test(differences),
+                         closure=closure, per_seed=_mean_std(defined), n=len(defined), seeds=seeds,
+                         seed_closures=per_seed, seed_gaps=seed_gaps, test=paired_test(differences),
                          paired_reference=all(sd in adamw_runs for sd in seeds)))
     return rows
 
@@ -219,13 +222,16 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
                   f"configuration ({rows[0]['reference']}). The per-seed column pairs each seed's base and SARA runs "
                   "against the same seed's full-rank run (its mean where that seed has none) and shows how much of the "
                   "figure is noise. A negative gap (the low-rank base "
-                  "already beats full rank) makes closure meaningless; it is marked n/a.", "",
+                  "already beats full rank) makes closure meaningless; it is marked n/a, overall and per seed (such seeds "
+                  "are left out of the per-seed mean, not out of the paired test).", "",
                   "| base | + SARA | ppl base | ppl base+SARA | ppl AdamW | closure | per seed |",
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
             m, sd = r["per_seed"]
             closure = f"{r['closure']:+.1%}" if r["gap"] > 0 else f"n/a (gap {r['gap']:+.2f})"
-            per_seed = f"{m:+.1%} ± {sd:.1%} (n={r['n']})" if r["gap"] > 0 else "n/a"
+            per_seed = f"{m:+.1%} ± {sd:.1%} (n={r['n']})" if r["gap"] > 0 and r["n"] else "n/a"
+            if r["gap"] > 0 and r["n"] < len(r["seeds"]):
+                per_seed += f"; {len(r['seeds']) - r['n']} seed(s) without a gap"
             lines.append(f"| {r['base']} | {r['sara']} | {r['ppl_base']:.2f} | {r['ppl_sara']:.2f} | "
                          f"{r['ppl_adamw']:.2f} | {closure} | {per_seed} |")
         lines += ["", "### Paired by seed", "",
@@ -237,9 +243,11 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
                   "sign test p |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             test = r["test"]
-            seeds = ", ".join(f"s{sd}: {c:+.1%}" for sd, c in zip(r["seeds"], r["seed_closures"]))
+            seeds = ", ".join(f"s{sd}: {c:+.1%}" if c == c else f"s{sd}: n/a (gap {g:+.2f})"
+                              for sd, c, g in zip(r["seeds"], r["seed_closures"], r["seed_gaps"]))
             m, sd = r["per_seed"]
-            lines.append(f"| {r['base']} | {r['sara']} | {seeds} | {m:+.1%} ± {sd:.1%} | {test['mean']:+.4f} | "
+            spread = f"{m:+.1%} ± {sd:.1%}" if r["n"] else "n/a"
+            lines.append(f"| {r['base']} | {r['sara']} | {seeds} | {spread} | {test['mean']:+.4f} | "
                          f"{test['t']:.2f} | {test['p_one']:.3f} | {test['p_two']:.3f} | "
                          f"{test['sign_p_one']:.3f} ({test['positive']}/{test['n']}) |")
     lines += ["", "## Figures", "", "![validation curves](val_curves.png)", "",
