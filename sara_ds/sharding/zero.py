@@ -150,7 +150,7 @@ def _gather_to_steppers(layout: Layout, flat: Tensor, original_params) -> dict:
         if stepper != layout.rank:
             peer = _global(layout, stepper)
             ops.append(dist.P2POp(dist.isend, grad.contiguous(), peer, layout.group, f.index))
-            ops.append(dist.P2POp(dist.isend, weight.detach().clone(), peer, layout.group, f.index))
+            ops.append(dist.P2POp(dist.isend, weight.detach(), peer, layout.group, f.index))  # waited below
             layout.pending.append(("recv", f.index, stepper, None, weight.detach()))
             continue
         parts = pieces[f.index] = [(f.lp_start, grad, weight.detach())]
