@@ -5,6 +5,8 @@ import re
 
 import torch.nn as nn
 
+from .sharding import shape_of
+
 PAPER_INCLUDE = ("attn", "mlp")
 
 
@@ -31,7 +33,7 @@ def param_groups(model: nn.Module, rank: int, update_proj_gap: int = 200, scale:
                 continue
             seen.add(id(p))
             full = f"{module_name}.{pname}" if module_name else pname
-            if (pname == "weight" and p.dim() >= 2 and _is_linear(module)
+            if (pname == "weight" and len(shape_of(p)) >= 2 and _is_linear(module)
                     and any(r.search(module_name) for r in include) and not any(r.search(module_name) for r in exclude)):
                 projected.append(p)
                 projected_names.append(full)

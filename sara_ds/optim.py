@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import banks, projector, subspace, updates
 from .config import IN_PLACE_MIN_NUMEL, PROJECTION_DEFAULTS, SubspaceOptions, validate_group
-from .sharding import Slot
+from .sharding import Slot, shape_of
 from .sharding.placement import Placement
 
 _OSD_BASIS_ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}
@@ -113,10 +113,23 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     def _slots(self, group) -> list[Slot]:
         return self.placement.slots(group, self.group_members[group["sara_group"]], self.state,
-                                    needs_full=lambda i: self._needs_full_matrix(group, i))
+                                    needs_full=lambda i: self._needs_full_matrix(group, i),
+                                    state_numel=lambda i: self._state_numel(group, i))
 
     def _projected(self, group, index) -> bool:
-        return "rank" in group and self.original_params[index].dim() >= 2
+        return "rank" in group and len(shape_of(self.original_params[index])) >= 2
+
+    def _state_numel(self, group, index) -> int:
+        """Elements of one matrix's optimizer state once it is stepped whole (basis and the base's moments, laid
+        out on meta tensors): what ZeRO-3 balances across ranks."""
+        shape = shape_of(self.original_params[index])
+        if not self._projected(group, index):
+            return _numel(self.base.init(torch.empty(shape, device="meta"), False, group))
+        rows, cols = shape[0], shape[1:].numel()
+        left = self.placement.basis_on_left(index, rows, cols, group["proj_type"])
+        rank = min(group["rank"], rows, cols)
+        moments = self.base.init(torch.empty((rank, cols if left else rows), device="meta"), True, group)
+        return (rows if left else cols) * rank + _numel(moments)
 
     def _needs_full_matrix(self, group, index) -> bool:
         return self._projected(group, index) or not self.base.elementwise
@@ -529,9 +542,17 @@ class SaraOptimizer(torch.optim.Optimizer):
         """Bytes this process has put into tensor-parallel collectives at subspace refreshes."""
         return self.placement.tp_bytes_sent()
 
+    def zero_bytes_sent(self) -> int:
+        """Bytes this process has sent to and from the steppers of ZeRO straddlers (every matrix at ZeRO-3)."""
+        return self.placement.zero_bytes_sent()
+
     def state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state on this process."""
         return sum(t.numel() * t.element_size() for t in _tensors(self.state))
+
+
+def _numel(state: dict) -> int:
+    return sum(t.numel() for t in state.values() if isinstance(t, Tensor))
 
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -92,13 +92,41 @@ def reference_weights(optimizer="SaraAdamW", params=None, steps=7, world=1, grid
     return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
 
 
+def replayed_weights(optimizer, params, grads, groups="two", initial=None):
+    """One process, no DeepSpeed, fed the very gradients a run recorded (``record_grads``), one dict per step.
+
+    ZeRO-3's module hooks add autograd nodes, so a gradient that sums several paths (the embedding's, the
+    residual stream's) is accumulated in another order than in a plain model: the gradients already differ
+    in the last bits before any optimizer runs (1e-8 at one rank; DeepSpeed's own AdamW shows it too). Fed the
+    same gradients, what is compared is the optimizer's layout invariance alone."""
+    params = dict(params or {})
+    model = build_model()
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, w in (initial or {}).items():
+            named[n].copy_(w)
+    if optimizer in sara_ds.OPTIMIZERS and groups == "three":
+        opt = sara_ds.OPTIMIZERS[optimizer](three_groups(model, params), **params)
+    elif optimizer in sara_ds.OPTIMIZERS:
+        selection = {k: params.pop(k) for k in list(params) if k in SELECTION}
+        opt = sara_ds.OPTIMIZERS[optimizer](sara_ds.param_groups(model, **selection), **params)
+    else:
+        params.pop("torch_adam", None)
+        opt = getattr(torch.optim, optimizer)(model.parameters(), **params)
+    for step in grads:
+        for n, g in step.items():
+            named[n].grad = g.clone()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
+
+
 def ds_config(sc, world):
     zero = {"stage": 2, "reduce_scatter": True, "overlap_comm": False, "contiguous_gradients": True}
     zero.update(sc.get("zero", {}))
     cfg = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-        "optimizer": {"type": sc.get("optimizer", "SaraAdamW"), "params": sc["params"]},
+        "optimizer": {"type": sc.get("optimizer", "SaraAdamW"), "params": dict(sc["params"])},
         "zero_optimization": zero,
         "steps_per_print": 10**9,
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 when the key is absent; the single-process oracle does not
@@ -113,11 +141,37 @@ def ds_config(sc, world):
     return cfg
 
 
+SELECTION = ("rank", "update_proj_gap", "scale", "proj_type")
+
+
+def three_groups(model, params):
+    """Full-rank parameters, attention projections at ``rank`` and MLP projections at ``rank - 1``: param groups
+    the engine is handed as such (the other scenarios let the factory build two from the config)."""
+    selection = {k: params.pop(k) for k in list(params) if k in SELECTION}
+    regular, projected = sara_ds.param_groups(model, **selection)
+    attn = [i for i, n in enumerate(projected["param_names"]) if ".attn." in n]
+    mlp = [i for i in range(len(projected["params"])) if i not in attn]
+
+    def part(group, keep, **change):
+        return dict(group, params=[group["params"][i] for i in keep],
+                    param_names=[group["param_names"][i] for i in keep], **change)
+
+    return [regular, part(projected, attn), part(projected, mlp, rank=projected["rank"] - 1)]
+
+
 def make_engine(sc, world):
     import deepspeed
 
-    model = build_model(grid_grads=sc.get("grid_grads", False), poison=sc.get("poison"))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(sc, world))
+    config = ds_config(sc, world)
+    if sc.get("zero_init"):  # parameters are partitioned as they are created: p.ndim is 1, the shape is ds_shape
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = build_model(grid_grads=sc.get("grid_grads", False), poison=sc.get("poison"))
+    else:
+        model = build_model(grid_grads=sc.get("grid_grads", False), poison=sc.get("poison"))
+    parameters = model.parameters()
+    if sc.get("three_groups"):
+        parameters = three_groups(model, config["optimizer"]["params"])
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameters, config=config)
     return model, engine
 
 
@@ -136,13 +190,17 @@ def full_weights(model, engine):
     return out
 
 
-def train(engine, start, steps, rank, world, reads=None):
+def train(engine, start, steps, rank, world, reads=None, grads=None):
     per = GLOBAL_BATCH // world
     losses = []
     for step in range(start, steps):
         x, y = global_batch(step)
         loss = engine(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
         engine.backward(loss)
+        if grads is not None:  # the reduced gradient the optimizer is about to see (a collective at ZeRO-3)
+            from deepspeed.utils import safe_get_full_grad
+
+            grads.append({n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()})
         if reads is not None:
             reads.append([])  # this engine step's calls of the SARA optimizer's step
         engine.step()
@@ -187,6 +245,10 @@ def run_scenario(sc, rank, world, tmp):
         engine.load_checkpoint(ckpt, tag="mid")
         opt = inner(engine)
         train(engine, sc["resume_at"], steps, rank, world)
+    elif sc.get("record_grads"):
+        result["initial"] = full_weights(model, engine)  # zero.Init draws the initial weights its own way
+        result["grads"] = []
+        result["losses"] = train(engine, 0, steps, rank, world, grads=result["grads"])
     elif sc.get("count_reads"):
         reads = []
         count_host_reads(opt, reads)
@@ -202,10 +264,20 @@ def run_scenario(sc, rank, world, tmp):
     if sc.get("return_state"):  # one rank: {matrix id: state}
         result["state"] = {i: st for root in opt.state.values() for i, st in root.items()}
     gathered = [None] * world
-    layouts = opt.placement.layouts if isinstance(opt, sara_ds.SaraOptimizer) else {}
+    if not isinstance(opt, sara_ds.SaraOptimizer):  # a stock peer (torch's AdamW through DeepSpeed)
+        dist.all_gather_object(gathered, {"type": type(opt).__name__, "wrapper": type(engine.optimizer).__name__})
+        result["ranks"] = gathered
+        del engine
+        gc.collect()
+        return result
+    layouts = opt.placement.layouts
+    shape_of = sara_ds.sharding.shape_of
     straddlers = sum(1 for lay in layouts.values() for f in lay.fragments
-                     if f.numel < opt.original_params[f.index].numel() and opt.original_params[f.index].dim() == 2)
+                     if f.numel < shape_of(opt.original_params[f.index]).numel()
+                     and len(shape_of(opt.original_params[f.index])) == 2)
     mine = {"state_bytes": opt.state_bytes(), "straddlers": straddlers, "counts": opt.refresh_counts(),
+            "exchange_bytes": opt.zero_bytes_sent(), "steppers": {i: lay.rank for lay in layouts.values()
+                                                                  for i in lay.steppers or {} if lay.steps(i)},
             "refreshes": {i: st["refreshes"] for i, st in opt.matrix_states()},
             "matrices": sorted(i for i, _ in opt.matrix_states()),
             "overlaps": opt.subspace_overlaps(), "type": type(opt).__name__, "wrapper": type(engine.optimizer).__name__,

@@ -10,13 +10,13 @@ DeepSpeed has no optimizer registry: an unknown ``type`` is resolved with
     or ``include`` / ``exclude`` regexes from the config, using the parameter names
     of the engine that is calling it;
   * refuses engine settings that would corrupt low-rank state
-    (``zero_optimization.elastic_checkpoint``, ZeRO-3);
+    (``zero_optimization.elastic_checkpoint``; tensor parallelism or a universal load at ZeRO-3);
   * with ``checkpoint.load_universal``, makes ``engine.load_checkpoint`` restore sara_ds's state from a
     universal checkpoint written by ``python -m sara_ds.ds_to_universal`` (``deepspeed_universal``);
   * adds the class to DeepSpeed's ZeRO allow-list, so no
     ``zero_allow_untested_optimizer`` is needed.
 
-Under ZeRO-1/2 the optimizer maps DeepSpeed's flat partitions back to matrices
+Under ZeRO-1/2/3 the optimizer maps DeepSpeed's flat partitions back to matrices
 itself (``sara_ds.sharding.zero``); nothing in DeepSpeed is patched for that.
 """
 from __future__ import annotations
@@ -56,11 +56,9 @@ def _calling_engine():
 
 
 def _refuse_unsupported(engine) -> None:
-    if engine.zero_optimization_stage() not in (0, 1, 2):
-        raise ValueError(
-            f"sara_ds: zero_optimization.stage={engine.zero_optimization_stage()} is not supported; "
-            "use stage 0, 1 or 2 (ZeRO-3 shards each matrix across ranks, so no rank holds a 2-D gradient)"
-        )
+    if engine.zero_optimization_stage() not in (0, 1, 2, 3):
+        raise ValueError(f"sara_ds: zero_optimization.stage={engine.zero_optimization_stage()} is not supported; "
+                         "use stage 0, 1, 2 or 3")
     if engine.zero_optimization() and engine.zero_elastic_checkpoint():
         raise ValueError(
             "sara_ds: zero_optimization.elastic_checkpoint=true is not supported: DeepSpeed truncates every "
@@ -78,6 +76,10 @@ def _refuse_unsupported(engine) -> None:
         if not (engine.bfloat16_enabled() or engine.fp16_enabled()) and not engine.zero_compute_grad_norm():
             raise ValueError(f"sara_ds: zero_optimization.compute_grad_norm=false is not supported: {why} "
                              "(in fp32 that check is the invalid-norm test). Remove the key (its default is true).")
+    if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
+        raise ValueError(
+            "sara_ds: checkpoint.load_universal=true is not supported at zero_optimization.stage=3 yet (stages 1 and 2 "
+            "are): resume at the data-parallel size the checkpoint was saved at, with checkpoint.load_universal removed.")
     if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 0:
         raise ValueError(
             "sara_ds: checkpoint.load_universal=true is supported at zero_optimization.stage 1 and 2 only. At stage 0 "
@@ -222,6 +224,11 @@ def _factory(cls):
         if engine is not None:
             _refuse_unsupported(engine)
             tp_group = tensor_parallel_group(engine)
+            if tp_group is not None and engine.zero_optimization_stage() == 3:
+                raise ValueError(
+                    "sara_ds: tensor parallelism with zero_optimization.stage=3 is not supported yet: a TP-split "
+                    "matrix's refresh is a collective of its TP shards' steppers, which ZeRO-3's ownership does not "
+                    "line up. Use stage 1 or 2 with tensor parallelism.")
         selection = {k: params.pop(k) for k in list(params) if k in SELECTION_KEYS}
         groups = _build_groups(model_parameters, selection, engine)
         _refuse_tp_weights_without_group(groups, tp_group, engine)

@@ -13,9 +13,20 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .. import spectral
+
+
+def shape_of(param: Tensor) -> torch.Size:
+    """A parameter's own shape. Under DeepSpeed ZeRO-3 (``deepspeed.zero.Init``, or once an engine has partitioned
+    it) the tensor is an empty 1-D stub and the real shape is ``ds_shape``."""
+    return torch.Size(getattr(param, "ds_shape", param.shape))
+
+
+def numel_of(param: Tensor) -> int:
+    return shape_of(param).numel()
 
 
 @dataclass(frozen=True)

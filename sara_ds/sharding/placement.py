@@ -2,7 +2,7 @@
 
 ``Placement`` is built by the optimizer from the process group it was given (``tp_group``)
 and turns a param group, whatever the engine put in it (plain parameters, fp32 master
-copies, a ZeRO-1/2 flat partition), into ``Slot``s, each carrying the shard context of its
+copies, a ZeRO-1/2 flat partition, a ZeRO-3 sub-group's partition), into ``Slot``s, each carrying the shard context of its
 matrix (``LocalContext`` or ``TensorParallelContext``). It owns the caches those need (ZeRO
 layouts, one TP context per matrix) and names the process groups whose ranks must agree
 on a step (``step_groups``).
@@ -39,7 +39,7 @@ class Placement:
                                            group["sketch_power_iters"], cache=self.tp_contexts,
                                            local=group.get("spectrum", "svd"))  # older checkpoints lack it
 
-    def slots(self, group, members: list, state, needs_full) -> list[Slot]:
+    def slots(self, group, members: list, state, needs_full, state_numel=None) -> list[Slot]:
         params = group["params"]
 
         def context(p):
@@ -47,15 +47,17 @@ class Placement:
 
         if all(id(p) in self.index_of for p in params):
             return plain_slots(params, [self.index_of[id(p)] for p in params], state, context)
-        if zero.is_flat_partition(params, self.original_params):
+        if zero.is_flat_partition(params, self.original_params) or zero.is_zero3_partition(params, self.original_params):
             return zero.partition_slots(params, members, self.original_params, state, self.layouts,
-                                        needs_full=needs_full, context_for=context, tp_group=self.tp_group)
+                                        needs_full=needs_full, context_for=context, tp_group=self.tp_group,
+                                        state_numel=state_numel)
         if len(params) == len(members) and all(p.shape == self.original_params[i].shape for p, i in zip(params, members)):
             return plain_slots(params, members, state, context)  # fp32 master copies, in order
         raise RuntimeError(
             "sara_ds: cannot map the tensors in param group "
             f"{group['sara_group']} back to the model parameters this optimizer was built with. "
-            "Supported: plain parameters, same-shaped master copies, DeepSpeed ZeRO stage 1/2 flat partitions."
+            "Supported: plain parameters, same-shaped master copies, DeepSpeed ZeRO stage 1/2 flat partitions and "
+            "stage-3 sub-group partitions."
         )
 
     def finish(self) -> None:
@@ -86,6 +88,10 @@ class Placement:
 
     def tp_bytes_sent(self) -> int:
         return sum(c.bytes_sent for c in self.tp_contexts.values())
+
+    def zero_bytes_sent(self) -> int:
+        """Bytes this rank has sent in the ZeRO straddler exchange (pieces to steppers, new weights back)."""
+        return sum(layout.bytes_sent for layout in self.layouts.values())
 
 
 def _collective_device(group) -> torch.device:
