@@ -129,7 +129,9 @@ class SaraOptimizer(torch.optim.Optimizer):
         left = self.placement.basis_on_left(index, rows, cols, group["proj_type"])
         rank = min(group["rank"], rows, cols)
         moments = self.base.init(torch.empty((rank, cols if left else rows), device="meta"), True, group)
-        return (rows if left else cols) * rank + _numel(moments)
+        basis = (rows if left else cols) * rank
+        online_pca = 3 * basis if group["subspace"] == "online_pca" else 0  # the basis's Adam moments, its anchor
+        return basis + _numel(moments) + online_pca + (group["residual"] == "fira")  # Fira's 0-d norm
 
     def _needs_full_matrix(self, group, index) -> bool:
         return self._projected(group, index) or not self.base.elementwise

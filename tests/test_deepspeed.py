@@ -190,6 +190,13 @@ def test_zero3_equals_single_process_for_every_rule_and_base(world):
                       for st in single.state.values())
         assert all(b <= single.state_bytes() / world + largest for b in per_rank), (per_rank, largest)
         assert sum(per_rank) == single.state_bytes() or sc["name"].startswith("offload")
+        # traffic: benchmarks/zero3_traffic.py's count of the whole-matrix exchange, 12 bytes per element a stepper
+        # does not hold (fp32 gradient and weight pieces in, new weight pieces out), is what the ranks sent
+        steppers = {i: k for k, r in enumerate(res["ranks"]) for i in r["steppers"]}
+        numels = [q.numel() for q in single.original_params]
+        piece = {i: -(-numels[i] // world) for i in steppers}
+        expected = 7 * sum(12 * (numels[i] - min(piece[i], numels[i] - k * piece[i])) for i, k in steppers.items())
+        assert sum(r["exchange_bytes"] for r in res["ranks"]) == expected, sc["name"]
 
 
 def test_zero_options_and_other_bases_equal_single_process():

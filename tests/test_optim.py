@@ -436,3 +436,28 @@ def test_the_full_rank_step_dispatches_per_group_not_per_tensor():
 
     assert ops_of_an_ordinary_step(32, True) <= 1.5 * ops_of_an_ordinary_step(4, True)
     assert ops_of_an_ordinary_step(32, False) > 3 * ops_of_an_ordinary_step(4, False)  # the per-tensor loop
+
+
+def test_state_size_from_shapes_equals_the_state_built():
+    """ZeRO-3 balances matrices by their state size before any state exists, and benchmarks/zero_memory.py's
+    per-GPU formula (LLaMA-7B table) uses the same count: it must equal what the optimizer then builds, for every
+    preset and base (Fira's norm, OSD's basis moments and anchor included)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from zero_memory import state_bytes, state_formula_bytes
+
+    for cls in ("SaraAdamW", "SaraAdafactor", "SaraAdamMini"):
+        for preset in sorted(sara_ds.PRESETS):
+            torch.manual_seed(0)
+            model = llama.Llama(llama.LlamaConfig(vocab_size=64, hidden=16, layers=2, heads=2, intermediate=48, max_seq=8))
+            opt = sara_ds.OPTIMIZERS[cls](sara_ds.param_groups(model, rank=4, update_proj_gap=2), preset=preset,
+                                          **({"osd_lr": 0.01} if preset == "osd" else {}))
+            predicted = state_formula_bytes(opt)
+            for _ in range(3):
+                tokens = torch.randint(0, 64, (2, 9))
+                opt.zero_grad()
+                model(tokens[:, :-1], tokens[:, 1:]).backward()
+                opt.step()
+            assert predicted == state_bytes(opt), (cls, preset, predicted, state_bytes(opt))
