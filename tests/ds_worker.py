@@ -233,7 +233,8 @@ def run_scenario(sc, rank, world, tmp):
     if "load_from" in sc:
         engine.load_checkpoint(sc["load_from"], tag=sc.get("load_tag"))
         start = sc.get("resume_step", 0)
-        result["losses"] = train(engine, start, sc.get("steps", start + 1), rank, world)
+        result["grads"] = [] if sc.get("record_grads") else None
+        result["losses"] = train(engine, start, sc.get("steps", start + 1), rank, world, grads=result["grads"])
     elif sc.get("resume_at"):
         train(engine, 0, sc["resume_at"], rank, world)
         ckpt = os.path.join(tmp, f"ckpt-{sc['name']}")

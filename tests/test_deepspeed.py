@@ -266,19 +266,20 @@ def _relative_distance(a, b, origin):
 
 
 # The bf16 run must stay near the fp32 run, in units of how far the fp32 run moved the weights. Measured
-# (AMD EPYC, emulated bf16): 0.044 (galore) and 0.073 (sara) at ZeRO-1/2, where the optimizer steps fp32
-# masters, and 0.30 at ZeRO-0, where the weights compared are the bf16 parameters themselves (2^-8
+# (AMD EPYC, emulated bf16): 0.044 (galore) and 0.073 (sara) at ZeRO-1/2 and 0.077 (sara) at ZeRO-3, where the
+# optimizer steps fp32 masters, and 0.30 at ZeRO-0, where the weights compared are the bf16 parameters themselves (2^-8
 # relative resolution). An optimizer that never steps scores 1.0.
-BF16_LIMIT = {0: 0.45, 1: 0.2, 2: 0.2}
+BF16_LIMIT = {0: 0.45, 1: 0.2, 2: 0.2, 3: 0.2}
 
 
-def test_bf16_trains_under_zero_0_1_2():
+def test_bf16_trains_under_zero_0_1_2_3():
     # The one DeepSpeed bf16 test (bf16 is emulated, ~40x slower, on CPUs without native bf16; the model is
     # tiny). The optimizer sees fp32 master partitions at ZeRO-1/2 and bf16 parameters at ZeRO-0.
     scenarios = [dict(name=f"bf16-{preset}-z{stage}", params=dict(BASE, preset=preset), zero={"stage": stage},
                       dtype="bf16") for stage in (0, 1, 2) for preset in ("galore", "sara")]
     scenarios.append(dict(name="bf16-sara-z2-offload", params=dict(BASE, preset="sara"), dtype="bf16",
                           zero={"stage": 2, "offload_optimizer": {"device": "cpu"}}))
+    scenarios.append(dict(name="bf16-sara-z3", params=dict(BASE, preset="sara"), dtype="bf16", zero=ZERO3))
     results = run_scenarios(2, scenarios)
     init = {k: v.detach() for k, v in build_model().named_parameters()}
     for sc, res in zip(scenarios, results):
@@ -356,8 +357,6 @@ def test_unsupported_engine_settings_are_refused_with_named_keys(tmp_path):
     params = dict(BASE, preset="sara")
     scenarios = [
         dict(name="elastic", params=params, zero={"stage": 2, "elastic_checkpoint": True}, expect_error=True),
-        dict(name="zero3-universal", params=params, zero={"stage": 3}, extra_config={"checkpoint": {"load_universal": True}},
-             expect_error=True),
         dict(name="no-norm", params=params, zero={"stage": 2, "compute_grad_norm": False},
              extra_config={"gradient_clipping": 0.0}, expect_error=True),
         dict(name="no-overflow-check", params=params, zero={"stage": 1}, dtype="bf16",
@@ -367,7 +366,7 @@ def test_unsupported_engine_settings_are_refused_with_named_keys(tmp_path):
         dict(name="bad-rank", params=dict(params, rank=0), expect_error=True),
     ]
     results = run_scenarios(1, scenarios)
-    expected = {"elastic": "elastic_checkpoint=true", "zero3-universal": "load_universal=true is not supported at zero_optimization.stage=3",
+    expected = {"elastic": "elastic_checkpoint=true", 
                 "no-norm": "compute_grad_norm=false", "no-overflow-check": "check_grad_overflow=false",
                 "unknown-key": "['rnak']", "bad-value": "subspace='topk'", "bad-rank": "rank=0"}
     for res in results:

@@ -1,12 +1,16 @@
-"""Resuming a ZeRO-1/2 run at another data-parallel size through DeepSpeed's universal checkpoint
+"""Resuming a ZeRO-1/2/3 run at another data-parallel size through DeepSpeed's universal checkpoint
 (``python -m sara_ds.ds_to_universal``, then ``"checkpoint": {"load_universal": true}``).
 
-6 steps at DP=A, save, convert, 6 steps at DP=B, for 2->3, 3->2 and 2->1 at stages 1 and 2, against one process
-fed the gradient each step's DP size forms. Per-rank gradients are on a fixed-point grid (test_deepspeed explains
-why), so the comparison measures the checkpoint's round trip and nothing else. Each case takes one rule of each
-kind of state (plain, Fira's norm, OSD's basis moments, a random draw); every other rule's state is made of these
-keys. (All 8 rules in every case were bit-identical too, in runs while this was written.) The same launches check that no state is ever dropped: DeepSpeed's own converter, inconsistent files, a
-universal folder without sara_ds's state and an engine that would step before loading one all fail loudly.
+6 steps at DP=A, save, convert, 6 steps at DP=B, for 2->3, 3->2 and 2->1 at stages 1, 2 and 3, against one process.
+At stages 1 and 2 that process is fed the gradient each step's DP size forms, with per-rank gradients on a
+fixed-point grid (test_deepspeed explains why); at stage 3 it is fed the gradients the two runs recorded
+(``ds_worker.replayed_weights``: ZeRO-3's hooks change autograd's summation order). Either way the comparison
+measures the checkpoint's round trip and nothing else. Each stage-1/2 case takes one rule of each kind of state
+(plain, Fira's norm, OSD's basis moments, a random draw), every other rule's state being made of these keys; stage
+3 takes the two with extra state (Fira's norm, OSD's). (All 8 rules in every stage-1/2 case were bit-identical too,
+in runs while this was written.) At stage 3 torch's AdamW through DeepSpeed's own converter is the control. The
+same launches check that no state is ever dropped: DeepSpeed's own converter, inconsistent files, a universal
+folder without sara_ds's state and an engine that would step before loading one all fail loudly.
 """
 import os
 import shutil
@@ -16,24 +20,36 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from ds_worker import reference_weights  # noqa: E402
+from ds_worker import reference_weights, replayed_weights  # noqa: E402
 from launch_utils import run_scenarios  # noqa: E402
 from sara_ds.integrations import deepspeed_universal  # noqa: E402
 
 BEFORE, AFTER, GAP = 6, 6, 3  # refreshes at 0, 3 (before), 6 (the first step after the resume), 9
 KINDS = ("sara", "sara_fira", "osd", "golore")
+KINDS3 = ("sara_fira", "osd")
 CASES = [(2, 3, 2, KINDS), (2, 3, 1, KINDS), (3, 2, 1, KINDS), (3, 2, 2, KINDS), (2, 1, 1, KINDS),
-         (2, 1, 2, KINDS)]  # (DP before, DP after, ZeRO stage, rules)
+         (2, 1, 2, KINDS), (2, 3, 3, KINDS3 + ("AdamW",)), (3, 2, 3, KINDS3), (2, 1, 3, KINDS3)]
+# (DP before, DP after, ZeRO stage, rules; "AdamW": torch's, through DeepSpeed's own converter)
 UNIVERSAL = {"checkpoint": {"load_universal": True}}
 
 
 def _params(preset):
+    if preset == "AdamW":
+        return dict(lr=0.01, eps=1e-6, weight_decay=0.0, torch_adam=True)
     return dict(lr=0.01, rank=4, update_proj_gap=GAP, scale=0.25, seed=5, preset=preset,
                 **({"osd_lr": 0.01} if preset == "osd" else {}))
 
 
 def _zero(stage):
+    if stage == 3:  # several sub-groups, every parameter partitioned
+        return {"stage": 3, "sub_group_size": 1500, "stage3_param_persistence_threshold": 0}
     return {"stage": stage, "reduce_scatter": False}  # scale after summing, as the grid oracle does
+
+
+def _run(stage, preset):
+    """How a scenario trains: the grid at stages 1/2, recorded gradients at stage 3."""
+    return dict(optimizer="AdamW" if preset == "AdamW" else "SaraAdamW", **(
+        {"record_grads": True} if stage == 3 else {"grid_grads": True}))
 
 
 def _max_diff(a, b):
@@ -47,12 +63,13 @@ def _saved(root, world, stage, preset):
 def _saves(world, root):
     """The checkpoints the cases need from ``world`` ranks, after BEFORE steps."""
     wanted = sorted({(stage, preset) for a, _, stage, presets in CASES if a == world for preset in presets})
-    return [dict(name=f"save-{preset}-z{stage}", params=_params(preset), zero=_zero(stage), grid_grads=True,
-                 steps=BEFORE, save_to=_saved(root, world, stage, preset)) for stage, preset in wanted]
+    return [dict(name=f"save-{preset}-z{stage}", params=_params(preset), zero=_zero(stage), **_run(stage, preset),
+                 steps=BEFORE, save_to=_saved(root, world, stage, preset), saves=(world, stage, preset))
+            for stage, preset in wanted]
 
 
 def _resumes(target, root):
-    return [dict(name=f"resume-{a}-{preset}-z{stage}", params=_params(preset), zero=_zero(stage), grid_grads=True,
+    return [dict(name=f"resume-{a}-{preset}-z{stage}", params=_params(preset), zero=_zero(stage), **_run(stage, preset),
                  load_from=_saved(root, a, stage, preset) + "-universal", resume_step=BEFORE, steps=BEFORE + AFTER,
                  extra_config=UNIVERSAL, source_world=a, stage=stage, preset=preset)
             for a, b, stage, presets in CASES if b == target for preset in presets]
@@ -73,10 +90,11 @@ def test_resume_at_another_data_parallel_size_matches_one_process_and_never_drop
     stage0 = dict(name="resume-2-sara-z0", params=_params("sara"), zero={"stage": 0}, grid_grads=True,
                   resume_step=BEFORE, steps=BEFORE + AFTER, source_world=2, stage=0, preset="sara",
                   load_from=_saved(root, 2, 0, "sara"), load_tag="final")
-    saved = run_scenarios(2, _saves(2, root) + [dict(name="save-sara-z0", params=_params("sara"), zero={"stage": 0},
-                                                         grid_grads=True, steps=BEFORE,
-                                                         save_to=_saved(root, 2, 0, "sara"))])
+    saves = _saves(2, root)
+    saved = run_scenarios(2, saves + [dict(name="save-sara-z0", params=_params("sara"), zero={"stage": 0},
+                                           grid_grads=True, steps=BEFORE, save_to=_saved(root, 2, 0, "sara"))])
     assert all("error" not in r for r in saved), [r.get("error") for r in saved]
+    before = {sc["saves"]: res for sc, res in zip(saves, saved)}  # the runs up to the save, by (DP, stage, rule)
     _convert_all(2, root)
     # the regular (not universal) checkpoints at another size: DeepSpeed refuses them itself at 2 -> 1, and at
     # the same size with other ownership (each rank handed the other's file, as a checkpoint written under another
@@ -92,21 +110,30 @@ def test_resume_at_another_data_parallel_size_matches_one_process_and_never_drop
     swap = dict(regular, name="swapped", load_from=swapped)
     refusals, refused_with = _never_dropped(root, os.path.join(_saved(root, 2, 2, "sara"), "final"))
     results = {3: run_scenarios(3, _resumes(3, root) + _saves(3, root))}
+    before.update({sc["saves"]: res for sc, res in zip(_saves(3, root), results[3][len(_resumes(3, root)):])})
     _convert_all(3, root)
     results[2] = run_scenarios(2, _resumes(2, root) + [swap])
     results[1] = run_scenarios(1, _resumes(1, root) + [stage0, regular] + refusals)
     print(f"\nsave after {BEFORE} steps at DP=A, ds_to_universal, {AFTER} more steps at DP=B (fp32, refreshes every "
           f"{GAP} steps): max |resumed - one process|")
-    worst = 0.0
+    worst, control = 0.0, None
     for target, extra in ((3, []), (2, []), (1, [stage0])):
         for res, sc in zip(results[target], _resumes(target, root) + extra):
             assert "error" not in res, (sc["name"], res.get("error"))
             a = sc["source_world"]
-            ref, _ = reference_weights("SaraAdamW", sc["params"], steps=BEFORE + AFTER, grid_grads=True,
-                                       world=[a] * BEFORE + [target] * AFTER)
+            if sc["stage"] == 3:
+                first = before[(a, 3, sc["preset"])]
+                ref, _ = replayed_weights(sc["optimizer"], sc["params"], first["grads"] + res["grads"])
+            else:
+                ref, _ = reference_weights("SaraAdamW", sc["params"], steps=BEFORE + AFTER, grid_grads=True,
+                                           world=[a] * BEFORE + [target] * AFTER)
             diff = _max_diff(res["weights"], ref)
+            print(f"  {a}->{target} ZeRO-{sc['stage']} {sc['preset']:<10} {diff:.2e}"
+                  + ("  (torch's AdamW through DeepSpeed's own converter: the control)" if sc["preset"] == "AdamW" else ""))
+            if sc["preset"] == "AdamW":
+                control = diff
+                continue
             worst = max(worst, diff)
-            print(f"  {a}->{target} ZeRO-{sc['stage']} {sc['preset']:<10} {diff:.2e}")
             assert diff < 1e-5, (sc["name"], diff)
             # the resumed state is partitioned at the new size: every projected matrix is held, and each refreshed
             # at 0, 3, 6, 9 (OSD once, then its basis moves every step), counted across the save
@@ -115,6 +142,7 @@ def test_resume_at_another_data_parallel_size_matches_one_process_and_never_drop
                 for i, n in r["refreshes"].items():
                     held.setdefault(i, set()).add(n)
             assert held and all(n == {1 if sc["preset"] == "osd" else 4} for n in held.values()), (sc["name"], held)
+    assert control is not None and worst <= control  # at stage 3 DeepSpeed asks no better than its own AdamW
     print(f"  worst {worst:.2e}")
     refused = {"regular-2-to-1": results[1][-1 - len(refusals)], "swapped": results[2][-1]}
     for label, res in refused.items():
@@ -183,5 +211,5 @@ def _never_dropped(root, tag):
              expect_error=True),
     ]
     expected = {"no-sidecar": "optimizer_state.pt is missing", "never-loaded": "no universal checkpoint has been loaded",
-                "stage-0": "load_universal=true is supported at zero_optimization.stage 1 and 2 only"}
+                "stage-0": "load_universal=true is supported at zero_optimization.stage 1, 2 and 3"}
     return scenarios, expected

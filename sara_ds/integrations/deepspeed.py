@@ -10,7 +10,7 @@ DeepSpeed has no optimizer registry: an unknown ``type`` is resolved with
     or ``include`` / ``exclude`` regexes from the config, using the parameter names
     of the engine that is calling it;
   * refuses engine settings that would corrupt low-rank state
-    (``zero_optimization.elastic_checkpoint``; tensor parallelism or a universal load at ZeRO-3);
+    (``zero_optimization.elastic_checkpoint``; tensor parallelism at ZeRO-3);
   * with ``checkpoint.load_universal``, makes ``engine.load_checkpoint`` restore sara_ds's state from a
     universal checkpoint written by ``python -m sara_ds.ds_to_universal`` (``deepspeed_universal``);
   * adds the class to DeepSpeed's ZeRO allow-list, so no
@@ -76,13 +76,9 @@ def _refuse_unsupported(engine) -> None:
         if not (engine.bfloat16_enabled() or engine.fp16_enabled()) and not engine.zero_compute_grad_norm():
             raise ValueError(f"sara_ds: zero_optimization.compute_grad_norm=false is not supported: {why} "
                              "(in fp32 that check is the invalid-norm test). Remove the key (its default is true).")
-    if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
-        raise ValueError(
-            "sara_ds: checkpoint.load_universal=true is not supported at zero_optimization.stage=3 yet (stages 1 and 2 "
-            "are): resume at the data-parallel size the checkpoint was saved at, with checkpoint.load_universal removed.")
     if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 0:
         raise ValueError(
-            "sara_ds: checkpoint.load_universal=true is supported at zero_optimization.stage 1 and 2 only. At stage 0 "
+            "sara_ds: checkpoint.load_universal=true is supported at zero_optimization.stage 1, 2 and 3. At stage 0 "
             "every rank holds the whole optimizer state and the regular checkpoint (mp_rank_00_model_states.pt) "
             "loads at any data-parallel size: remove checkpoint.load_universal."
         )

@@ -1,4 +1,4 @@
-"""Resuming a DeepSpeed ZeRO-1/2 run at another data-parallel size: DeepSpeed's universal checkpoint, with
+"""Resuming a DeepSpeed ZeRO-1/2/3 run at another data-parallel size: DeepSpeed's universal checkpoint, with
 sara_ds's state carried beside it.
 
 DeepSpeed's flow for Adam is::
@@ -20,6 +20,11 @@ only refills state shaped like the flat partition. sara_ds keeps the flow and th
   refresh generator (seed, matrix id, step // gap) do not depend on the data-parallel size, so the resumed
   run draws the same subspaces.
 
+At ZeRO-3 DeepSpeed's loader also reads ``exp_avg`` / ``exp_avg_sq`` files for every parameter, the ``step`` of
+the first sub-group's state, and copies the first param group's hyperparameters into every group. The converter
+writes zero-filled placeholders for the first two (sara_ds's state is in the sidecar), and the restore puts
+each group's own hyperparameters back and replaces the flat Adam keys DeepSpeed filled in with sara_ds's state.
+
 An engine built with ``load_universal`` that steps before such a load would start every moment and basis
 afresh; its optimizer refuses to step until the load has run.
 """
@@ -30,6 +35,7 @@ import contextlib
 import functools
 import glob
 import inspect
+import math
 import os
 
 import torch
@@ -86,19 +92,8 @@ def _merge_copies(index: int, name: str, shape: tuple, copies: list) -> dict:
     states = [st for st, _, _ in copies]
     if all(_equal(states[0], other) for other in states[1:]):
         return states[0]
-    pieces = [piece for _, piece, _ in copies]
-    if sum(pieces) == numel and all(
-            isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == piece or not isinstance(v, torch.Tensor)
-            for st, piece, _ in copies for v in st.values()):
-        merged = {}
-        for key, value in states[0].items():
-            if isinstance(value, torch.Tensor):
-                merged[key] = torch.cat([st[key] for st in states]).view(shape)
-            elif all(st[key] == value for st in states):
-                merged[key] = value
-            else:
-                raise RuntimeError(f"sara_ds: the pieces of {name} (matrix {index}) disagree on {key!r}: "
-                                   f"{[st[key] for st in states]}")
+    merged = _join_pieces(index, name, shape, numel, copies)
+    if merged is not None:
         return merged
     raise RuntimeError(
         f"sara_ds: matrix {index} ({name}) straddles ZeRO partitions and its copies on DP ranks "
@@ -106,29 +101,85 @@ def _merge_copies(index: int, name: str, shape: tuple, copies: list) -> dict:
         "steps?)")
 
 
+def _join_pieces(index: int, name: str, shape: tuple, numel: int, copies: list) -> dict | None:
+    """An elementwise base's state kept per piece (1-D, each rank's piece size), joined in DP-rank order; None if
+    the copies are not such pieces."""
+    states = [st for st, _, _ in copies]
+    if sum(piece for _, piece, _ in copies) != numel or not all(
+            isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == piece or not isinstance(v, torch.Tensor)
+            for st, piece, _ in copies for v in st.values()):
+        return None
+    merged = {}
+    for key, value in states[0].items():
+        if isinstance(value, torch.Tensor):
+            merged[key] = torch.cat([st[key] for st in states]).view(shape)
+        elif all(st[key] == value for st in states):
+            merged[key] = value
+        else:
+            raise RuntimeError(f"sara_ds: the pieces of {name} (matrix {index}) disagree on {key!r}: "
+                               f"{[st[key] for st in states]}")
+    return merged
+
+
+def _zero3_piece(numel: int, dp: int, rank: int) -> int:
+    """Elements of a parameter that ZeRO-3 rank ``rank`` of ``dp`` holds (its piece, padding excluded)."""
+    piece = -(-numel // dp)
+    return max(0, min(piece, numel - rank * piece))
+
+
+def _merge_zero3(index: int, name: str, shape: tuple, copies: list) -> dict:
+    """At ZeRO-3 a matrix stepped whole has one stepper, so one copy; an elementwise base's matrix has one piece
+    per rank that holds elements of it."""
+    if len(copies) == 1:
+        return copies[0][0]
+    numel = 1
+    for d in shape:
+        numel *= d
+    merged = _join_pieces(index, name, shape, numel, copies)
+    if merged is None:
+        raise RuntimeError(f"sara_ds: matrix {index} ({name}) has state on DP ranks {[r for _, _, r in copies]} that is "
+                           "neither one stepper's nor one piece per rank: the ZeRO-3 checkpoint is inconsistent")
+    return merged
+
+
+def _model_files(input_folder: str) -> list:
+    return sorted(glob.glob(os.path.join(input_folder, "*mp_rank_*_model_states.pt")))
+
+
 def collect_state(input_folder: str) -> dict | None:
-    """Every matrix's sara_ds state from a ZeRO-1/2 checkpoint's per-rank files, once, checked.
+    """Every matrix's sara_ds state from a ZeRO-1/2/3 checkpoint's per-rank files, once, checked.
 
     Returns ``{"format", "matrices": {matrix id: state}, "names": {matrix id: name}, "shapes", "dp_size",
-    "param_groups"}``, or None when the checkpoint holds no sara_ds state."""
+    "zero_stage", "param_groups"}``, or None when the checkpoint holds no sara_ds state."""
     files = sorted(glob.glob(os.path.join(input_folder, "*_optim_states.pt")), key=_dp_rank)
-    models = sorted(glob.glob(os.path.join(input_folder, "mp_rank_*_model_states.pt")))
+    models = _model_files(input_folder)
     if not files or not models:
-        raise FileNotFoundError(f"sara_ds: no *_optim_states.pt and mp_rank_*_model_states.pt in {input_folder}: not "
+        raise FileNotFoundError(f"sara_ds: no *_optim_states.pt and *model_states.pt in {input_folder}: not "
                                 "one tag of a DeepSpeed ZeRO checkpoint (pass e.g. ckpt/global_step100)")
-    if len(models) > 1 or {os.path.basename(f).split("mp_rank_")[1][:2] for f in files} != {"00"}:
+    model_ranks = {os.path.basename(f).split("mp_rank_")[1][:2] for f in models + files}
+    zero3 = any(os.path.basename(f).startswith("zero_pp_rank_") for f in models)  # stage 3 saves one per DP rank
+    if model_ranks != {"00"} or (not zero3 and len(models) > 1):
         raise NotImplementedError(
-            f"sara_ds: {input_folder} has {len(models)} model-parallel ranks (tensor or pipeline parallel); "
+            f"sara_ds: {input_folder} has several model-parallel ranks (tensor or pipeline parallel); "
             "converting sara_ds state to a universal checkpoint is supported at TP = PP = 1. Resume at the same "
             "data-parallel size from the regular checkpoint.")
     ids, shapes = _matrices_of(torch.load(models[0], map_location="cpu", weights_only=False))
     names = {i: name for name, i in ids.items()}
-    copies, groups = {}, None
+    copies, groups, stage = {}, None, None
     for path in files:
         sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        if int(sd.get("zero_stage", 0)) > 2 or "base_optimizer_state" not in sd:
+        stage = int(sd.get("zero_stage", 0))
+        if stage == 3:
+            inner = sd["optimizer_state_dict"]
+            groups = inner["param_groups"]
+            for group_state in inner["state"].values():
+                for index, st in group_state.items() if _is_sara_state(group_state) else ():
+                    piece = _zero3_piece(math.prod(shapes[index]), len(files), _dp_rank(path))
+                    copies.setdefault(index, []).append((st, piece, _dp_rank(path)))
+            continue
+        if "base_optimizer_state" not in sd:
             raise ValueError(f"sara_ds: {os.path.basename(path)} is a ZeRO stage {sd.get('zero_stage')} file; "
-                             "sara_ds converts stages 1 and 2")
+                             "sara_ds converts stages 1, 2 and 3")
         base_state = sd["base_optimizer_state"]
         groups = base_state["param_groups"]
         for g, mappings in enumerate(sd["param_slice_mappings"]):
@@ -141,9 +192,10 @@ def collect_state(input_folder: str) -> dict | None:
                     copies.setdefault(index, []).append((group_state[index], fragment.numel, _dp_rank(path)))
     if not copies:
         return None
-    matrices = {i: _merge_copies(i, names[i], shapes[i], held) for i, held in sorted(copies.items())}
+    merge = _merge_zero3 if stage == 3 else _merge_copies
+    matrices = {i: merge(i, names[i], shapes[i], held) for i, held in sorted(copies.items())}
     return {"format": _FORMAT, "matrices": matrices, "names": names, "shapes": shapes, "dp_size": len(files),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]}
+            "zero_stage": stage, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]}
 
 
 _ORIGINAL = {}  # DeepSpeed's functions that _fp32_only_conversion stands in for
@@ -152,7 +204,8 @@ _ORIGINAL = {}  # DeepSpeed's functions that _fp32_only_conversion stands in for
 def _originals(d2u) -> dict:
     if not _ORIGINAL:
         _ORIGINAL.update(extract=d2u.extract_zero_shards, merge_shards=d2u._merge_zero_shards,
-                         merge_tp=d2u.merge_tp_slices)
+                         merge_tp=d2u.merge_tp_slices, extract3=d2u.extract_zero_shards_stage3,
+                         merge3=d2u.merge_zero3_slices, save3=d2u._save_optimizer_state_stage3)
     return _ORIGINAL
 
 
@@ -191,6 +244,49 @@ def _merge_fp32_tp_slices(uc_info, dir, slice_dir, tp_degree, name_and_shapes):
     return unmatched
 
 
+def _extract_fp32_shards_stage3(optim_files_grid, param_shapes_grid, dp_degree, temp_dir, indices,
+                                exclude_param_names=None):
+    """``extract_zero_shards_stage3`` for the fp32 weights alone (DeepSpeed's also reads ``state[i]["exp_avg"]``)."""
+    from deepspeed.checkpoint import ds_to_universal as d2u
+
+    tp_index, dp_index = indices
+    optim_sd = torch.load(optim_files_grid[tp_index][dp_index], map_location="cpu",
+                          weights_only=False)[d2u.OPTIMIZER_STATE_DICT]
+    for idx, sub_group_shape in enumerate(param_shapes_grid[tp_index]):
+        fp32, offset = optim_sd["fp32_flat_groups"][idx], 0
+        for name, shape in sub_group_shape.items():
+            numel = d2u._shape_numel(shape)
+            piece = -(-numel // dp_degree)
+            if name not in (exclude_param_names or ()):
+                d2u.dump_param_fragment(temp_dir, tp_index, dp_index, "fp32", fp32, name, offset,
+                                        _zero3_piece(numel, dp_degree, dp_index))
+            offset += piece
+
+
+def _merge_zero3_fp32(dp_degree, dir, slice_dir, name):
+    """``merge_zero3_slices`` for the fp32 weights; ``exp_avg`` / ``exp_avg_sq`` are zero-filled placeholders, which
+    DeepSpeed's stage-3 loader reads for every parameter (sara_ds's state is in the sidecar)."""
+    from deepspeed.checkpoint import ds_to_universal as d2u
+
+    fp32 = d2u._merge_zero_shards(os.path.join(slice_dir, name), "fp32", 1)[0]
+    d2u._save_checkpoint(os.path.join(dir, name, "fp32.pt"), fp32)
+    for key in _FLAT_KEYS:
+        d2u._save_checkpoint(os.path.join(dir, name, f"{key}.pt"), torch.zeros_like(fp32))
+
+
+def _save_stage3_global_state(args, optim_files):
+    """``zero/optimizer_state.pt`` without sara_ds's state (DeepSpeed's loader reads ``state[0]["step"]`` and the
+    param groups' hyperparameters from it; the restore puts every group's own back)."""
+    from deepspeed.checkpoint import ds_to_universal as d2u
+
+    sd = torch.load(optim_files[0], map_location="cpu", weights_only=False)[d2u.OPTIMIZER_STATE_DICT]
+    inner = sd[d2u.OPTIMIZER_STATE_DICT]
+    sd[d2u.OPTIMIZER_STATE_DICT] = {"state": {0: {"step": 0}}, "param_groups": inner["param_groups"]}
+    sd.pop("fp32_flat_groups", None)
+    sd[d2u.PARAM_GROUPS] = inner["param_groups"]
+    d2u._save_checkpoint(os.path.join(args.output_folder, "zero", "optimizer_state.pt"), sd)
+
+
 @contextlib.contextmanager
 def _fp32_only_conversion():
     """DeepSpeed's ZeRO-1/2 conversion with only the fp32 weights of each flat partition extracted and merged.
@@ -199,12 +295,16 @@ def _fp32_only_conversion():
 
     original = _originals(d2u)
     d2u.extract_zero_shards, d2u.merge_tp_slices = _extract_fp32_shards, _merge_fp32_tp_slices
+    d2u.extract_zero_shards_stage3, d2u.merge_zero3_slices = _extract_fp32_shards_stage3, _merge_zero3_fp32
+    d2u._save_optimizer_state_stage3 = _save_stage3_global_state
     try:
         yield d2u
     finally:
         d2u.extract_zero_shards, d2u._merge_zero_shards, d2u.merge_tp_slices = (original["extract"],
                                                                                 original["merge_shards"],
                                                                                 original["merge_tp"])
+        d2u.extract_zero_shards_stage3, d2u.merge_zero3_slices = original["extract3"], original["merge3"]
+        d2u._save_optimizer_state_stage3 = original["save3"]
 
 
 def convert(input_folder: str, output_folder: str, num_extract_workers: int = 4, num_merge_workers: int = 2,
@@ -222,7 +322,8 @@ def convert(input_folder: str, output_folder: str, num_extract_workers: int = 4,
         return {"matrices": 0}
     with _fp32_only_conversion() as d2u:
         d2u.main(args)
-    leftovers = [p for key in _FLAT_KEYS for p in glob.glob(os.path.join(output_folder, "zero", "*", f"{key}.pt"))]
+    leftovers = [p for key in _FLAT_KEYS for p in glob.glob(os.path.join(output_folder, "zero", "*", f"{key}.pt"))
+                 if collected["zero_stage"] != 3 or torch.load(p, weights_only=False).count_nonzero()]
     if leftovers:
         raise RuntimeError(f"sara_ds: the conversion left flat optimizer state that would be loaded as sara_ds state: "
                            f"{leftovers[:3]}")
@@ -239,7 +340,7 @@ def convert(input_folder: str, output_folder: str, num_extract_workers: int = 4,
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m sara_ds.ds_to_universal",
-        description="DeepSpeed's ds_to_universal for checkpoints written with a sara_ds optimizer (ZeRO-1/2): the "
+        description="DeepSpeed's ds_to_universal for checkpoints written with a sara_ds optimizer (ZeRO-1/2/3): the "
                     "fp32 weights in DeepSpeed's universal layout, and sara_ds's per-matrix state in "
                     f"<output_folder>/{SIDECAR}. Load with \"checkpoint\": {{\"load_universal\": true}} and "
                     "engine.load_checkpoint, at any data-parallel size.")
@@ -290,18 +391,45 @@ def guard_until_loaded(engine, optimizer) -> None:
         out = real_load(load_dir, tag, *args, **kwargs)
         if out[0] is not None:
             if with_state:
-                restore_state(optimizer, os.path.join(folder, SIDECAR))
+                restore_state(optimizer, os.path.join(folder, SIDECAR), engine)
             optimizer.step = real_step  # load_optimizer_states=False: a deliberate fresh start
         return out
 
     engine.load_checkpoint = load_checkpoint
 
 
-def restore_state(optimizer, sidecar: str) -> None:
+def _partitions(optimizer, engine):
+    """(param group, fp32 partition, its Layout without steppers) for every partition, in the order DeepSpeed steps
+    them; and a function that chooses a layout's steppers as a step would."""
+    from ..sharding import zero
+
+    placement, stage3 = optimizer.placement, getattr(engine, "optimizer", None)
+    flats = getattr(stage3, "fp32_partitioned_groups_flat", None)
+    if flats is None:  # ZeRO-1/2: the flat partitions are in the param groups
+        out = []
+        for group in optimizer.param_groups:
+            for flat in group["params"]:
+                if not zero.is_flat_partition([flat], optimizer.original_params):
+                    raise RuntimeError("sara_ds: a universal checkpoint restores into ZeRO flat partitions only")
+                out.append((group, flat, zero.build_layout(flat, optimizer.group_members[group["sara_group"]],
+                                                           optimizer.original_params, placement.tp_group)))
+        return out, lambda group, layout: zero.choose_steppers(
+            layout, optimizer.original_params, lambda i: optimizer._needs_full_matrix(group, i))
+    out = []
+    for sub_group, flat in enumerate(flats):  # ZeRO-3 empties the param groups between its per-sub-group steps
+        group = optimizer.param_groups[stage3.sub_group_to_group_id[sub_group]]
+        out.append((group, flat, zero.build_zero3_layout(flat, optimizer.group_members[group["sara_group"]],
+                                                         optimizer.original_params)))
+
+    def choose(group, layout):  # the loads carry over from sub-group to sub-group, as in a step
+        return zero.choose_zero3_steppers(layout, lambda i: optimizer._needs_full_matrix(group, i),
+                                          lambda i: optimizer._state_numel(group, i), placement.layouts.loads)
+    return out, choose
+
+
+def restore_state(optimizer, sidecar: str, engine=None) -> None:
     """Give each rank the saved state of the matrices it owns in the (new) ZeRO partitions."""
     import torch.distributed as dist
-
-    from ..sharding import zero
 
     saved = torch.load(sidecar, map_location="cpu", weights_only=False)
     if saved.get("format") != _FORMAT:
@@ -310,29 +438,30 @@ def restore_state(optimizer, sidecar: str) -> None:
     placement = optimizer.placement
     placement.clear()
     optimizer.banks.clear()
+    if hasattr(getattr(engine, "optimizer", None), "fp32_partitioned_groups_flat"):
+        # DeepSpeed's stage-3 loader gave every group the first group's hyperparameters: put each group's back
+        for group, hyper in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+            group.update({k: v for k, v in hyper.items() if k != "params"})
+    partitions, choose = _partitions(optimizer, engine)
     restored, layout = set(), None
-    for group in optimizer.param_groups:
-        members = optimizer.group_members[group["sara_group"]]
-        for flat in group["params"]:
-            if not zero.is_flat_partition([flat], optimizer.original_params):
-                raise RuntimeError("sara_ds: a universal checkpoint restores into ZeRO-1/2 flat partitions only")
-            layout = placement.layouts[id(flat)] = zero.build_layout(flat, members, optimizer.original_params,
-                                                                    placement.tp_group)
-            layout.steppers = zero.choose_steppers(layout, optimizer.original_params,
-                                                   lambda i, group=group: optimizer._needs_full_matrix(group, i))
-            owned = [f.index for f in layout.fragments if layout.steps(f.index)]
-            have = [i for i in owned if i in matrices]
-            if not have:
-                optimizer.state.pop(flat, None)
-                continue
-            missing = sorted(set(owned) - set(have))
-            if missing:
-                names = [saved["names"].get(i, i) for i in missing[:6]]
-                raise RuntimeError(f"sara_ds: {sidecar} has state for some matrices of param group "
-                                   f"{group['sara_group']} but not for {names}: the checkpoint is incomplete")
-            optimizer.state[flat] = {f.index: _to_device(_piece(matrices[f.index], f, optimizer, group), flat.device)
-                                     for f in layout.fragments if layout.steps(f.index)}
-            restored.update(have)
+    for group, flat, layout in partitions:
+        if layout.zero3:
+            placement.layouts.loads = placement.layouts.loads or [0] * dist.get_world_size(layout.group)
+        placement.layouts[id(flat)] = layout
+        layout.steppers = choose(group, layout)
+        owned = [f.index for f in layout.fragments if layout.steps(f.index)]
+        have = [i for i in owned if i in matrices]
+        if not have:
+            optimizer.state.pop(flat, None)
+            continue
+        missing = sorted(set(owned) - set(have))
+        if missing:
+            names = [saved["names"].get(i, i) for i in missing[:6]]
+            raise RuntimeError(f"sara_ds: {sidecar} has state for some matrices of param group "
+                               f"{group['sara_group']} but not for {names}: the checkpoint is incomplete")
+        optimizer.state[flat] = {f.index: _to_device(_piece(matrices[f.index], f, optimizer, group), flat.device)
+                                 for f in layout.fragments if layout.steps(f.index)}
+        restored.update(have)
     everyone = [None] * (dist.get_world_size(layout.group) if layout is not None else 1)
     if layout is not None and len(everyone) > 1:
         dist.all_gather_object(everyone, sorted(restored), group=layout.group)
@@ -347,11 +476,13 @@ def restore_state(optimizer, sidecar: str) -> None:
 def _piece(state: dict, fragment, optimizer, group) -> dict:
     """The state of this rank's piece: the whole matrix's, or, for an elementwise base's full-rank straddler
     (stepped piece by piece, ``sharding.zero``), the elements of its piece."""
-    full = optimizer.original_params[fragment.index]
-    if fragment.numel == full.numel() or optimizer._needs_full_matrix(group, fragment.index):
+    from ..sharding import numel_of
+
+    numel = numel_of(optimizer.original_params[fragment.index])
+    if fragment.numel == numel or optimizer._needs_full_matrix(group, fragment.index):
         return state
     return {k: v.reshape(-1).narrow(0, fragment.lp_start, fragment.numel) if isinstance(v, torch.Tensor)
-            and v.numel() == full.numel() else v for k, v in state.items()}
+            and v.numel() == numel else v for k, v in state.items()}
 
 
 def _to_device(obj, device):
