@@ -150,12 +150,12 @@ def test_zero3_equals_single_process_for_every_rule_and_base(world):
     scenarios = [dict(name=f"{preset}-w{world}", params=_preset_params(preset)) for preset in sorted(sara_ds.PRESETS)]
     scenarios += [dict(name=f"{cls}-w{world}", optimizer=cls, params=_preset_params("sara"))
                   for cls in ("SaraAdafactor", "SaraAdamMini")]
-    scenarios += [dict(name=f"three-groups-w{world}", params=_preset_params("sara_fira"), three_groups=True),
-                  dict(name=f"zero-init-w{world}", params=_preset_params("sara"), zero_init=True),
-                  dict(name=f"torch-AdamW-w{world}", optimizer="AdamW",
-                       params=dict(lr=0.01, eps=1e-6, weight_decay=0.0, torch_adam=True))]
-    if world == 2:  # engine options that change where the partitions live, not how they are cut
-        scenarios += [dict(name="persistent-small-params", params=_preset_params("sara"),
+    scenarios.append(dict(name=f"three-groups-w{world}", params=_preset_params("sara_fira"), three_groups=True))
+    if world == 2:  # engine options that change where the partitions live or how they are made, not how they are cut
+        scenarios += [dict(name="zero-init", params=_preset_params("sara"), zero_init=True),
+                      dict(name="torch-AdamW", optimizer="AdamW",  # the oracle's control
+                           params=dict(lr=0.01, eps=1e-6, weight_decay=0.0, torch_adam=True)),
+                      dict(name="persistent-small-params", params=_preset_params("sara"),
                            zero={"stage3_param_persistence_threshold": 10**5}),
                       dict(name="offload-cpu", params=_preset_params("sara_fira"),
                            zero={"offload_optimizer": {"device": "cpu"}})]
@@ -252,8 +252,9 @@ def test_zero_options_and_other_bases_equal_single_process():
     # fused: torch's kernel is exact at 2 ranks (measured 0.0) but not at 3 (1.3e-6); this model amplifies
     # round-off (fused vs the per-tensor update on one process: 5.2e-6 after 7 steps), so a 3-rank bound for
     # it would measure that amplification, not layout invariance.
+    # at 3 ranks, the variants whose straddlers take another path: banks, in-place steps, the device flag, offload
     scenarios = [dict(sc, grid_grads=True, zero=dict(sc["zero"], reduce_scatter=False)) for sc in scenarios
-                 if sc["name"] not in ("no-contiguous-grads", "fused") and "poison" not in sc]
+                 if sc["name"].startswith(("banks", "in-place", "device-flag", "offload"))]
     results = run_scenarios(3, scenarios)
     print("ZeRO options and bases, 3 ranks:")
     _assert_matches_reference(results, scenarios, 3)
