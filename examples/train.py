@@ -123,7 +123,7 @@ def main():
         print(f"[sara_ds] launcher={source} world={world} (TP={tp} x DP={dp}) device={device} "
               f"zero_stage={engine.zero_optimization_stage()} "
               f"dtype={'bf16' if engine.bfloat16_enabled() else 'fp16' if engine.fp16_enabled() else 'fp32'} "
-              f"optimizer={type(sara_opt).__name__} params={sum(p.numel() for p in model.parameters())/1e6:.2f}M "
+              f"optimizer={type(sara_opt).__name__} params={sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters())/1e6:.2f}M "
               f"global_batch={global_batch}x{args.seq_len} steps={start}->{steps}", flush=True)
 
     def evaluate():

@@ -383,12 +383,12 @@ def run_benchmark(size_name: str, out_dir: str, jobs: int | None = None, device:
                         if os.path.exists(path):
                             os.remove(path)
                     log(f"[bench] finished {spec.run_id}: val ppl {rec['val_ppl']:.2f} in {rec['seconds']:.0f}s "
-                        f"({len(done)}/{total_runs})")
+                        f"({total_runs - len(todo) + finished_here}/{total_runs})")
                 now = time.time()
                 if status and now - last_print >= 15:
                     last_print = now
                     log(_progress_line(status, first_seen, finished_here, len(todo), size.steps, t0, now,
-                                       len(done), total_runs))
+                                       total_runs - len(todo) + finished_here, total_runs))
         except BaseException:
             # Ctrl-C or a failed run: stop the other runs now; their checkpoints are on disk
             for fut in pending:
