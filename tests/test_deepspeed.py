@@ -160,9 +160,9 @@ def test_zero3_equals_single_process_for_every_rule_and_base(world):
                       dict(name="offload-cpu", params=_preset_params("sara_fira"),
                            zero={"offload_optimizer": {"device": "cpu"}})]
     for sc in scenarios:
-        sc.update(zero=dict(ZERO3, **sc.get("zero", {})), record_grads=True)
+        sc.update(zero=dict(ZERO3, **sc.get("zero", {})), record_grads=True, steps=5)
     results = run_scenarios(world, scenarios)
-    print(f"\nZeRO-3, {world} ranks, fp32, 7 steps, 4 refreshes, against one process fed the same gradients:")
+    print(f"\nZeRO-3, {world} ranks, fp32, 5 steps, 3 refreshes, against one process fed the same gradients:")
     projected = {i for i, _ in reference_weights("SaraAdamW", _preset_params("sara"), steps=1)[1].matrix_states()}
     for sc, res in zip(scenarios, results):
         assert "error" not in res, res["error"]
@@ -181,9 +181,9 @@ def test_zero3_equals_single_process_for_every_rule_and_base(world):
         for k, r in enumerate(res["ranks"]):
             for i, n in r["refreshes"].items():
                 held.setdefault(i, []).append((k, n))
-        # each projected matrix is stepped by exactly one rank, which refreshed it at steps 0, 2, 4, 6 (OSD: once)
+        # each projected matrix is stepped by exactly one rank, which refreshed it at steps 0, 2, 4 (OSD: once)
         assert set(held) == projected and all(len(v) == 1 for v in held.values()), (sc["name"], held)
-        assert all(n == (1 if sc["name"].startswith("osd") else 4) for v in held.values() for _, n in v), held
+        assert all(n == (1 if sc["name"].startswith("osd") else 3) for v in held.values() for _, n in v), held
         assert len({k for v in held.values() for k, _ in v}) == world  # every rank steps some
         # memory: at most 1/N of the one-process state plus the largest matrix's
         largest = max(sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
@@ -195,7 +195,7 @@ def test_zero3_equals_single_process_for_every_rule_and_base(world):
         steppers = {i: k for k, r in enumerate(res["ranks"]) for i in r["steppers"]}
         numels = [q.numel() for q in single.original_params]
         piece = {i: -(-numels[i] // world) for i in steppers}
-        expected = 7 * sum(12 * (numels[i] - min(piece[i], numels[i] - k * piece[i])) for i, k in steppers.items())
+        expected = 5 * sum(12 * (numels[i] - min(piece[i], numels[i] - k * piece[i])) for i, k in steppers.items())
         assert sum(r["exchange_bytes"] for r in res["ranks"]) == expected, sc["name"]
 
 
@@ -234,7 +234,7 @@ def test_zero_options_and_other_bases_equal_single_process():
     # ZeRO-0 the optimizer sees every group at once and its own step flag skips it.
     poisoned = [("embed_tokens.weight", "full-rank"), ("layers.4.mlp.down_proj.weight", "projected")]
     scenarios += [dict(name=f"nan-{kind}-z{stage}", params=dict(BASE, preset="sara_fira"), zero={"stage": stage},
-                       poison=(name, 3, 1)) for name, kind in poisoned for stage in (0, 1, 2)]
+                       poison=(name, 3, 1)) for name, kind in poisoned for stage in (0, 2)]
     results = run_scenarios(2, scenarios)
     for sc, res in zip(scenarios, results):
         skipped = int("poison" in sc and sc["zero"]["stage"] == 0)  # counted by sara_ds when it is the one skipping
@@ -252,9 +252,9 @@ def test_zero_options_and_other_bases_equal_single_process():
     # fused: torch's kernel is exact at 2 ranks (measured 0.0) but not at 3 (1.3e-6); this model amplifies
     # round-off (fused vs the per-tensor update on one process: 5.2e-6 after 7 steps), so a 3-rank bound for
     # it would measure that amplification, not layout invariance.
-    # at 3 ranks, the variants whose straddlers take another path: banks, in-place steps, the device flag, offload
+    # at 3 ranks, the variants whose straddlers take another path: banks, in-place steps, offload
     scenarios = [dict(sc, grid_grads=True, zero=dict(sc["zero"], reduce_scatter=False)) for sc in scenarios
-                 if sc["name"].startswith(("banks", "in-place", "device-flag", "offload"))]
+                 if sc["name"].startswith(("banks", "in-place", "offload"))]
     results = run_scenarios(3, scenarios)
     print("ZeRO options and bases, 3 ranks:")
     _assert_matches_reference(results, scenarios, 3)
@@ -358,6 +358,9 @@ def test_unsupported_engine_settings_are_refused_with_named_keys(tmp_path):
     params = dict(BASE, preset="sara")
     scenarios = [
         dict(name="elastic", params=params, zero={"stage": 2, "elastic_checkpoint": True}, expect_error=True),
+        dict(name="nvme", params=params, zero={"stage": 3, "offload_optimizer": {"device": "nvme",
+                                                                                "nvme_path": str(tmp_path)}},
+             expect_error=True),
         dict(name="no-norm", params=params, zero={"stage": 2, "compute_grad_norm": False},
              extra_config={"gradient_clipping": 0.0}, expect_error=True),
         dict(name="no-overflow-check", params=params, zero={"stage": 1}, dtype="bf16",
@@ -367,7 +370,7 @@ def test_unsupported_engine_settings_are_refused_with_named_keys(tmp_path):
         dict(name="bad-rank", params=dict(params, rank=0), expect_error=True),
     ]
     results = run_scenarios(1, scenarios)
-    expected = {"elastic": "elastic_checkpoint=true", 
+    expected = {"elastic": "elastic_checkpoint=true", "nvme": "offload_optimizer.device='nvme' is not supported",
                 "no-norm": "compute_grad_norm=false", "no-overflow-check": "check_grad_overflow=false",
                 "unknown-key": "['rnak']", "bad-value": "subspace='topk'", "bad-rank": "rank=0"}
     for res in results:

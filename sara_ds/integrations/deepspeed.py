@@ -59,6 +59,13 @@ def _refuse_unsupported(engine) -> None:
     if engine.zero_optimization_stage() not in (0, 1, 2, 3):
         raise ValueError(f"sara_ds: zero_optimization.stage={engine.zero_optimization_stage()} is not supported; "
                          "use stage 0, 1, 2 or 3")
+    offload = engine.zero_offload_optimizer() if engine.zero_optimization() else None
+    if offload is not None and getattr(offload.device, "value", offload.device) == "nvme":
+        raise ValueError(
+            "sara_ds: zero_optimization.offload_optimizer.device='nvme' is not supported: DeepSpeed swaps each "
+            "partition's flat optimizer-state tensors to NVMe, and sara_ds's per-matrix state (bases, low-rank "
+            "moments) is not such a tensor, so it would never be swapped. Use \"device\": \"cpu\" (supported at "
+            "stages 1-3), or none.")
     if engine.zero_optimization() and engine.zero_elastic_checkpoint():
         raise ValueError(
             "sara_ds: zero_optimization.elastic_checkpoint=true is not supported: DeepSpeed truncates every "

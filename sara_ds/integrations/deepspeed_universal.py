@@ -420,6 +420,7 @@ def _partitions(optimizer, engine):
         group = optimizer.param_groups[stage3.sub_group_to_group_id[sub_group]]
         out.append((group, flat, zero.build_zero3_layout(flat, optimizer.group_members[group["sara_group"]],
                                                          optimizer.original_params)))
+    placement.layouts.loads = [0] * torch.distributed.get_world_size(out[0][2].group) if out else None
 
     def choose(group, layout):  # the loads carry over from sub-group to sub-group, as in a step
         return zero.choose_zero3_steppers(layout, lambda i: optimizer._needs_full_matrix(group, i),
@@ -445,8 +446,6 @@ def restore_state(optimizer, sidecar: str, engine=None) -> None:
     partitions, choose = _partitions(optimizer, engine)
     restored, layout = set(), None
     for group, flat, layout in partitions:
-        if layout.zero3:
-            placement.layouts.loads = placement.layouts.loads or [0] * dist.get_world_size(layout.group)
         placement.layouts[id(flat)] = layout
         layout.steppers = choose(group, layout)
         owned = [f.index for f in layout.fragments if layout.steps(f.index)]
