@@ -40,6 +40,8 @@ import os
 
 import torch
 
+from ..sharding.zero import zero3_piece
+
 SIDECAR = os.path.join("sara_ds", "optimizer_state.pt")
 _FORMAT = 1
 _FLAT_KEYS = ("exp_avg", "exp_avg_sq")  # the flat states DeepSpeed's merge writes besides fp32
@@ -121,12 +123,6 @@ def _join_pieces(index: int, name: str, shape: tuple, numel: int, copies: list) 
     return merged
 
 
-def _zero3_piece(numel: int, dp: int, rank: int) -> int:
-    """Elements of a parameter that ZeRO-3 rank ``rank`` of ``dp`` holds (its piece, padding excluded)."""
-    piece = -(-numel // dp)
-    return max(0, min(piece, numel - rank * piece))
-
-
 def _merge_zero3(index: int, name: str, shape: tuple, copies: list) -> dict:
     """At ZeRO-3 a matrix stepped whole has one stepper, so one copy; an elementwise base's matrix has one piece
     per rank that holds elements of it."""
@@ -174,7 +170,7 @@ def collect_state(input_folder: str) -> dict | None:
             groups = inner["param_groups"]
             for group_state in inner["state"].values():
                 for index, st in group_state.items() if _is_sara_state(group_state) else ():
-                    piece = _zero3_piece(math.prod(shapes[index]), len(files), _dp_rank(path))
+                    piece = zero3_piece(math.prod(shapes[index]), len(files), _dp_rank(path))
                     copies.setdefault(index, []).append((st, piece, _dp_rank(path)))
             continue
         if "base_optimizer_state" not in sd:
@@ -259,7 +255,7 @@ def _extract_fp32_shards_stage3(optim_files_grid, param_shapes_grid, dp_degree, 
             piece = -(-numel // dp_degree)
             if name not in (exclude_param_names or ()):
                 d2u.dump_param_fragment(temp_dir, tp_index, dp_index, "fp32", fp32, name, offset,
-                                        _zero3_piece(numel, dp_degree, dp_index))
+                                        zero3_piece(numel, dp_degree, dp_index))
             offset += piece
 
 

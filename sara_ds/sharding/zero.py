@@ -117,6 +117,13 @@ def _optimized(q) -> bool:
     return q.requires_grad and numel_of(q) > 0
 
 
+def zero3_piece(numel: int, world: int, rank: int) -> int:
+    """Elements of a parameter that ZeRO-3 rank ``rank`` of ``world`` holds: its piece of ``ceil(numel / world)``
+    (DeepSpeed's ``partition_numel()``), padding excluded."""
+    piece = -(-numel // world)
+    return max(0, min(piece, numel - rank * piece))
+
+
 def build_zero3_layout(flat: Tensor, members, original_params) -> Layout:
     """The sub-group's parameters are a run of the group's trainable ones, from the ``ds_id`` its fp32 partition
     names first to the one it names last; each holds ``partition_numel()`` elements of it, padding included."""
@@ -133,9 +140,9 @@ def build_zero3_layout(flat: Tensor, members, original_params) -> Layout:
     for i in run:
         q = original_params[i]
         piece, numel = q.partition_numel(), numel_of(q)
-        owners[i] = [(r, r * piece, min(piece, numel - r * piece)) for r in range(world) if numel > r * piece]
-        if numel > rank * piece:
-            mine.append(Fragment(i, rank * piece, min(piece, numel - rank * piece), offset))
+        owners[i] = [(r, r * piece, zero3_piece(numel, world, r)) for r in range(world) if zero3_piece(numel, world, r)]
+        if zero3_piece(numel, world, rank):
+            mine.append(Fragment(i, rank * piece, zero3_piece(numel, world, rank), offset))
         offset += piece
     if offset != flat.numel():
         raise RuntimeError(f"sara_ds: ZeRO-3 sub-group {flat.ds_id!r} holds {flat.numel()} elements on this rank, but "
