@@ -308,3 +308,83 @@ def test_the_lr_is_chosen_on_the_select_split_and_closures_are_paired_by_seed():
         bench.RunSpec("AdamW-split", 0.01, 1), bench.RunSpec("GaLore", 0.02, 1), bench.RunSpec("SARA-GaLore", 0.005, 1)]
     with pytest.raises(ValueError, match="'Galore=0.01' is not METHOD=LR"):
         bench.parse_lrs("Galore=0.01")
+
+
+def test_the_end_of_run_evaluation_reports_its_precision():
+    """token_losses: the mean over every predicted token (what the model's own loss gives batch by batch), its
+    standard error from the per-token variance, and window means that average back to the loss."""
+    size = bench.SIZES["smoke"]
+    model, *_ = bench.build(bench.RunSpec("AdamW", size.adamw_lrs[0], 0), size, "cpu")
+    windows = corpus.held_out_windows(size.seq_len, "prose", "val", 4096)
+    assert windows.shape == (4096 // size.seq_len, size.seq_len + 1)
+    found = bench.token_losses(lambda x: model(x), windows, 16, "cpu")
+    with torch.no_grad():
+        per_token = torch.cat([torch.nn.functional.cross_entropy(model(w[:, :-1]).reshape(-1, 4096),
+                                                                  w[:, 1:].reshape(-1), reduction="none")
+                               for w in windows.split(7)]).double()
+        by_batch = statistics.mean(model(w[:, :-1], w[:, 1:]).item() for w in windows.split(16))
+    assert found["tokens"] == per_token.numel() == 4096
+    assert found["loss"] == pytest.approx(per_token.mean().item(), abs=1e-6)
+    assert found["loss"] == pytest.approx(by_batch, abs=1e-5)  # equal batches: the mean of the batch means
+    assert found["se"] == pytest.approx((per_token.std() / math.sqrt(per_token.numel())).item(), rel=1e-6)
+    assert found["windows"].mean().item() == pytest.approx(found["loss"], abs=1e-9)
+    assert bench.window_se(found["windows"]) == pytest.approx(
+        (found["windows"].std() / math.sqrt(len(found["windows"]))).item())
+
+
+def test_the_held_out_splits_are_disjoint_and_cover_the_validation_text():
+    ids = torch.from_numpy(corpus.token_ids("val").astype("int64"))
+    val, select = (corpus.held_out_windows(128, "prose", split) for split in ("val", "select"))
+    half = (len(ids) - 1) // 2
+    # consecutive windows share one token: the last one's target is the next one's first input
+    assert torch.equal(val[:, :-1].flatten(), ids[:val.shape[0] * 128])
+    assert torch.equal(select[:, :-1].flatten(), ids[half:half + select.shape[0] * 128])
+    assert val.shape[0] * 128 <= half and val.shape[0] == half // 128  # every predicted token before the other's
+    assert corpus.held_out_windows(128, "prose", "val", 1000).shape[0] == 1000 // 128
+    with pytest.raises(ValueError, match="split='train'"):
+        corpus.held_out_windows(128, "prose", "train")
+
+
+def test_the_report_pairs_runs_on_their_windows(tmp_path):
+    """The per-seed table: each figure with its SE, each paired difference with the SE of the per-window
+    differences (on the same windows), from the windows/ files the runs wrote."""
+    import numpy
+
+    rng = numpy.random.default_rng(0)
+    common = rng.normal(4.6, 0.5, 400)  # the windows' own difficulty, shared by both runs
+    runs = {}
+    for method, shift, seed in (("GaLore", 0.02, 0), ("SARA-GaLore", 0.0, 0), ("AdamW-split", -0.05, 0),
+                                ("GaLore", 0.03, 1), ("SARA-GaLore", 0.0, 1), ("AdamW-split", -0.05, 1)):
+        windows = common + shift + rng.normal(0, 0.01, 400)
+        run_id = f"{method}_lr0.01_s{seed}"
+        os.makedirs(tmp_path / "windows", exist_ok=True)
+        numpy.savez_compressed(tmp_path / "windows" / f"{run_id}.npz", val=windows.astype("float32"),
+                               select=windows.astype("float32"))
+        loss = float(windows.astype("float32").astype("float64").mean())
+        runs[run_id] = dict(run_id=run_id, method=method, lr=0.01, seed=seed, val_loss=loss, val_ppl=math.exp(loss),
+                            val_se=0.5 / math.sqrt(400 * 32), val_tokens=400 * 32, select_loss=loss, overlap=[],
+                            effective_rank=[], seconds=1.0, val=[[10, loss]])
+    (row,) = [r for r in report.closures(report.summarize(runs), str(tmp_path)) if r["base"] == "GaLore"]
+    a = report.load_windows(str(tmp_path), "GaLore_lr0.01_s0")
+    b = report.load_windows(str(tmp_path), "SARA-GaLore_lr0.01_s0")
+    d = a - b
+    assert row["seed_rows"][0]["diff_se"] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d)))
+    assert row["seed_rows"][0]["diff_se"] < 0.001 < runs["GaLore_lr0.01_s0"]["val_se"]  # pairing removes the shared part
+    meta = dict(config=dataclasses.asdict(bench.SIZES["smoke"]), torch="x", device="cpu")
+    text = report.markdown(report.summarize(runs), meta, "cmd", str(tmp_path))
+    assert "Per seed, with standard errors" in text and "tokens per figure: 12,800" in text
+    assert f"{row['seed_rows'][0]['diff']:+.4f} ± {row['seed_rows'][0]['diff_se']:.4f}" in text
+
+
+def test_a_campaign_extends_a_sweep_until_its_choice_is_bracketed():
+    from sara_bench import campaign
+
+    def summary(method, chosen, grid):
+        return {method: dict(lr=chosen, grid={lr: None for lr in grid})}
+
+    assert campaign.unbracketed(summary("GaLore", 0.04, (0.01, 0.02, 0.04)), {"GaLore": []}) == {"GaLore": 0.08}
+    assert campaign.unbracketed(summary("GaLore", 0.01, (0.01, 0.02, 0.04)), {"GaLore": []}) == {"GaLore": 0.005}
+    assert campaign.unbracketed(summary("GaLore", 0.02, (0.01, 0.02, 0.04)), {"GaLore": []}) == {}
+    assert set(campaign.CAMPAIGNS) == {"code4k", "prose6"}
+    for spec in campaign.CAMPAIGNS.values():
+        assert len(spec["seeds"]) >= 6 and spec["data"] in corpus.DATA

@@ -132,7 +132,7 @@ def test_a_missing_corpus_and_a_vocab_past_uint16_are_refused(tmp_path, monkeypa
 
 def test_the_benchmark_trains_on_the_code_corpus(stand_ins, tmp_path, monkeypatch):
     monkeypatch.setenv("SARA_DS_CACHE", str(tmp_path / "cache"))
-    code_corpus.build(vocab_size=400)  # into $SARA_DS_CACHE/code_corpus, where the benchmark reads it
+    code_corpus.build(code_corpus.cache_dir(), vocab_size=400)  # where --data code reads it (a small vocabulary)
     out = str(tmp_path / "run")
     results = bench.run_benchmark("smoke", out, methods=["SARA-GaLore"], data="code", log=lambda m: None)
     (record,) = results.values()

@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from .records import (CLOSURE_PAIRS, METHOD_BY_NAME, METHODS, Method, Size,  # noqa: F401 (re-exported)
@@ -45,10 +46,12 @@ class RunInterrupted(RuntimeError):
 SIZES = {
     # end-to-end check of the harness (CI runs it): every method, one seed, tiny
     "smoke": Size(hidden=32, layers=1, heads=2, seq_len=32, batch=4, steps=24, eval_every=8, eval_batches=2,
-                  adamw_lrs=(5e-3,), lowrank_lr=1e-2, seeds=(0,), checkpoint_every=4),
+                  adamw_lrs=(5e-3,), lowrank_lr=1e-2, seeds=(0,), checkpoint_every=4, final_eval_tokens=4096),
     # about an hour on 2 idle cores: 14 methods x 3 seeds + 2 extra AdamW lrs x 3 seeds = 48 runs of ~2.3 min
+    # the end-of-run evaluation reads 2^20 validation tokens on the code corpus (and all of its 0.68M select ones);
+    # the prose's validation text holds ~62k per split
     "cpu": Size(hidden=128, layers=4, heads=4, seq_len=128, batch=16, steps=500, eval_every=50, eval_batches=10,
-                adamw_lrs=(2.5e-3, 5e-3, 1e-2), lowrank_lr=1e-2),
+                adamw_lrs=(2.5e-3, 5e-3, 1e-2), lowrank_lr=1e-2, final_eval_tokens=1 << 20),
     # LLaMA-60M (GaLore's smallest C4 model: its layer shapes and 32000-token vocabulary) on the code corpus
     # (python -m sara_bench.code_corpus build): 2500 x 64 x 256 = 41M tokens, 0.95 of an epoch of its 43.0M
     "gpu60m": Size(hidden=512, intermediate=1376, layers=8, heads=8, seq_len=256, batch=64, steps=2500,
@@ -170,6 +173,37 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def token_losses(logits_of, windows: torch.Tensor, batch: int, device: str) -> dict:
+    """The held-out loss of ``windows`` ([n, seq_len + 1]) with its precision: the mean over every predicted token,
+    its standard error (the per-token variance over the tokens evaluated, divided by their count), and each
+    window's mean loss, from which a paired difference between two runs gets its own standard error on the same
+    tokens (``report.paired_window_se``; tokens of one window share their context, windows hardly do)."""
+    total, total_sq, count = 0.0, 0.0, 0
+    # allocated once: a small tensor kept per batch would pin the heap above each batch's large freed logits under
+    # the harness's malloc settings (MALLOC_ENV), ~15 GB over 2^20 tokens
+    per_window = torch.empty(len(windows), dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            w = windows[i:i + batch].to(device)
+            logits = logits_of(w[:, :-1]).float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
+                                                     reduction="none").double().view(len(w), -1)
+            total += float(loss.sum())
+            total_sq += float(loss.square().sum())
+            count += loss.numel()
+            per_window[i:i + len(w)] = loss.mean(dim=1)
+    mean = total / count
+    variance = max(0.0, total_sq / count - mean * mean) * count / max(1, count - 1)
+    return dict(loss=mean, se=math.sqrt(variance / count), tokens=count, windows=per_window)
+
+
+def window_se(window_losses: torch.Tensor) -> float:
+    """Standard error of the mean loss from its windows' means (equal-sized windows): allows for tokens of one
+    window being correlated, which the per-token figure does not."""
+    n = len(window_losses)
+    return float(window_losses.double().std() / math.sqrt(n)) if n > 1 else float("nan")
+
+
 def train_run(spec: RunSpec, size: Size, out_dir: str, device: str = "cpu", progress=None, stop_after=None) -> dict:
     """Train one (method, lr, seed); resumes from its checkpoint; returns the result record."""
     from . import corpus
@@ -193,7 +227,7 @@ def train_run(spec: RunSpec, size: Size, out_dir: str, device: str = "cpu", prog
     is_sara = hasattr(opt, "subspace_overlaps")
     gap = size.update_proj_gap
 
-    def forward(x, y):
+    def forward(x, y=None):
         if autocast is None:
             return model(x, y)
         with autocast:
@@ -208,6 +242,27 @@ def train_run(spec: RunSpec, size: Size, out_dir: str, device: str = "cpu", prog
                 count += y.numel()
         model.train()
         return total / count
+
+    def final_evaluation() -> None:
+        """Every window of both held-out splits (up to ``final_eval_tokens``): the figures the report compares,
+        with their standard errors, and each window's mean loss in ``windows/<run id>.npz`` for paired ones."""
+        t_eval = time.time()
+        model.eval()
+        found = {}
+        for split in ("val", "select"):
+            windows = corpus.held_out_windows(size.seq_len, size.data, split, size.final_eval_tokens)
+            found[split] = token_losses(forward, windows, size.batch, device)
+            record.update({f"{split}_loss": found[split]["loss"], f"{split}_se": found[split]["se"],
+                           f"{split}_tokens": found[split]["tokens"],
+                           f"{split}_window_se": window_se(found[split]["windows"])})
+        model.train()
+        record["eval_seconds"] = time.time() - t_eval
+        folder = os.path.join(out_dir, "windows")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{spec.run_id}.npz")
+        with open(f"{path}.tmp", "wb") as f:
+            numpy.savez_compressed(f, **{split: found[split]["windows"].float().numpy() for split in found})
+        os.replace(f"{path}.tmp", path)
 
     def evaluate(step: int) -> None:
         loss = held_out_loss(val)
@@ -251,11 +306,10 @@ def train_run(spec: RunSpec, size: Size, out_dir: str, device: str = "cpu", prog
             if stop_after is not None and done >= stop_after:
                 raise RunInterrupted(f"sara-bench: {spec.run_id} stopped after step {done} as asked; "
                                      "rerun the same command to continue from its checkpoint")
-    # the held-out split learning rates are chosen on, apart from the reported one
-    record["select_loss"] = held_out_loss(
-        corpus.validation_batches(size.seq_len, size.batch, size.eval_batches, size.data, "select"))
-    record["seconds"] = time.time() - t0
-    record["val_loss"] = record["val"][-1][1]
+    record["seconds"] = time.time() - t0  # training and the curve's evaluations
+    record["val_curve_loss"] = record["val"][-1][1]
+    # the reported validation figure and the select split learning rates are chosen on, apart from it
+    final_evaluation()
     record["val_ppl"] = math.exp(record["val_loss"]) if math.isfinite(record["val_loss"]) else float("inf")
     if is_sara:
         record["state_bytes"] = opt.state_bytes()
@@ -416,9 +470,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lrs", default=None, help="comma-separated lrs for every chosen method (a sweep), or "
                     "METHOD=LR entries for some; each method's lr is then chosen on the held-out select split, not on "
                     "the reported one")
-    ap.add_argument("--data", default=None, choices=("prose", "code"),
+    ap.add_argument("--data", default=None, choices=("prose", "code", "code4k"),
                     help="override the size's corpus: the bundled prose, or the code corpus "
-                         "(python -m sara_bench.code_corpus build); gpu60m trains on code")
+                         "(python -m sara_bench.code_corpus build [--vocab 4096]) with its 32000-token vocabulary "
+                         "(code; gpu60m trains on it) or the prose's 4096 (code4k)")
     ap.add_argument("--docs", default=None, help="also write the report (table + plots) into this folder")
     ap.add_argument("--report-only", action="store_true", help="only (re)write the report from results.jsonl")
     ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: interrupt mid-run

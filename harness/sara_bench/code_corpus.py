@@ -52,9 +52,16 @@ VOCAB_SIZE = 32000  # LLaMA-60M's; 16384 was measured too (README, Data)
 EOT = "<|endoftext|>"
 
 
-def cache_dir() -> str:
+# The corpus names the benchmark knows (``--data``), by tokenizer size: the GPU size's LLaMA-60M vocabulary, and
+# the prose model's for the CPU size (its head then costs what the prose one does: 0.38 s a step against 1.19 s at
+# 32000, single-threaded on an AVX-512 Xeon)
+VARIANTS = {"code": VOCAB_SIZE, "code4k": 4096}
+
+
+def cache_dir(vocab_size: int = VOCAB_SIZE) -> str:
+    """Where a build of ``vocab_size`` tokens lives: ``code_corpus`` (32000) or ``code_corpus_v<vocab>``."""
     root = os.environ.get("SARA_DS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sara_ds"))
-    return os.path.join(root, "code_corpus")
+    return os.path.join(root, "code_corpus" if vocab_size == VOCAB_SIZE else f"code_corpus_v{vocab_size}")
 
 
 def _log(msg: str) -> None:
@@ -128,7 +135,7 @@ def build(out: str | None = None, vocab_size: int = VOCAB_SIZE, archives: str | 
     """Fetch, split, train the tokenizer, encode; write ``out`` (default ``cache_dir()``); return the manifest."""
     if vocab_size > 65535:
         raise ValueError(f"sara-bench: vocab_size={vocab_size} does not fit the uint16 token files")
-    out = out or cache_dir()
+    out = out or cache_dir(vocab_size)
     started = time.time()
     os.makedirs(out, exist_ok=True)
     paths = fetch(archives or os.path.join(out, "archives"))
@@ -162,22 +169,23 @@ def build(out: str | None = None, vocab_size: int = VOCAB_SIZE, archives: str | 
     return manifest
 
 
-def load_manifest(folder: str | None = None) -> dict:
-    folder = folder or cache_dir()
+def load_manifest(folder: str | None = None, vocab_size: int = VOCAB_SIZE) -> dict:
+    folder = folder or cache_dir(vocab_size)
     path = os.path.join(folder, "manifest.json")
     if not os.path.exists(path):
+        flag = "" if vocab_size == VOCAB_SIZE else f" --vocab {vocab_size}"
         raise FileNotFoundError(f"sara-bench: the code corpus is not built ({path} is missing); build it with "
-                                "`python -m sara_bench.code_corpus build` (minutes, package registries only), or "
-                                "set SARA_DS_CACHE to where it was built")
+                                f"`python -m sara_bench.code_corpus build{flag}` (minutes, package registries only), "
+                                "or set SARA_DS_CACHE to where it was built")
     with open(path) as f:
         return json.load(f)
 
 
-def token_ids(split: str, folder: str | None = None) -> np.ndarray:
+def token_ids(split: str, folder: str | None = None, vocab_size: int = VOCAB_SIZE) -> np.ndarray:
     if split not in SPLITS:
         raise ValueError(f"sara-bench: the code corpus has splits {SPLITS}, got split={split!r}")
-    load_manifest(folder)
-    return np.load(os.path.join(folder or cache_dir(), f"{split}.npy"), mmap_mode="r")
+    load_manifest(folder, vocab_size)
+    return np.load(os.path.join(folder or cache_dir(vocab_size), f"{split}.npy"), mmap_mode="r")
 
 
 FILES = ("manifest.json", "tokenizer.json", "train.npy", "select.npy", "val.npy")
@@ -208,16 +216,19 @@ def unpack(archive: str, folder: str | None = None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=("build", "info", "pack", "unpack"))
-    ap.add_argument("--out", default=None, help="the corpus folder (default: $SARA_DS_CACHE/code_corpus)")
+    ap.add_argument("--out", default=None, help="the corpus folder (default: $SARA_DS_CACHE/code_corpus, or "
+                    "code_corpus_v<vocab> for another --vocab)")
     ap.add_argument("--file", default="code_corpus.tar.xz", help="pack / unpack: the tarball")
-    ap.add_argument("--vocab", type=int, default=VOCAB_SIZE)
+    ap.add_argument("--vocab", type=int, default=VOCAB_SIZE,
+                    help=f"tokenizer size (default {VOCAB_SIZE}; the benchmark's --data names: {VARIANTS})")
     ap.add_argument("--archives", default=None, help="folder for the downloaded archives (default: OUT/archives)")
     args = ap.parse_args(argv)
     if args.command == "pack":
-        print(pack(args.file, args.out))
+        print(pack(args.file, args.out or cache_dir(args.vocab)))
         return 0
-    manifest = (build(args.out, args.vocab, args.archives) if args.command == "build"
-                else unpack(args.file, args.out) if args.command == "unpack" else load_manifest(args.out))
+    folder = args.out or cache_dir(args.vocab)
+    manifest = (build(folder, args.vocab, args.archives) if args.command == "build"
+                else unpack(args.file, folder) if args.command == "unpack" else load_manifest(folder))
     print(json.dumps(dict(splits=manifest["splits"], vocab_size=manifest["vocab_size"],
                           fingerprint=manifest["fingerprint"]), indent=1))
     return 0

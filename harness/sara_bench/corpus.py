@@ -26,7 +26,9 @@ def tokenizer():
     return Tokenizer.from_file(_data_path("tokenizer.json"))
 
 
-DATA = ("prose", "code")  # the bundled corpus; the code corpus the GPU size trains on (sara_bench.code_corpus)
+# the bundled corpus; the code corpus with the GPU size's 32000-token vocabulary, and with the prose's 4096
+# (sara_bench.code_corpus.VARIANTS)
+DATA = ("prose", "code", "code4k")
 
 
 def _check_data(data: str) -> None:
@@ -36,20 +38,20 @@ def _check_data(data: str) -> None:
 
 def vocab_size(data: str = "prose") -> int:
     _check_data(data)
-    if data == "code":
+    if data != "prose":
         from . import code_corpus
 
-        return code_corpus.load_manifest()["vocab_size"]
+        return code_corpus.load_manifest(vocab_size=code_corpus.VARIANTS[data])["vocab_size"]
     return VOCAB_SIZE
 
 
 def token_ids(split: str, data: str = "prose") -> np.ndarray:
     """All tokens of ``split`` ('train' or 'val'; the code corpus also has 'select') as a uint16 array."""
     _check_data(data)
-    if data == "code":
+    if data != "prose":
         from . import code_corpus
 
-        return code_corpus.token_ids(split)
+        return code_corpus.token_ids(split, vocab_size=code_corpus.VARIANTS[data])
     if split not in ("train", "val"):
         raise ValueError(f"sara_bench: split must be 'train' or 'val', got split={split!r}")
     raw = open(_data_path(f"{split}.txt.gz"), "rb").read()
@@ -96,6 +98,30 @@ class Batches:
         starts = starts[rank * per:(rank + 1) * per]
         window = torch.stack([self.ids[s:s + self.seq_len + 1] for s in starts.tolist()])
         return window[:, :-1], window[:, 1:]
+
+
+def held_out_windows(seq_len: int, data: str = "prose", split: str = "val", max_tokens: int | None = None):
+    """Every non-overlapping window of ``seq_len + 1`` tokens of a held-out split, as one [n, seq_len + 1] tensor:
+    what the end-of-run evaluation reads (``max_tokens`` caps the predicted tokens, n * seq_len).
+
+    The code corpus has its own ``val`` (networkx) and ``select`` (mpmath) splits. The prose has one validation
+    text: ``val`` is its first half and ``select`` its second, so no token is predicted in both."""
+    _check_data(data)
+    if split not in ("val", "select"):
+        raise ValueError(f"sara_bench: a held-out split is 'val' or 'select', got split={split!r}")
+    if data == "prose":
+        ids = np.asarray(token_ids("val", data))
+        half = (len(ids) - 1) // 2
+        ids = ids[:half + 1] if split == "val" else ids[half:]
+    else:
+        ids = np.asarray(token_ids(split, data))
+    n = (len(ids) - 1) // seq_len
+    if max_tokens is not None:
+        n = min(n, max_tokens // seq_len)
+    if n < 1:
+        raise ValueError(f"sara_bench: the {data} {split} split ({len(ids)} tokens) holds no window of {seq_len + 1}")
+    ids = torch.from_numpy(ids[:n * seq_len + 1].astype(np.int64))
+    return ids.unfold(0, seq_len + 1, seq_len)
 
 
 def validation_batches(seq_len: int, batch: int, count: int, data: str = "prose", split: str = "val"):

@@ -57,6 +57,9 @@ class Size:
     checkpoint_every: int = 100
     jobs: int = 2
     data: str = "prose"  # or "code": sara_bench.corpus.DATA
+    # the end-of-run evaluation: every window of the held-out splits, up to this many predicted tokens each
+    # (None: the whole split); the curve along the run reads the first ``eval_batches`` batches only
+    final_eval_tokens: int | None = None
 
     @property
     def ffn(self) -> int:

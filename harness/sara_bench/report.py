@@ -82,6 +82,25 @@ def paired_test(differences) -> dict:
     return out
 
 
+def load_windows(results_dir: str, run_id: str, split: str = "val"):
+    """A run's per-window mean held-out losses (``bench.token_losses``), or None where the run did not write them."""
+    path = os.path.join(results_dir, "windows", f"{run_id}.npz")
+    if not os.path.exists(path):
+        return None
+    import numpy
+
+    with numpy.load(path) as saved:
+        return saved[split].astype("float64") if split in saved else None
+
+
+def paired_window_se(a, b) -> tuple:
+    """Mean and standard error of the per-window loss difference a - b of two runs on the same windows."""
+    if a is None or b is None or len(a) != len(b) or len(a) < 2:
+        return float("nan"), float("nan")
+    d = [x - y for x, y in zip(a, b)]
+    return statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d))
+
+
 def _selection_loss(runs) -> tuple:
     """What picks a method's lr: the held-out select split where every run has it, else (older results) the
     reported validation split, which the report then says."""
@@ -126,7 +145,7 @@ def full_rank_reference(summary: dict):
     return min(present, key=lambda n: summary[n]["ppl"]) if present else None
 
 
-def closures(summary: dict) -> list[dict]:
+def closures(summary: dict, results_dir: str | None = None) -> list[dict]:
     rows = []
     reference = full_rank_reference(summary)
     adamw = summary.get(reference) if reference else None
@@ -141,25 +160,44 @@ def closures(summary: dict) -> list[dict]:
         adamw_runs = {r["seed"]: r for r in a["runs"]}
         # a seed whose base already beats its full-rank run has no gap: its closure is undefined (NaN), not the
         # ratio of two negatives; the paired test of base against SARA does not need a gap and takes every seed
-        seeds, per_seed, seed_gaps, differences = [], [], [], []
+        seeds, per_seed, seed_gaps, differences, seed_rows = [], [], [], [], []
         for r in s["runs"]:
             if r["seed"] not in base_runs:
                 continue
-            base_ppl = base_runs[r["seed"]]["val_ppl"]
+            base_run = base_runs[r["seed"]]
+            base_ppl = base_run["val_ppl"]
             reference_ppl = adamw_runs[r["seed"]]["val_ppl"] if r["seed"] in adamw_runs else a["ppl"]
             seeds.append(r["seed"])
             seed_gaps.append(base_ppl - reference_ppl)
             per_seed.append((base_ppl - r["val_ppl"]) / seed_gaps[-1] if seed_gaps[-1] > 0 else float("nan"))
-            differences.append(base_runs[r["seed"]]["val_loss"] - r["val_loss"])
+            differences.append(base_run["val_loss"] - r["val_loss"])
+            windows = [load_windows(results_dir, run["run_id"]) if results_dir else None for run in (base_run, r)]
+            _, diff_se = paired_window_se(*windows)
+            reference_run = adamw_runs.get(r["seed"])
+            seed_rows.append(dict(seed=r["seed"], base=base_run, sara=r, reference=reference_run,
+                                  diff=differences[-1], diff_se=diff_se))
         defined = [c for c in per_seed if c == c]
         rows.append(dict(base=base, sara=sara, reference=reference, ppl_base=b["ppl"], ppl_sara=s["ppl"], ppl_adamw=a["ppl"], gap=gap,
                          closure=closure, per_seed=_mean_std(defined), n=len(defined), seeds=seeds,
-                         seed_closures=per_seed, seed_gaps=seed_gaps, test=paired_test(differences),
+                         seed_closures=per_seed, seed_gaps=seed_gaps, test=paired_test(differences), seed_rows=seed_rows,
                          paired_reference=all(sd in adamw_runs for sd in seeds)))
     return rows
 
 
-def markdown(summary: dict, meta: dict, command: str) -> str:
+def _loss_se(run: dict | None) -> str:
+    if run is None:
+        return "–"
+    if "val_se" not in run:
+        return f"{run['val_loss']:.4f}"
+    return f"{run['val_loss']:.4f} ± {run['val_se']:.4f}"
+
+
+def _tokens(runs) -> str:
+    counts = sorted({r.get("val_tokens") for r in runs} - {None})
+    return ", ".join(f"{c:,}" for c in counts) if counts else "the curve's subset"
+
+
+def markdown(summary: dict, meta: dict, command: str, results_dir: str | None = None) -> str:
     size = Size(**meta["config"])
     reference = full_rank_reference(summary)
     lines = [
@@ -169,10 +207,17 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
         "",
         f"Model: LLaMA-style, {size.layers} layers x hidden {size.hidden} (ffn {size.ffn}), {size.heads} heads, "
         + ("vocabulary 4096, on the bundled Wikipedia + Austen corpus. " if size.data == "prose" else
-           "on the code corpus (sara_bench.code_corpus: Python sources of pinned packages; networkx held out). ")
+           f"vocabulary {32000 if size.data == 'code' else 4096}, on the code corpus (sara_bench.code_corpus: Python "
+           "sources of pinned packages; networkx held out for validation, mpmath for choosing lrs). ")
         + f"{size.steps} steps of "
-        f"{size.batch} x {size.seq_len} tokens ({size.steps * size.batch * size.seq_len / 1e6:.2f}M tokens), "
-        f"validation on {size.eval_batches} fixed batches of held-out text.",
+        f"{size.batch} x {size.seq_len} tokens ({size.steps * size.batch * size.seq_len / 1e6:.2f}M tokens). "
+        f"The curves are evaluated every {size.eval_every} steps on {size.eval_batches} fixed batches "
+        f"({size.eval_batches * size.batch * size.seq_len:,} tokens) of the validation split; "
+        + ("the reported losses on every window of the validation and select splits"
+           + (f" up to {size.final_eval_tokens:,} tokens each" if size.final_eval_tokens else "")
+           + " at the end of the run (token counts below), each with its standard error."
+           if any("val_se" in r for s in summary.values() for r in s["runs"]) else
+           "the reported losses are the last point of that curve (runs written before the end-of-run evaluation)."),
         f"Protocol: cosine schedule, 10% warmup, floor 10% of peak; rank r = hidden/4 = {size.rank}, "
         f"scale alpha = 0.25, subspace refresh every T = {size.update_proj_gap} steps (steps/40); "
         f"betas (0.9, 0.95), no weight decay, gradient clipping 1.0. "
@@ -215,7 +260,7 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
                 chosen = ("yes" + ("" if s["selected_on"] == "select" else " (on val)")) if lr == s["lr"] else ""
                 lines.append(f"| {name} | {lr:g} | {loss:.4f}{'' if split == 'select' else ' (val)'} (s{seeds}) | "
                              f"{m:.2f} ± {sd:.2f} (n={n}) | {chosen} |")
-    rows = closures(summary)
+    rows = closures(summary, results_dir)
     if rows:
         lines += ["", "## Gap closure", "",
                   f"closure = (ppl_base − ppl_base+SARA) / (ppl_base − ppl_AdamW), with ppl_AdamW the best full-rank "
@@ -250,6 +295,25 @@ def markdown(summary: dict, meta: dict, command: str) -> str:
             lines.append(f"| {r['base']} | {r['sara']} | {seeds} | {spread} | {test['mean']:+.4f} | "
                          f"{test['t']:.2f} | {test['p_one']:.3f} | {test['p_two']:.3f} | "
                          f"{test['sign_p_one']:.3f} ({test['positive']}/{test['n']}) |")
+        if any("val_se" in row["base"] for r in rows for row in r["seed_rows"]):
+            lines += ["", "### Per seed, with standard errors", "",
+                      "Validation loss ± its standard error over the tokens evaluated (the per-token variance divided "
+                      "by their count). Δ = base − SARA on the same tokens, ± the standard error of that difference, "
+                      "from the per-window differences (windows of one run share nothing with one another but their "
+                      "weights; tokens of one window also share their context, so this is the wider of the two); "
+                      "z = Δ / SE. |z| below ~2 is not resolved by the held-out set.", ""]
+            for r in rows:
+                lines += [f"**{r['base']} vs {r['sara']}** (full rank: {r['reference']}; tokens per figure: "
+                          f"{_tokens([row['base'] for row in r['seed_rows']])})", "",
+                          f"| seed | {r['base']} | {r['sara']} | {r['reference']} | Δ loss ± SE | z |",
+                          "|---|---|---|---|---|---|"]
+                for row in r["seed_rows"]:
+                    z = row["diff"] / row["diff_se"] if row["diff_se"] == row["diff_se"] and row["diff_se"] > 0 else float("nan")
+                    se = f" ± {row['diff_se']:.4f}" if row["diff_se"] == row["diff_se"] else ""
+                    lines.append(f"| {row['seed']} | {_loss_se(row['base'])} | {_loss_se(row['sara'])} | "
+                                 f"{_loss_se(row['reference'])} | {row['diff']:+.4f}{se} | "
+                                 + (f"{z:+.1f}" if z == z else "–") + " |")
+                lines.append("")
     lines += ["", "## Figures", "", "![validation curves](val_curves.png)", "",
               "![subspace overlap per layer type](overlap.png)", "",
               "![effective rank of the accumulated update](effective_rank.png)", "",
@@ -374,11 +438,17 @@ def write_report(results_dir: str, out: str, command: str) -> list[str]:
     command = meta.get("command") or command  # the run's own command, not that of a --report-only rewrite
     md_path = os.path.join(out, "results.md")
     with open(md_path, "w") as f:
-        f.write(markdown(summary, meta, command))
+        f.write(markdown(summary, meta, command, results_dir))
     paths = [md_path] + plots(summary, out)
     if os.path.abspath(out) != os.path.abspath(results_dir):
         for name in ("results.jsonl", "meta.json"):
             with open(os.path.join(results_dir, name)) as src, open(os.path.join(out, name), "w") as dst:
                 dst.write(src.read())
             paths.append(os.path.join(out, name))
+        windows = os.path.join(results_dir, "windows")
+        if os.path.isdir(windows):
+            import shutil
+
+            shutil.copytree(windows, os.path.join(out, "windows"), dirs_exist_ok=True)
+            paths.append(os.path.join(out, "windows"))
     return paths
