@@ -34,7 +34,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from sara_ds.optim import _tensors  # noqa: E402  (every tensor in nested dicts and lists)
+from sara_ds.optim import tensors  # noqa: E402  (every tensor in nested dicts and lists)
 
 CONFIGS = ("SARA + dist-opt", "Adam + dist-opt", "SARA", "Adam")
 
@@ -53,9 +53,9 @@ def optimizer_memory(chained) -> dict:
     """Bytes of optimizer state and of fp32 master weights held by this rank."""
     state, masters = [], []
     for opt in chained.chained_optimizers:
-        state += list(_tensors(opt.optimizer.state))
+        state += list(tensors(opt.optimizer.state))
         for attr in ("fp32_from_float16_groups", "shard_fp32_from_float16_groups"):
-            masters += list(_tensors(getattr(opt, attr, [])))
+            masters += list(tensors(getattr(opt, attr, [])))
     return {"state": _bytes(state), "masters": _bytes(masters)}
 
 

@@ -92,7 +92,7 @@ def measure(name, build, projected, full_rank, gap, repeats, device):
         opt.step()
     state = 0
     for p in params[:len(projected)]:
-        for v in opt.state[p].values():
+        for v in (opt.state_of(p) if hasattr(opt, "state_of") else opt.state[p]).values():
             if not isinstance(v, torch.Tensor):  # galore-torch keeps its basis inside a projector object
                 v = getattr(v, "ortho_matrix", None)
             if isinstance(v, torch.Tensor):

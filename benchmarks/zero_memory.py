@@ -12,7 +12,7 @@ and 64, ZeRO-2 against ZeRO-3, Adam against SARA (bf16 weights and gradients, fp
 
 with P parameters and S the optimizer state's bytes on one process: 8 P for Adam, and for SARA
 ``state_formula_bytes`` (each matrix's basis and moments from its shape, the optimizer's own
-``_state_numel``). SARA's ZeRO-3 ownership keeps whole matrices, so a rank's share is S / N
+``Matrix.state_numel``). SARA's ZeRO-3 ownership keeps whole matrices, so a rank's share is S / N
 plus at most one matrix's state.
 
     python benchmarks/zero_memory.py --world 2 --stage 3 --hidden 512 --layers 8
@@ -52,7 +52,7 @@ def build(args):
 
 def state_formula_bytes(opt) -> int:
     """One process's optimizer state from the shapes alone: fp32, every parameter's basis and moments."""
-    return 4 * sum(opt._state_numel(group, i) for group in opt.param_groups for i in opt.group_members[group["sara_group"]])
+    return 4 * sum(m.state_numel for m in opt.matrices)
 
 
 def llama7b_table(rank: int = 1024) -> str:

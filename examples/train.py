@@ -205,7 +205,7 @@ def main():
     dist.all_gather_object(tp_bytes, sara_opt.tp_bytes_sent())
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from sara_ds.sharding.tensor_parallel import partition_dim
+    from sara_ds.sharding.tensor_parallel import split_axis_of_marked as partition_dim
 
     tp_group = sara_deepspeed.tensor_parallel_group(engine)
     full = {}

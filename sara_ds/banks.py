@@ -13,7 +13,8 @@ rank and base-step count on a leading dim ([k, d, r] bases, [k, r, n] moments,
 
 The ordinary step then calls the same pure functions once per bank (``projector`` and
 ``updates`` read only the last two dims), so the dispatched ops grow with the number
-of banks, not of matrices, and the arithmetic per matrix is the per-matrix path's.
+of banks, not of matrices, and the arithmetic per matrix is the one-matrix bank's. A
+matrix stepped on its own is a bank of one, whose stacks are views of its own tensors.
 """
 from __future__ import annotations
 
@@ -25,8 +26,12 @@ class Bank:
     def __init__(self, states: list[dict]):
         self.states = list(states)
         names = [name for name, value in states[0].items() if isinstance(value, Tensor)]
-        self.stacked = {name: torch.stack([st[name] for st in states]) for name in names}
-        self._views = {name: stack.unbind(0) for name, stack in self.stacked.items()}
+        if len(states) == 1:  # a bank of one: views of the matrix's own tensors, nothing copied
+            self.stacked = {name: states[0][name].unsqueeze(0) for name in names}
+            self._views = {name: (states[0][name],) for name in names}
+        else:
+            self.stacked = {name: torch.stack([st[name] for st in states]) for name in names}
+            self._views = {name: stack.unbind(0) for name, stack in self.stacked.items()}
         for i, st in enumerate(states):
             for name, views in self._views.items():
                 st[name] = views[i]
@@ -56,6 +61,16 @@ class Banks:
 
     def clear(self) -> None:
         self._by_members.clear()
+
+    def __len__(self) -> int:
+        return len(self._by_members)
+
+    def __iter__(self):
+        return iter(self._by_members.values())
+
+    def sizes(self) -> list[int]:
+        """Each bank's number of matrices (a matrix stepped on its own is a bank of one)."""
+        return sorted(len(bank.states) for bank in self._by_members.values())
 
     def bank_for(self, states: list[dict]) -> Bank:
         key = tuple(id(st) for st in states)

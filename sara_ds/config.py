@@ -5,13 +5,13 @@ import numbers
 from dataclasses import dataclass, fields
 
 from .projector import PROJ_TYPES
-from .sharding.tensor_parallel import TP_SPECTRA
-from .spectral import LOCAL_SPECTRA
+from .spectral import LOCAL_SPECTRA, TP_SPECTRA
 from .subspace import RULES, SIGN_CONVENTIONS
 
 RESIDUALS = (None, "fira")
 MOMENT_POLICIES = ("keep", "reset", "transport")
 FINITE_FLAGS = (None, "host", "device")
+TP_SIDES = ("same", "unsplit")
 IN_PLACE_MIN_NUMEL = 1 << 22  # 2048 x 2048, LLaMA-1B's matrices and up: a bank's update would be k weights' worth
 
 # Each preset is a point in (subspace, residual, moments_on_refresh).
@@ -80,7 +80,10 @@ class SubspaceOptions:
     hyperparameters: ``seed`` (of the sampled and random rules), ``grass_walk_angle``,
     ``osd_lr`` / ``osd_orth_penalty`` (OSD), how a refresh forms the spectrum of a matrix held
     whole (``spectrum``: 'svd', 'gram', 'sketch') and of a TP-split one (``tp_spectrum``: 'tsqr',
-    'gram', 'sketch'), the sketch's ``sketch_oversample`` and ``sketch_power_iters``, and
+    'gram', 'sketch'), which side a TP-split matrix's basis goes on (``tp_side``: 'same', the side one process
+    would choose, so that tensor parallelism runs the same algorithm; where that is the split axis, R is summed
+    over the TP group every step, r x (the other side) numbers; 'unsplit': the whole axis, no per-step
+    communication, but a different subspace wherever the two sides differ), the sketch's ``sketch_oversample`` and ``sketch_power_iters``, and
     ``basis_signs`` ('aligned' or 'lapack'), and ``foreach`` (True: projected matrices of one shape are
     stepped as one bank, and AdamW's full-rank tensors with torch's foreach kernels; False: one by one,
     the same arithmetic; None: True where the gradients are on a GPU, as torch's optimizers decide), and
@@ -106,6 +109,7 @@ class SubspaceOptions:
     osd_orth_penalty: float = 0.1
     spectrum: str = "svd"
     tp_spectrum: str = "tsqr"
+    tp_side: str = "same"
     sketch_oversample: int = 8
     sketch_power_iters: int = 2
     basis_signs: str = "aligned"
@@ -214,6 +218,8 @@ def validate_group(group: dict, base: str, group_index=None) -> None:
                          f"got basis_signs={group['basis_signs']!r}{w}")
     if group["spectrum"] not in LOCAL_SPECTRA:
         raise ValueError(f"sara_ds: spectrum must be one of {LOCAL_SPECTRA}, got spectrum={group['spectrum']!r}{w}")
+    if group["tp_side"] not in TP_SIDES:
+        raise ValueError(f"sara_ds: tp_side must be one of {TP_SIDES}, got tp_side={group['tp_side']!r}{w}")
     if group["tp_spectrum"] not in TP_SPECTRA:
         raise ValueError(f"sara_ds: tp_spectrum must be one of {TP_SPECTRA}, got tp_spectrum={group['tp_spectrum']!r}{w}")
     _positive_int("sketch_oversample", group["sketch_oversample"], w)

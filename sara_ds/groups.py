@@ -5,13 +5,12 @@ import re
 
 import torch.nn as nn
 
-from .sharding import shape_of
-
 PAPER_INCLUDE = ("attn", "mlp")
 
 
 def param_groups(model: nn.Module, rank: int, update_proj_gap: int = 200, scale: float = 0.25,
-                 proj_type: str = "std", include=PAPER_INCLUDE, exclude=(), only=None, **projected_options) -> list[dict]:
+                 proj_type: str = "std", include=PAPER_INCLUDE, exclude=(), only=None, shape_of=None,
+                 **projected_options) -> list[dict]:
     """Two galore-torch style groups: projected matrices and everything else.
 
     A weight is projected when it belongs to an ``nn.Linear`` (or one of Megatron's
@@ -20,8 +19,10 @@ def param_groups(model: nn.Module, rank: int, update_proj_gap: int = 200, scale:
     ``include`` regex and no ``exclude`` regex. That is the GaLore/Fira/SARA
     protocol: q, k, v, o, gate, up and down projections, while embeddings,
     lm_head, norms and biases get the full-rank base update. ``only`` restricts
-    the groups to a given collection of parameters (what an engine was handed).
+    the groups to a given collection of parameters (what an engine was handed), and ``shape_of`` gives a
+    parameter's shape where an engine holds it as a stub (DeepSpeed's ZeRO-3: ``integrations.deepspeed``).
     """
+    shape_of = shape_of or (lambda p: p.shape)
     only_ids = None if only is None else {id(p) for p in only}
     include = [re.compile(p) for p in ([include] if isinstance(include, str) else include)]
     exclude = [re.compile(p) for p in ([exclude] if isinstance(exclude, str) else exclude)]

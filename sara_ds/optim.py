@@ -1,140 +1,75 @@
-"""SaraAdamW, SaraAdafactor, SaraAdamMini: thin bookkeeping around the pure functions.
+"""SaraAdamW, SaraAdafactor, SaraAdamMini: thin bookkeeping around ``functional``'s step.
 
-One projected matrix, one step (the whole algorithm):
-
-    if step % T == 0:  B = rule(G)                       # subspace.py, every T steps
-    A = G or G^T;  R = B^T A                            # projector.py, canonical orientation
-    N, c = base(R, moments)                             # updates.py: AdamW / Adafactor / Adam-mini
-    D = scale * B N  (+ fira_residual(G, R, N))         # back in the weight's own layout
-    W -= lr * c * D;  W -= lr * wd * W                  # decoupled decay after the step, as galore-torch
-
-Groups that carry ``rank`` are projected (galore-torch's convention); other
-parameters get the base update at full rank. Where the gradient of a matrix
-comes from (a plain parameter, fp32 master copies, a ZeRO flat partition) and
-who else holds part of it (tensor parallelism) is the business of
-``sara_ds.sharding``; this module only sees ``Slot``s and their shard contexts.
+Groups that carry ``rank`` are projected (galore-torch's convention); other parameters get the base update at
+full rank. The optimizer knows its matrices by a stable id (their position in the parameter order it was
+built with) and keeps each one's state under that id. Where their gradients and weights are, and who else
+holds part of them, is its ``layout``'s business (``sara_ds.layout``), which an engine adapter provides.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from . import banks, projector, subspace, updates
-from .config import IN_PLACE_MIN_NUMEL, PROJECTION_DEFAULTS, SubspaceOptions, validate_group
-from .sharding import Slot, shape_of
-from .sharding.placement import Placement
-
-_OSD_BASIS_ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}
-# GradScaler's non-finite kernel has no bf16 on CUDA ("not implemented for 'BFloat16'", seen on an H200)
-_AMP_CHECK_DTYPES = (torch.float16, torch.float32, torch.float64)
+from . import banks, functional, projector, subspace, updates
+from .config import PROJECTION_DEFAULTS, SubspaceOptions, validate_group
+from .layout import Layout, Matrix, collective_device
 
 
 class SaraOptimizer(torch.optim.Optimizer):
-    """One implementation for every base: ``base`` ('adamw', 'adafactor', 'adam_mini'), its
-    hyperparameters, and the subspace switches. Use the public names below, which fix the base
-    and document its defaults."""
+    """One implementation for every base: ``base`` ('adamw', 'adafactor', 'adam_mini'), its hyperparameters, and
+    the subspace switches. Use the public names below, which fix the base and document its defaults."""
 
     def __init__(self, params, base: str, base_defaults: dict, options: SubspaceOptions = SubspaceOptions(),
-                 tp_group=None):
-        defaults = dict(base_defaults, **options.group_defaults(), **PROJECTION_DEFAULTS)
-        super().__init__(params, defaults)
+                 tp_group=None, layout: Layout | None = None):
+        super().__init__(params, dict(base_defaults, **options.group_defaults(), **PROJECTION_DEFAULTS))
         self.base = updates.BASES[base]
-        # Stable matrix ids: position in the parameter order given at construction.
-        # Engines (ZeRO, mixed-precision wrappers) later swap group['params'] for
-        # other tensors; these originals are how their 2-D structure is recovered.
-        self.original_params: list[Tensor] = []
-        self.param_names: list[str] = []
-        self.group_members: list[list[int]] = []
+        if tp_group is not None and layout is not None:
+            raise ValueError("sara_ds: pass tp_group or layout, not both (a TensorParallelLayout takes the group)")
+        if tp_group is not None:
+            from .sharding.tensor_parallel import TensorParallelLayout
+
+            layout = TensorParallelLayout(tp_group)
+        self.layout = layout if layout is not None else Layout()
+        names, params_in_order, self.group_members = [], [], []
         for gi, group in enumerate(self.param_groups):
             validate_group(group, self.base_name, gi)
-            group["sara_group"] = gi
-            group.setdefault("lr_at_start", group["lr"])
-            group.setdefault("skipped_steps", 0)  # whole steps skipped on a non-finite gradient (checkpointed)
-            names = group.get("param_names") or [None] * len(group["params"])
-            members = []
-            for p, name in zip(group["params"], names):
-                members.append(len(self.original_params))
-                self.param_names.append(name or f"param{len(self.original_params)}")
-                self.original_params.append(p)
-            self.group_members.append(members)
-        flags = {group.get("finite_flag") for group in self.param_groups}
-        if len(flags) > 1:  # one flag decides the whole step
-            raise ValueError(f"sara_ds: finite_flag must be the same in every param group, got {sorted(map(str, flags))}")
-        # tp_group: the process group TP-split weights are split over (not saved: not a hyperparameter)
-        self.placement = Placement(self.original_params, tp_group)
+            group.update(sara_group=gi, lr_at_start=group.get("lr_at_start", group["lr"]),
+                         skipped_steps=group.get("skipped_steps", 0))  # whole steps skipped on a non-finite gradient
+            given = group.get("param_names") or [None] * len(group["params"])
+            self.group_members.append(list(range(len(params_in_order), len(params_in_order) + len(given))))
+            names += [name or f"param{len(params_in_order) + i}" for i, name in enumerate(given)]
+            params_in_order += group["params"]
+        if len({str(group.get("finite_flag")) for group in self.param_groups}) > 1:  # one flag decides the step
+            raise ValueError("sara_ds: finite_flag must be the same in every param group, got "
+                             f"{sorted({str(g.get('finite_flag')) for g in self.param_groups})}")
+        self.matrices = [self._matrix(i, names[i], p, gi) for gi, members in enumerate(self.group_members)
+                         for i, p in zip(members, (params_in_order[j] for j in members))]
+        self.layout.bind(self.matrices)
         self.banks = banks.Banks()
         self._pending_skips = None  # steps skipped by the device flag, not yet added to skipped_steps
-
-    @property
-    def tp_group(self):
-        return self.placement.tp_group
+        self._check_ownership = False
 
     @property
     def base_name(self) -> str:
         return self.base.name
 
-    # ------------------------------------------------------------ bookkeeping
+    @property
+    def param_names(self) -> list[str]:
+        return [m.name for m in self.matrices]
 
-    def state_dict(self):
-        self._count_device_skips()
-        return super().state_dict()
+    def _matrix(self, index: int, name: str, param: Tensor, gi: int) -> Matrix:
+        group, shape = self.param_groups[gi], self.layout.shape_of(param)
+        projected = "rank" in group and len(shape) >= 2
+        left = projected and self._basis_on_left(param, group, self.layout.full_shape_of(param))
+        numel = functional.state_numel(shape, projected, left, group, self.base)
+        return Matrix(index, name, param, shape, gi, projected or not self.base.elementwise, numel)
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self._keep_saved_dtypes(state_dict)
-        self.placement.clear()
-        self.banks.clear()
-        self._pending_skips = None
+    def _basis_on_left(self, param: Tensor, group: dict, full_shape) -> bool:
+        split = self.layout.split_axis_of(param) if group["tp_side"] == "unsplit" else None
+        return projector.basis_on_left(full_shape[0], full_shape[1:].numel(), group["proj_type"], split)
 
-    def _count_device_skips(self) -> None:
-        """Add the steps the device flag skipped to each group's ``skipped_steps`` (reads one number back:
-        done when the count is asked for or saved, never in a step)."""
-        if self._pending_skips is not None:
-            skipped = int(self._pending_skips.item())
-            self._pending_skips = None
-            for group in self.param_groups:
-                group["skipped_steps"] = group.get("skipped_steps", 0) + skipped
-
-    def _keep_saved_dtypes(self, state_dict) -> None:
-        """Undo torch's cast of floating-point state to the parameter's dtype.
-
-        ``Optimizer.load_state_dict`` assumes state has the parameter's dtype. Ours is
-        fp32 by design (bases, moments, Fira's norm) whatever the weights are, so a bf16
-        or fp16 model would come back with a bf16 basis: lossy, and the next matmul
-        with the fp32 gradient fails. Take every tensor as it was saved.
-        """
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            if saved_id in state_dict["state"]:
-                _restore_dtypes(self.state[p], state_dict["state"][saved_id])
-
-    def _slots(self, group) -> list[Slot]:
-        return self.placement.slots(group, self.group_members[group["sara_group"]], self.state,
-                                    needs_full=lambda i: self._needs_full_matrix(group, i),
-                                    state_numel=lambda i: self._state_numel(group, i))
-
-    def _projected(self, group, index) -> bool:
-        return "rank" in group and len(shape_of(self.original_params[index])) >= 2
-
-    def _state_numel(self, group, index) -> int:
-        """Elements of one matrix's optimizer state once it is stepped whole (basis and the base's moments, laid
-        out on meta tensors): what ZeRO-3 balances across ranks."""
-        shape = shape_of(self.original_params[index])
-        if not self._projected(group, index):
-            return _numel(self.base.init(torch.empty(shape, device="meta"), False, group))
-        rows, cols = shape[0], shape[1:].numel()
-        left = self.placement.basis_on_left(index, rows, cols, group["proj_type"])
-        rank = min(group["rank"], rows, cols)
-        moments = self.base.init(torch.empty((rank, cols if left else rows), device="meta"), True, group)
-        basis = (rows if left else cols) * rank
-        online_pca = 3 * basis if group["subspace"] == "online_pca" else 0  # the basis's Adam moments, its anchor
-        return basis + _numel(moments) + online_pca + (group["residual"] == "fira")  # Fira's 0-d norm
-
-    def _needs_full_matrix(self, group, index) -> bool:
-        return self._projected(group, index) or not self.base.elementwise
+    # ------------------------------------------------------------ the step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -144,449 +79,204 @@ class SaraOptimizer(torch.optim.Optimizer):
                 loss = closure()
         work = [(group, slot) for group in self.param_groups for slot in self._slots(group) if slot.grad is not None]
         grads = [slot.grad for _, slot in work]
-        keep = None  # the step's finite flag, where it stays on the device
-        if self._flag_on_device(grads) and not any(self._creates_or_refreshes(group, slot) for group, slot in work):
-            keep = self._device_finite_flag(grads)
-        elif not self._step_is_finite(grads):
+        on_device = (functional.flag_on_device(self.param_groups[0]["finite_flag"], grads)
+                     and not any(self._creates_or_refreshes(g, s) for g, s in work))
+        found = self._any_rank(functional.nonfinite(grads, on_device))
+        if not on_device and bool(found) and bool(self._any_rank(functional.nonfinite(grads, False, exact=True))):
             for group in self.param_groups:  # as GradScaler and DeepSpeed's overflow check: nothing moves
-                group["skipped_steps"] = group.get("skipped_steps", 0) + 1
-            self.placement.finish()
+                group["skipped_steps"] += 1
+            self.layout.finish()
             return loss
-        self._refresh_where_due([(group, slot) for group, slot in work
-                                 if not slot.fragment and self._projected(group, slot.index)])
-        singles, batched, bank_steps = self._plan(work)
+        keep = None
+        if on_device:
+            keep = ~found.to(grads[0].device)
+            skipped = found.float().to(grads[0].device)
+            self._pending_skips = skipped if self._pending_skips is None else self._pending_skips.add_(skipped)
+        self._refresh_where_due([(g, s) for g, s in work if self._projected(g, s)])
+        full_rank = [(g, s) for g, s in work if not self._projected(g, s)]
         if keep is not None:  # a bank masks its own stacked gradient (one op, not one per matrix)
-            _zero_unless(keep, [slot.grad for _, slot, _ in singles]
-                         + [slot.grad for _, slots in batched for slot in slots])
-        for group, slot, step in singles:
-            step(slot, group, keep)
-        for group, slots in batched:
-            self._full_rank_adamw_foreach(slots, group, keep)
-        for group, slots in bank_steps:
-            self._projected_bank_step(slots, group, keep)
-        self.placement.finish()
+            functional.zero_unless(keep, [s.grad for _, s in full_rank])
+        self._full_rank_steps(full_rank, keep)
+        for group, slots in self._banks([(g, s) for g, s in work if self._projected(g, s)]):
+            states = [self.state[s.index] for s in slots]
+            bank = self.banks.bank_for(states)
+            functional.projected_step(slots, states, bank.state, group, self.base, keep)
+        self.layout.finish()
         return loss
 
-    def _plan(self, work):
-        """How this step's tensors are stepped: ``singles`` one at a time (group, slot, its step function);
-        ``batched``, a group's full-rank AdamW tensors through foreach (or fused) kernels; ``bank_steps``, the
-        same-shape projected matrices stepped as one (``sara_ds.banks``)."""
-        singles, batched, banked = [], {}, {}
-        for group, slot in work:
-            if not slot.fragment and self._projected(group, slot.index):
-                key = self._bank_key(slot, group)
-                if key is None:
-                    singles.append((group, slot, self._projected_step))
-                else:
-                    banked.setdefault(key, (group, []))[1].append(slot)
-            elif self.base.name == "adamw" and (_batched(group, slot.grad) or group["fused"]):
-                batched.setdefault(id(group), (group, []))[1].append(slot)
-            else:
-                singles.append((group, slot, self._full_rank_step))
-        bank_steps = []
-        for group, slots in banked.values():
-            if len(slots) > 1 and banks.stackable([slot.state for slot in slots]):
-                bank_steps.append((group, slots))
-            else:
-                singles += [(group, slot, self._projected_step) for slot in slots]
-        return singles, list(batched.values()), bank_steps
+    def _slots(self, group) -> list:
+        slots = self.layout.slots(group, self.group_members[group["sara_group"]])
+        if self._check_ownership:
+            self._refuse_state_owned_elsewhere()
+            for slot in slots:  # loaded state goes where the matrix is stepped (a ZeRO-offloaded partition: the CPU)
+                st = self.state.get(slot.index, {})
+                st.update({k: v.to(slot.target.device) for k, v in st.items() if isinstance(v, Tensor)})
+        return slots
 
-    def _flag_on_device(self, grads) -> bool:
-        """``finite_flag``: 'device' / 'host' as given; None: on the device where the gradients are on a GPU."""
-        flag = self.param_groups[0].get("finite_flag") if self.param_groups else "host"
-        return bool(grads) and (flag == "device" or (flag is None and grads[0].is_cuda))
+    def _projected(self, group, slot) -> bool:
+        return not slot.fragment and "rank" in group and slot.grad.dim() >= 2
 
-    def _creates_or_refreshes(self, group, slot: Slot) -> bool:
+    def _creates_or_refreshes(self, group, slot) -> bool:
         """Steps that create state or refresh a basis decide on the host: an SVD of a NaN gradient must not
         happen, and a first step has no state to leave unchanged."""
-        st = slot.state
-        if not slot.fragment and self._projected(group, slot.index):
-            return self._refresh_due(st, group)
-        return "step" not in st
+        st = self.state[slot.index]
+        return functional.refresh_due(st, group) if self._projected(group, slot) else "step" not in st
 
-    def _device_finite_flag(self, grads) -> Tensor:
-        """The step's finite flag as a 0-d bool tensor that never leaves the device (agreed by every rank that
-        holds another part of the step, in one small all-reduce), found with the kernel GradScaler uses. Where it
-        is False the step zeroes the gradients it reads (``_zero_unless``; a bank, its stack), so what it computes
-        from them stays finite and the rules' ``keep`` masks (``updates``) leave weights and state as they were.
-        The step counts still advance: see ``finite_flag``."""
-        device = grads[0].device  # one device per optimizer, as the host flag's torch.stack of norms assumes
-        found = torch.zeros((), dtype=torch.float32, device=device)
-        one = torch.ones((), dtype=torch.float32, device=device)
-        by_dtype: dict = {}
-        for g in grads:
-            if g.numel():
-                by_dtype.setdefault(g.dtype, []).append(g)
-        for dtype, same in by_dtype.items():  # the kernel takes one dtype at a time, as in GradScaler
-            if dtype in _AMP_CHECK_DTYPES:
-                torch._amp_foreach_non_finite_check_and_unscale_(same, found, one)
-            else:  # max |g| is NaN or Inf exactly where an element is, and cannot overflow
-                peaks = torch.stack(torch._foreach_norm(same, ord=float("inf"))).float()
-                found = torch.maximum(found, (~torch.isfinite(peaks).all()).float())
-        keep = ~self.placement.any_rank(found).to(device)
-        skipped = (~keep).float()
-        self._pending_skips = skipped if self._pending_skips is None else self._pending_skips.add_(skipped)
-        return keep
-
-    def _step_is_finite(self, grads) -> bool:
-        """One flag for the whole step, agreed by every rank that holds another part of it
-        (``Placement.any_rank``): a rank that stepped alone would desynchronise weights and the
-        next refresh. One host sync per step.
-
-        The 2-norm of every gradient (one foreach kernel, fast everywhere) is finite unless an element
-        is NaN or Inf, or a finite one above ~1.8e19 overflows its square. Only when it is not are the
-        max |g| (exact, but ten times slower on a CPU) consulted, to tell those apart."""
-        grads = [g for g in grads if g.numel()]  # an empty ZeRO fragment has no norm
-        return not (self._any_rank_nonfinite(grads, 2.0) and self._any_rank_nonfinite(grads, float("inf")))
-
-    def _any_rank_nonfinite(self, grads, order: float) -> bool:
-        bad = torch.zeros((), dtype=torch.float32)
-        if grads:
-            norms = torch._foreach_norm(grads, ord=order)  # NaN and Inf propagate
-            bad = (~torch.isfinite(torch.stack([m.float() for m in norms])).all()).float()
-        return bool(self.placement.any_rank(bad))
-
-    # ------------------------------------------------------------ updates
-
-    def _apply(self, slot: Slot, delta: Tensor, step_size: float, group, keep=None) -> None:
-        target = slot.target
-        target.add_(delta.to(target.dtype), alpha=-step_size)
-        self._decay_all([target], group, keep)
-
-    @staticmethod
-    def _decay_all(targets: list, group, keep=None) -> None:
-        if group["weight_decay"] > 0:  # W * 1 is W: where the step is taken, the same decay bit for bit
-            decayed = targets if keep is None else torch._foreach_mul(targets, keep)
-            torch._foreach_add_(targets, decayed, alpha=-group["lr"] * group["weight_decay"])
-
-    def _full_rank_step(self, slot: Slot, group, keep=None) -> None:
-        st = slot.state
-        grad = slot.grad.float()
-        # A TP-split matrix that is not projected (a vocab-parallel lm_head under AutoTP, say): the bases
-        # whose statistics span a row or column sum over the TP group along the sharded axis.
-        split = slot.context.partition_dim if not self.base.elementwise else None
-        if split is not None and self.base.name == "adam_mini" and split == 1:
-            raise ValueError(f"sara_ds: {self.param_names[slot.index]} is split over tensor-parallel ranks along its "
-                             "columns and is not projected; Adam-mini's per-row blocks would span the shards. Project "
-                             "it (include it in the projected group) or use SaraAdamW.")
-        transposed = split == 0 and self.base.name == "adafactor"  # symmetric: put the sharded axis on columns
-        x = grad.mT if transposed else grad
-        reduce = slot.context.reduce_sum if split is not None else None
-        self._count_full_rank_step(st, x, group)
-        direction, step_scale = self.base.direction(x, st, group, st["step"], reduce, keep)
-        self._apply(slot, direction.mT if transposed else direction, group["lr"] * step_scale, group, keep)
-
-    def _count_full_rank_step(self, st: dict, x: Tensor, group) -> None:
-        """Create a full-rank tensor's base state (shaped like ``x``) at its first step; count the step."""
-        if "step" not in st:
-            st["step"] = 0
-            st.update(self.base.init(x, False, group))
-        st["step"] += 1
-
-    def _full_rank_adamw_foreach(self, slots: list, group, keep=None) -> None:
-        """``_full_rank_step`` for AdamW, over a group's full-rank tensors at once (one set of foreach
-        kernels per step count; all share one unless some parameter missed a step)."""
-        grads = {id(slot): slot.grad.float() for slot in slots}  # one fp32 copy of a low-precision gradient
-        for slot in slots:
-            self._count_full_rank_step(slot.state, grads[id(slot)], group)
-        for n in sorted({slot.state["step"] for slot in slots}):
-            same = [slot for slot in slots if slot.state["step"] == n]
-            targets = [slot.target for slot in same]
-            if group["fused"] and all(t.dtype == torch.float32 and grads[id(s)] is s.grad for t, s in zip(targets, same)):
-                # torch's kernel takes params, grads and moments of one dtype: fp32 weights (or ZeRO's fp32
-                # master copies) with fp32 gradients. Others take the foreach path: the same update.
-                updates.adamw_fused_(targets, [slot.grad for slot in same], [slot.state["exp_avg"] for slot in same],
-                                     [slot.state["exp_avg_sq"] for slot in same], group, n, keep)
-                self._decay_all(targets, group, keep)
-                continue
-            directions, step_scale = updates.adamw_directions_foreach(
-                [grads[id(slot)] for slot in same], [slot.state["exp_avg"] for slot in same],
-                [slot.state["exp_avg_sq"] for slot in same], group, n, keep)
-            directions = [d.to(t.dtype) for d, t in zip(directions, targets)]
-            torch._foreach_add_(targets, directions, alpha=-group["lr"] * step_scale)
-            self._decay_all(targets, group, keep)
+    def _any_rank(self, found: Tensor) -> Tensor:
+        """``found`` (0-d, > 0 means true) maxed over every rank that holds another part of this step: one 4-byte
+        all-reduce per such group (a rank that stepped alone would desynchronise weights and the next refresh)."""
+        for group in self.layout.step_groups():
+            found = found.to(collective_device(group)).reshape(1)
+            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
+        return found.max() > 0
 
     def _refresh_where_due(self, projected: list) -> None:
-        """State at a matrix's first step, and the refreshes that are due: eager. Same-shape matrices held whole
-        whose rule reads a spectrum take one batched SVD (or gram-eigh) and read their singular values and overlaps
-        back once per batch (``_refresh_batch``); the rest, per matrix (``_refresh``)."""
-        batches = {}
+        """State at a matrix's first step, and the refreshes that are due, in batches of matrices that share one
+        spectrum call (``functional.refresh``): same-shape ones where ``foreach`` is on, one by one otherwise."""
+        batches: dict = {}
         for group, slot in projected:
-            st = slot.state
+            st = self.state[slot.index]
             if "basis" not in st:
-                self._init_matrix_state(st, projector.as_matrix(slot.grad), group, slot.index, slot.context)
-            if not self._refresh_due(st, group):
-                continue
-            if (self._reads_spectrum(group, st) and slot.grad.dim() == 2 and _batched(group, slot.grad)
-                    and slot.context.batched_spectrum):
-                key = (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, st["left"], st["rank"],
-                       slot.context.bank_key)
-                batches.setdefault(key, (group, []))[1].append(slot)
-            else:
-                self._refresh(st, projector.as_matrix(slot.grad), group, slot)
+                local = projector.as_matrix(slot.grad).shape
+                full = slot.context.full_shape(local)
+                left = self._basis_on_left(self.matrices[slot.index].param, group, torch.Size(full))
+                functional.init_projected(st, local, full, left, group, slot.index, self.matrices[slot.index].name,
+                                          slot.grad.device)
+            if functional.refresh_due(st, group):
+                batches.setdefault(self._batch_key(group, slot, st), (group, []))[1].append(slot)
         for group, slots in batches.values():
-            self._refresh_batch(slots, group)
+            states = [self.state[s.index] for s in slots]
+            generators = [subspace.refresh_generator(group["seed"], s.index, st["step"] // group["update_proj_gap"])
+                          for s, st in zip(slots, states)]
+            functional.refresh(slots, states, group, self.base, generators)
 
-    @staticmethod
-    def _reads_spectrum(group, st) -> bool:
-        """The refresh draws from the gradient's spectrum (``_choose_basis``): the spectral rules always; OSD and
-        GrassWalk at their start; GoLore's and GrassJump's random draws never."""
-        rule = group["subspace"]
-        return rule != "random" and not (rule == "grass_walk" and "basis" in st)
+    def _batch_key(self, group, slot, st) -> tuple:
+        together = _batched(group, slot.grad) and slot.grad.dim() == 2
+        return (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, st["left"], st["rank"],
+                slot.context.bank_key, "basis" in st, None if together else slot.index)
 
-    def _refresh_batch(self, slots: list, group) -> None:
-        """``_refresh`` for same-shape matrices with a spectral rule (or at their first refresh), the same choice
-        per matrix: one batched spectrum, singular values read back once, overlaps read back once."""
-        st = slots[0].state
-        sigma, vectors = slots[0].context.spectrum(torch.stack([slot.grad for slot in slots]), st["left"], None,
-                                                   st["rank"])
-        sigma_host = _to_host(sigma)
-        overlaps = []
-        for i, slot in enumerate(slots):
-            new = _draw_from_spectrum(group, sigma_host[i], vectors[i], st["rank"], _refresh_generator(group, slot))
-            overlaps.append(self._install_basis(slot.state, new, slot.grad, group, slot))
-        if overlaps[0] is not None:
-            for slot, value in zip(slots, _to_host(torch.stack(overlaps)).tolist()):
-                slot.state["overlap"] = value
-
-    def _bank_key(self, slot: Slot, group):
-        """What matrices must share to be stepped as one; None keeps a matrix on the per-matrix path
-        (``foreach`` off, OSD's per-step basis update, >2-D weights)."""
-        st = slot.state
-        if not _batched(group, slot.grad) or group["subspace"] == "online_pca" or slot.grad.dim() != 2:
-            return None
-        return (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, slot.target.dtype,
-                st["left"], st["rank"], st["base_step"], slot.context.bank_key)
-
-    def _projected_bank_step(self, slots: list, group, keep=None) -> None:
-        """``_projected_step`` for a bank: the same functions on [k, ...] stacks, the same arithmetic."""
-        bank = self.banks.bank_for([slot.state for slot in slots])
-        for slot in slots:
-            slot.state["step"] += 1
-            slot.state["base_step"] += 1
-        st, state = slots[0].state, bank.state
-        basis, left, reduce = state["basis"], st["left"], slots[0].context.reduce_sum
-        in_place = self._in_place(slots[0], group)  # a bank shares group, shape and dtype: all of it or none
-        if in_place:  # large matrices: no stack of their gradients either, only of the small R
-            r = torch.stack([projector.project(projector.oriented(slot.grad.float(), left), basis[i])
-                             for i, slot in enumerate(slots)])
-            r = r if keep is None else r.where(keep, 0.0)
-        else:
-            grad = torch.stack([slot.grad for slot in slots]).float()
-            grad = grad if keep is None else grad.where(keep, 0.0)
-            r = projector.project(projector.oriented(grad, left), basis)
-        n, step_scale = self.base.direction(r, state, group, st["base_step"], reduce, keep)
-        step_size = group["lr"] * step_scale
-        if in_place:
-            for i, slot in enumerate(slots):
-                projector.add_back_projection_(slot.target, n[i], basis[i], left, -step_size * group["scale"])
-            self._decay_in_place([slot.target for slot in slots], group, keep)
-            return
-        update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
-        if group["residual"] == "fira":
-            back_r = projector.project_back_to_param(r, basis, left).mul_(group["scale"])
-            factor = projector.rank_axis_factor(updates.fira_scaling(r, n), left)
-            update += updates.fira_residual(grad, back_r, factor, state["fira_norm"], reduce, keep)
-        targets = [slot.target for slot in slots]
-        torch._foreach_add_(targets, list(update.to(targets[0].dtype).unbind(0)), alpha=-step_size)
-        self._decay_all(targets, group, keep)
-
-    def _projected_step(self, slot: Slot, group, keep=None) -> None:
-        st = slot.state
-        grad = projector.as_matrix(slot.grad)
-        basis, left = st["basis"], st["left"]
-        a = projector.oriented(grad.float(), left)
-        r = projector.project(a, basis)
-        st["step"] += 1
-        st["base_step"] += 1
-        reduce = slot.context.reduce_sum
-        n, step_scale = self.base.direction(r, st, group, st["base_step"], reduce, keep)
-        if self._in_place(slot, group):
-            alpha = -group["lr"] * step_scale * group["scale"]
-            projector.add_back_projection_(slot.target, n, basis, left, alpha)
-            self._decay_in_place([slot.target], group, keep)
-        else:
-            update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
-            if group["residual"] == "fira":
-                back_r = projector.project_back_to_param(r, basis, left).mul_(group["scale"])
-                factor = projector.rank_axis_factor(updates.fira_scaling(r, n), left)
-                update += updates.fira_residual(grad.float(), back_r, factor, st["fira_norm"], reduce, keep)
-            self._apply(slot, update.reshape(slot.grad.shape), group["lr"] * step_scale, group, keep)
-        if group["subspace"] == "online_pca":
-            self._online_pca_step(st, a, group, reduce, keep)
-
-    @staticmethod
-    def _in_place(slot: Slot, group) -> bool:
-        """B N goes straight into the weight (``projector.add_back_projection_``): no m x n temporary, which for
-        a bank of k large matrices would be k weights' worth. For 2-D fp32 weights (addmm_ takes one dtype) of at
-        least ``in_place_min_numel`` elements, without Fira (whose residual is m x n anyway)."""
-        return (group["residual"] != "fira" and slot.grad.dim() == 2 and slot.target.dtype == torch.float32
-                and slot.grad.numel() >= group.get("in_place_min_numel", IN_PLACE_MIN_NUMEL))
-
-    @staticmethod
-    def _decay_in_place(targets: list, group, keep=None) -> None:
-        """The decoupled decay after an in-place step, as a multiply (no temporary; on a skipped step, by 1)."""
-        if group["weight_decay"] > 0:
-            torch._foreach_mul_(targets, updates.unless_skipped(keep, 1.0 - group["lr"] * group["weight_decay"], 1.0))
-
-    def _init_matrix_state(self, st: dict, grad: Tensor, group, index: int, context) -> None:
-        rows, cols = context.full_shape(grad.shape)
-        left = self.placement.basis_on_left(index, rows, cols, group["proj_type"])
-        rank = group["rank"]
-        if rank > min(rows, cols):
-            warnings.warn(
-                f"sara_ds: rank={rank} exceeds min(m, n)={min(rows, cols)} for {self.param_names[index]} "
-                f"(shape {tuple(grad.shape)}); using rank={min(rows, cols)} for this matrix",
-                stacklevel=3,
-            )
-            rank = min(rows, cols)
-        st.update(matrix_id=index, step=0, base_step=0, left=left, rank=rank, refreshes=0, overlap=float("nan"))
-        if group["residual"] == "fira":
-            st["fira_norm"] = torch.full((), float("inf"), device=grad.device)  # on the device, as the norms it meets
-
-    def _refresh_due(self, st, group) -> bool:
-        if "basis" not in st:
-            return True
-        return st["step"] % group["update_proj_gap"] == 0 and group["subspace"] != "online_pca"
-
-    def _refresh(self, st: dict, grad: Tensor, group, slot: Slot) -> None:
-        new = self._choose_basis(group, grad, st, st.get("basis"), _refresh_generator(group, slot), slot)
-        overlap = self._install_basis(st, new, grad, group, slot)
-        if overlap is not None:
-            st["overlap"] = overlap.item()
-
-    def _install_basis(self, st: dict, new: Tensor, grad: Tensor, group, slot: Slot):
-        """Sign-align and agree on the chosen basis, then make it the matrix's: fresh moments at the first
-        refresh, the moment policy at later ones. Returns the overlap with the old basis (0-d, on the device),
-        or None at the first refresh."""
-        old = st.get("basis")
-        if group["basis_signs"] == "aligned":
-            new = subspace.align_signs(new, old)
-        new = slot.context.synchronize(new)
-        st["refreshes"] += 1
-        if old is None:
-            st["basis"] = new.contiguous()  # one layout for every rule (QR gives column-major): banks stack row-major
-            self._fresh_moments(st, grad, group)
-            if group["subspace"] == "online_pca":
-                st["basis_exp_avg"] = torch.zeros_like(new)
-                st["basis_exp_avg_sq"] = torch.zeros_like(new)
-                st["basis_step"] = 0
-            return None
-        overlap = subspace.overlap(old, new)
-        policy = group["moments_on_refresh"]
-        if policy == "transport" and st["base_step"] > 0:
-            self.base.transport(st, projector.change_of_basis(new, old))
-        elif policy == "reset" and st["base_step"] > 0:
-            self._fresh_moments(st, grad, group)
-        old.copy_(new)
-        return overlap
-
-    def _fresh_moments(self, st: dict, grad: Tensor, group) -> None:
-        """Zeroed base-update state for R = B^T A, which is r x (A's columns); its bias correction restarts."""
-        columns = grad.shape[1] if st["left"] else grad.shape[0]
-        st.update(self.base.init(grad.new_zeros((st["basis"].shape[1], columns), dtype=torch.float32), True, group))
-        st["base_step"] = 0
-
-    def _choose_basis(self, group, grad, st, old, gen, slot: Slot) -> Tensor:
-        rank, left = st["rank"], st["left"]
-        if not self._reads_spectrum(group, st):
-            if group["subspace"] == "random":
-                return subspace.random_basis(grad.shape[0] if left else grad.shape[1], rank, gen, grad.float())
-            return subspace.grassmann_walk(old, group["grass_walk_angle"], gen)
-        sigma, vectors = slot.context.spectrum(grad, left, gen, rank)
-        return _draw_from_spectrum(group, sigma, vectors, rank, gen)
-
-    def _online_pca_step(self, st: dict, a: Tensor, group, reduce, keep=None) -> None:
-        """One Adam step on B for the online-PCA loss (OSD); lr follows the weight schedule."""
-        basis = st["basis"]
-        g = subspace.online_pca_gradient(basis, a, group["osd_orth_penalty"], reduce)
-        if keep is not None:  # the orthogonality penalty is not zero when a is: a skipped step must not move B
-            g = torch.where(keep, g, 0.0)
-        st["basis_step"] += 1
-        moments = {"exp_avg": st["basis_exp_avg"], "exp_avg_sq": st["basis_exp_avg_sq"]}
-        direction, step_scale = updates.adamw_direction(g, moments, _OSD_BASIS_ADAM, st["basis_step"], keep=keep)
-        osd_lr = group["osd_lr"] if group["osd_lr"] is not None else 1.0 / group["update_proj_gap"]
-        schedule = group["lr"] / group["lr_at_start"] if group["lr_at_start"] > 0 else 1.0
-        basis.add_(direction, alpha=-osd_lr * schedule * step_scale)
-        if st["basis_step"] % group["update_proj_gap"] == 0:
-            anchor = st.get("basis_anchor")
-            if anchor is not None:
-                st["overlap"] = subspace.overlap(_orthonormal(anchor), _orthonormal(basis)).item()
-                anchor.copy_(basis)
+    def _banks(self, projected: list) -> list:
+        """Same-shape projected matrices stepped as one where ``foreach`` is on (``sara_ds.banks``); every other
+        one is a bank of one."""
+        by_key: dict = {}
+        for group, slot in projected:
+            st = self.state[slot.index]
+            together = _batched(group, slot.grad) and group["subspace"] != "online_pca" and slot.grad.dim() == 2
+            key = (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, slot.target.dtype,
+                   st["left"], st["rank"], st["base_step"], slot.context.bank_key, None if together else slot.index)
+            by_key.setdefault(key, (group, []))[1].append(slot)
+        out = []
+        for group, slots in by_key.values():
+            if len(slots) > 1 and not banks.stackable([self.state[s.index] for s in slots]):
+                out += [(group, [s]) for s in slots]
             else:
-                st["basis_anchor"] = basis.clone()
+                out.append((group, slots))
+        return out
+
+    def _full_rank_steps(self, full_rank: list, keep) -> None:
+        by_group: dict = {}
+        for group, slot in full_rank:
+            by_group.setdefault(id(group), (group, []))[1].append(slot)
+        for group, slots in by_group.values():
+            if self.base.name == "adamw":
+                functional.full_rank_adamw(slots, [self.state[s.index] for s in slots], group, keep)
+                continue
+            for s in slots:
+                functional.full_rank_step(s, self.state[s.index], group, self.base, self.matrices[s.index].name, keep)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """torch's layout: ``state`` keyed by matrix id (a parameter's position in the order the optimizer was built
+        with, which is torch's own key for a plain model) and each group's ``params`` as those ids."""
+        self._count_device_skips()
+        groups = [dict({k: v for k, v in g.items() if k != "params"}, params=list(self.group_members[i]))
+                  for i, g in enumerate(self.param_groups)]
+        return {"state": {i: st for i, st in self.state.items() if isinstance(i, int)}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"sara_ds: the state holds {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        state = by_matrix_id(state_dict["state"])
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k not in ("params", "sara_group")})
+        self.state.clear()
+        for index, st in state.items():
+            self.state[index] = dict(st)
+        self.layout.reset()
+        self.banks.clear()
+        self._pending_skips = None
+        self._check_ownership = True
+
+    def _refuse_state_owned_elsewhere(self) -> None:
+        """After a load: state of a matrix another rank steps was written at another data-parallel size."""
+        owned = {i: self.layout.owns(i) for i in self.state if isinstance(i, int)}
+        elsewhere = sorted(i for i, mine in owned.items() if mine is False)
+        if elsewhere:
+            raise RuntimeError(
+                f"sara_ds: the loaded optimizer state holds matrices {elsewhere[:8]} that this rank does not step. "
+                "The checkpoint was written with a different data-parallel size or ZeRO partitioning. sara_ds state "
+                "is partitioned by matrix ownership: resume at the same data-parallel size and ZeRO stage, or "
+                "convert with `python -m sara_ds.ds_to_universal` and load with checkpoint.load_universal=true.")
+        self._check_ownership = None in owned.values()
+
+    def _count_device_skips(self) -> None:
+        """Add the steps the device flag skipped to each group's ``skipped_steps`` (reads one number back: done
+        when the count is asked for or saved, never in a step)."""
+        if self._pending_skips is not None:
+            skipped, self._pending_skips = int(self._pending_skips.item()), None
+            for group in self.param_groups:
+                group["skipped_steps"] += skipped
 
     # ------------------------------------------------------------ metrics
 
+    def state_of(self, param: Tensor) -> dict:
+        """The state of the matrix ``param`` is (a tensor the optimizer was built with), kept under its id."""
+        return self.state[self.layout.index_of(param)]
+
     def matrix_states(self):
-        """(matrix id, per-matrix state) for every projected matrix this process holds state for."""
-        for st in self.state.values():
-            if "basis" in st:
-                yield st["matrix_id"], st
-            else:  # a ZeRO flat partition: {matrix id: state}
-                for sub in st.values():
-                    if isinstance(sub, dict) and "basis" in sub:
-                        yield sub["matrix_id"], sub
+        """(matrix id, state) for every projected matrix this process holds state for."""
+        return ((i, st) for i, st in self.state.items() if isinstance(i, int) and "basis" in st)
 
     def subspace_overlaps(self) -> dict:
         """name -> ||B_old^T B_new||_F^2 / r at the latest refresh (NaN before the second one)."""
-        return {self.param_names[i]: st["overlap"] for i, st in self.matrix_states()}
+        return {self.matrices[i].name: st["overlap"] for i, st in self.matrix_states()}
 
     def refresh_counts(self) -> dict:
-        """``refreshes``: subspace refreshes of the matrices held here, summed.
-        ``skipped_steps``: whole steps skipped because some gradient (anywhere in the
-        step, on any rank that holds part of it) was NaN or Inf."""
+        """``refreshes``: subspace refreshes of the matrices held here, summed. ``skipped_steps``: whole steps
+        skipped because some gradient (anywhere in the step, on any rank that holds part of it) was NaN or Inf."""
         self._count_device_skips()
         return {"refreshes": sum(st["refreshes"] for _, st in self.matrix_states()),
-                "skipped_steps": max((g.get("skipped_steps", 0) for g in self.param_groups), default=0)}
+                "skipped_steps": max((g["skipped_steps"] for g in self.param_groups), default=0)}
+
+    def bytes_sent(self) -> dict:
+        """Bytes this process has put into its layout's collectives, by kind ('tensor_parallel': TP refreshes and
+        sums; 'exchange': ZeRO straddlers to and from their steppers)."""
+        return self.layout.bytes_sent()
 
     def tp_bytes_sent(self) -> int:
-        """Bytes this process has put into tensor-parallel collectives at subspace refreshes."""
-        return self.placement.tp_bytes_sent()
+        return self.bytes_sent().get("tensor_parallel", 0)
 
     def zero_bytes_sent(self) -> int:
-        """Bytes this process has sent to and from the steppers of ZeRO straddlers (every matrix at ZeRO-3)."""
-        return self.placement.zero_bytes_sent()
+        return self.bytes_sent().get("exchange", 0)
 
     def state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state on this process."""
-        return sum(t.numel() * t.element_size() for t in _tensors(self.state))
+        return sum(t.numel() * t.element_size() for t in tensors(self.state))
 
 
-def _numel(state: dict) -> int:
-    return sum(t.numel() for t in state.values() if isinstance(t, Tensor))
-
-
-_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _refresh_generator(group, slot: Slot) -> torch.Generator:
-    return subspace.refresh_generator(group["seed"], slot.index, slot.state["step"] // group["update_proj_gap"])
-
-
-def _draw_from_spectrum(group, sigma: Tensor, vectors: Tensor, rank: int, gen) -> Tensor:
-    """The rule's r directions among the spectrum's (OSD and GrassWalk start from the dominant ones)."""
-    rule = group["subspace"] if group["subspace"] in subspace.SPECTRAL_RULES else "dominant"
-    idx = subspace.spectral_indices(rule, sigma, min(rank, sigma.shape[-1]), gen)
-    return vectors[:, idx.to(vectors.device)].contiguous()
-
-
-def _to_host(t: Tensor) -> Tensor:
-    """The refresh's reads back to the host, one per batch: a refresh may wait for the device, a bank's
-    ordinary step may not."""
-    return t.detach().to(device="cpu", dtype=torch.float32)
-
-
-def _zero_unless(keep: Tensor, grads: list) -> None:
-    """Zero every gradient in place where ``keep`` is False, and leave its bits where it is True: an integer
-    multiply by 0 or 1 (a float one would keep NaN), one foreach kernel per element width and device."""
-    by_width: dict = {}
-    for g in grads:
-        if g.numel():
-            as_int = _INT_OF_WIDTH[g.element_size()]
-            by_width.setdefault(as_int, []).append(g.view(as_int))
-    for as_int, same in by_width.items():
-        torch._foreach_mul_(same, keep.to(as_int))
+def by_matrix_id(saved_state: dict) -> dict:
+    """A saved optimizer ``state`` keyed by matrix id. One saved under ZeRO by sara_ds 0.1 nests it one level down,
+    under the flat partition's key: {partition: {matrix id: state}}."""
+    out = {}
+    for key, st in saved_state.items():
+        if isinstance(st, dict) and st and all(isinstance(k, int) for k in st):
+            out.update(st)
+        else:
+            out[key] = st
+    return out
 
 
 def _batched(group, grad: Tensor) -> bool:
@@ -595,28 +285,16 @@ def _batched(group, grad: Tensor) -> bool:
     return grad.is_cuda if foreach is None else foreach
 
 
-def _restore_dtypes(loaded: dict, saved: dict) -> None:
-    for key, value in loaded.items():
-        kept = saved.get(key)
-        if isinstance(value, dict) and isinstance(kept, dict):
-            _restore_dtypes(value, kept)
-        elif isinstance(value, Tensor) and isinstance(kept, Tensor) and kept.dtype != value.dtype:
-            loaded[key] = kept.to(device=value.device, copy=True)
-
-
-def _orthonormal(b: Tensor) -> Tensor:
-    return torch.linalg.qr(b).Q
-
-
-def _tensors(obj):
+def tensors(obj):
+    """Every tensor in nested dicts, lists and tuples."""
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from tensors(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _tensors(v)
+            yield from tensors(v)
 
 
 def _pair(betas):
@@ -645,9 +323,9 @@ class SaraAdamW(SaraOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, *,
-                 tp_group=None, **options):
+                 tp_group=None, layout=None, **options):
         base = dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
-        super().__init__(params, "adamw", base, SubspaceOptions.from_kwargs("SaraAdamW", options), tp_group)
+        super().__init__(params, "adamw", base, SubspaceOptions.from_kwargs("SaraAdamW", options), tp_group, layout)
 
 
 class SaraAdafactor(SaraOptimizer):
@@ -659,19 +337,22 @@ class SaraAdafactor(SaraOptimizer):
     """
 
     def __init__(self, params, lr=1e-2, beta1=None, decay_rate=-0.8, eps=1e-30, clip_threshold=1.0, weight_decay=0.0,
-                 *, tp_group=None, **options):
+                 *, tp_group=None, layout=None, **options):
         base = dict(lr=lr, beta1=beta1, decay_rate=decay_rate, eps=eps, clip_threshold=clip_threshold,
                     weight_decay=weight_decay)
-        super().__init__(params, "adafactor", base, SubspaceOptions.from_kwargs("SaraAdafactor", options), tp_group)
+        super().__init__(params, "adafactor", base, SubspaceOptions.from_kwargs("SaraAdafactor", options), tp_group,
+                         layout)
 
 
 class SaraAdamMini(SaraOptimizer):
     """Low-rank Adam-mini: one second moment per block (per output row; per column of R when projected).
     Keyword options as ``SaraAdamW``'s."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, tp_group=None, **options):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, tp_group=None, layout=None,
+                 **options):
         base = dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, "adam_mini", base, SubspaceOptions.from_kwargs("SaraAdamMini", options), tp_group)
+        super().__init__(params, "adam_mini", base, SubspaceOptions.from_kwargs("SaraAdamMini", options), tp_group,
+                         layout)
 
 
 OPTIMIZERS = {"SaraAdamW": SaraAdamW, "SaraAdafactor": SaraAdafactor, "SaraAdamMini": SaraAdamMini}

@@ -17,8 +17,13 @@ from torch import Tensor
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 
-def basis_on_left(rows: int, cols: int, proj_type: str) -> bool:
-    """GaLore's side rule. 'std' puts the basis on the smaller dimension (right when rows >= cols)."""
+def basis_on_left(rows: int, cols: int, proj_type: str, split_axis: int | None = None) -> bool:
+    """GaLore's side rule on the whole matrix's shape: 'std' puts the basis on the smaller dimension (right when
+    rows >= cols). ``split_axis``: the dim a tensor-parallel matrix is split on, given only to put the basis on
+    the other, whole axis instead (``tp_side='unsplit'``: no per-step communication, another algorithm where the
+    two sides differ)."""
+    if split_axis is not None:
+        return split_axis == 1
     if proj_type == "std":
         return rows < cols
     if proj_type == "reverse_std":

@@ -28,8 +28,9 @@ import warnings
 import torch
 from torch import Tensor
 
-# How a refresh forms the spectrum of a matrix held whole on one process.
+# How a refresh forms the spectrum of a matrix held whole on one process, and of one split over ranks.
 LOCAL_SPECTRA = ("svd", "gram", "sketch")
+TP_SPECTRA = ("tsqr", "gram", "sketch")
 
 
 def _same(t: Tensor) -> Tensor:

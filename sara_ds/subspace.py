@@ -88,20 +88,25 @@ def grassmann_walk(basis: Tensor, angle: float, generator: torch.Generator) -> T
     return q * torch.sign(torch.sign(torch.diagonal(r_)) + 0.5)
 
 
-def online_pca_gradient(basis: Tensor, a: Tensor, orth_penalty: float, reduce=lambda t: t) -> Tensor:
+def online_pca_gradient(basis: Tensor, a: Tensor, orth_penalty: float, reduce=lambda t: t, rows=None) -> Tensor:
     """Online Subspace Descent: d/dB of ||B B^T A_hat - A_hat||^2 + lam ||B^T B - I||^2.
 
     A_hat = A / ||A||_F. Written with r-sized intermediates: for Y = B^T A_hat and
-    E = B Y - A_hat, the gradient is 2 (E Y^T + A_hat (B^T B Y - Y)^T). Both the norm
-    and that gradient are sums over A's columns; ``reduce`` sums them across shards
-    when the columns are split over tensor-parallel ranks.
+    E = B Y - A_hat, the gradient is 2 (E Y^T + A_hat (B^T B Y - Y)^T). Under tensor
+    parallelism ``a`` is this rank's shard of A and ``reduce`` sums over the shards. Where
+    A's columns are split, the norm and that gradient are sums over them. Where its rows
+    are, ``rows`` = (the rows of B matching this rank's rows of A, every rank's rows stacked):
+    Y is a sum over the shards, and each rank's rows of the gradient are stacked.
     """
     norm = reduce(a.square().sum()).sqrt()
     a_hat = a / norm.clamp_min(torch.finfo(a.dtype).tiny)
-    y = basis.mT @ a_hat
+    local = basis if rows is None else rows[0](basis)
+    y = local.mT @ a_hat
+    y = y if rows is None else reduce(y)
     gram = basis.mT @ basis
-    e = basis @ y - a_hat
-    grad = 2 * reduce(e @ y.mT + a_hat @ (gram @ y - y).mT)
+    e = local @ y - a_hat
+    part = e @ y.mT + a_hat @ (gram @ y - y).mT
+    grad = 2 * (reduce(part) if rows is None else rows[1](part))
     if orth_penalty:
         grad += 4 * orth_penalty * basis @ (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
     return grad

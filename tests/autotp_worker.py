@@ -77,7 +77,7 @@ def run(sc, tp, dp):
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    from sara_ds.sharding.tensor_parallel import partition_dim
+    from sara_ds.sharding.tensor_parallel import split_axis_of_marked as partition_dim
 
     model = build_model()
     config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
@@ -110,7 +110,7 @@ def run(sc, tp, dp):
     result = {"weights": weights, "norms": norms}
     if isinstance(opt, sara_ds.SaraOptimizer):
         result.update(bases={i: st["basis"].clone() for i, st in opt.matrix_states()}, counts=opt.refresh_counts(),
-                      tp_group_size=dist.get_world_size(opt.tp_group) if opt.tp_group is not None else 1,
+                      tp_group_size=dist.get_world_size(opt.layout.tp_group) if opt.layout.tp_group is not None else 1,
                       projected=[opt.param_names[i] for i, _ in opt.matrix_states()])
     del engine
     gc.collect()

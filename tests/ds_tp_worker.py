@@ -46,7 +46,7 @@ def optimizer_block(sc):
 def dense_reference(sc, dp=2, steps=7, jitter=0.0, noise_seed=5):
     """One process with the full matrices; per-DP-rank gradients / dp, summed in rank order.
     ``jitter``: gradients times (1 + jitter * N(0, 1)), to measure how far a rule carries fp32 round-off."""
-    w1, w2 = (torch.nn.Parameter(w) for w in master_weights())
+    w1, w2 = (torch.nn.Parameter(w) for w in master_weights(ffn=sc.get("ffn", FFN)))
     gain = torch.nn.Parameter(torch.ones(HIDDEN))
     block = optimizer_block(sc)
     if block["type"] == "AdamW":
@@ -76,7 +76,7 @@ def dense_reference(sc, dp=2, steps=7, jitter=0.0, noise_seed=5):
 
 
 class TwoLayers(torch.nn.Module):
-    def __init__(self, tp):
+    def __init__(self, tp, ffn=FFN):
         from megatron.core import ModelParallelConfig
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
@@ -86,8 +86,8 @@ class TwoLayers(torch.nn.Module):
                                   gradient_accumulation_fusion=False)
         init = lambda w: torch.nn.init.normal_(w, std=0.2)  # noqa: E731
         torch.manual_seed(0)
-        self.mlp_in = ColumnParallelLinear(HIDDEN, FFN, config=cfg, init_method=init, bias=False, gather_output=False)
-        self.mlp_out = RowParallelLinear(FFN, HIDDEN, config=cfg, init_method=init, bias=False, input_is_parallel=True,
+        self.mlp_in = ColumnParallelLinear(HIDDEN, ffn, config=cfg, init_method=init, bias=False, gather_output=False)
+        self.mlp_out = RowParallelLinear(ffn, HIDDEN, config=cfg, init_method=init, bias=False, input_is_parallel=True,
                                          skip_bias_add=False)
         self.gain = torch.nn.Parameter(torch.ones(HIDDEN))
 
@@ -120,7 +120,7 @@ def run(sc, tp, dp, counter):
 
     from sara_ds.integrations.deepspeed import MegatronCoreMPU
 
-    model = TwoLayers(tp)
+    model = TwoLayers(tp, sc.get("ffn", FFN))
     config = {"train_micro_batch_size_per_gpu": TOKENS, "gradient_accumulation_steps": 1,
               "optimizer": optimizer_block(sc), "zero_optimization": {"stage": sc["stage"]},
               "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 unless told otherwise; the oracle does not clip
@@ -151,14 +151,14 @@ def run(sc, tp, dp, counter):
     result = {"w1": gather(model.mlp_in.weight.detach(), 0), "w2": gather(model.mlp_out.weight.detach(), 1),
               "gain": model.gain.detach().clone()}
     if isinstance(opt, sara_ds.SaraOptimizer):
-        from sara_ds.sharding.tensor_parallel import partition_dim
+        from sara_ds.sharding.tensor_parallel import split_axis_of_marked as partition_dim
 
-        result["held"] = [(i, tuple(opt.original_params[i].shape), partition_dim(opt.original_params[i]))
+        result["held"] = [(i, tuple(opt.matrices[i].shape), partition_dim(opt.matrices[i].param))
                           for i, _ in opt.matrix_states()]
         result.update(wire=wire, calls=calls, tp_rank=parallel_state.get_tensor_model_parallel_rank())
         result["bases"] = {i: st["basis"].clone() for i, st in opt.matrix_states()}
         result["counts"] = opt.refresh_counts()
-        result["tp_group_size"] = dist.get_world_size(opt.tp_group) if opt.tp_group is not None else 1
+        result["tp_group_size"] = dist.get_world_size(opt.layout.tp_group) if opt.layout.tp_group is not None else 1
         result["state_bytes"] = opt.state_bytes()
         result["tp_bytes"] = opt.tp_bytes_sent()
     del engine

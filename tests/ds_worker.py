@@ -263,7 +263,7 @@ def run_scenario(sc, rank, world, tmp):
         engine.save_checkpoint(sc["save_to"], tag="final", client_state={UNIVERSAL_CHECKPOINT_INFO: {}})
     result["weights"] = full_weights(model, engine)
     if sc.get("return_state"):  # one rank: {matrix id: state}
-        result["state"] = {i: st for root in opt.state.values() for i, st in root.items()}
+        result["state"] = dict(opt.matrix_states()) | {i: st for i, st in opt.state.items() if isinstance(i, int)}
     gathered = [None] * world
     if not isinstance(opt, sara_ds.SaraOptimizer):  # a stock peer (torch's AdamW through DeepSpeed)
         dist.all_gather_object(gathered, {"type": type(opt).__name__, "wrapper": type(engine.optimizer).__name__})
@@ -271,18 +271,16 @@ def run_scenario(sc, rank, world, tmp):
         del engine
         gc.collect()
         return result
-    layouts = opt.placement.layouts
-    shape_of = sara_ds.sharding.shape_of
-    straddlers = sum(1 for lay in layouts.values() for f in lay.fragments
-                     if f.numel < shape_of(opt.original_params[f.index]).numel()
-                     and len(shape_of(opt.original_params[f.index])) == 2)
+    partitions = opt.layout.partitions
+    straddlers = sum(1 for part in partitions.values() for f in part.fragments
+                     if f.numel < opt.matrices[f.index].shape.numel() and len(opt.matrices[f.index].shape) == 2)
     mine = {"state_bytes": opt.state_bytes(), "straddlers": straddlers, "counts": opt.refresh_counts(),
-            "exchange_bytes": opt.zero_bytes_sent(), "steppers": {i: lay.rank for lay in layouts.values()
-                                                                  for i in lay.steppers or {} if lay.steps(i)},
+            "exchange_bytes": opt.zero_bytes_sent(), "steppers": {i: part.rank for part in partitions.values()
+                                                                  for i in part.steppers or {} if part.steps(i)},
             "refreshes": {i: st["refreshes"] for i, st in opt.matrix_states()},
             "matrices": sorted(i for i, _ in opt.matrix_states()),
             "overlaps": opt.subspace_overlaps(), "type": type(opt).__name__, "wrapper": type(engine.optimizer).__name__,
-            "banks": len(opt.banks._by_members) if isinstance(opt, sara_ds.SaraOptimizer) else 0}
+            "banks": sum(size > 1 for size in opt.banks.sizes())}
     dist.all_gather_object(gathered, mine)
     result["ranks"] = gathered
     dist.barrier()

@@ -142,7 +142,7 @@ def optimizer_bytes(opt, owner_of: dict) -> dict:
     """name -> bytes this rank holds for that parameter: optimizer state plus its fp32 master (if any)."""
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    from sara_ds.optim import _tensors
+    from sara_ds.optim import SaraOptimizer, tensors
 
     per_name = {}
     for wrapped in opt.chained_optimizers:
@@ -154,11 +154,11 @@ def optimizer_bytes(opt, owner_of: dict) -> dict:
             pairs = [(p, p) for g in inner.param_groups for p in g["params"]]
         for main, model_param in pairs:
             name = owner_of[id(model_param)]
-            state = inner.state.get(main, {})
-            tensors = list(_tensors(state))
+            state = inner.state_of(model_param) if isinstance(inner, SaraOptimizer) else inner.state.get(main, {})
+            held = list(tensors(state))
             if main is not model_param:
-                tensors.append(main)
-            per_name[name] = per_name.get(name, 0) + sum(t.numel() * t.element_size() for t in tensors)
+                held.append(main)
+            per_name[name] = per_name.get(name, 0) + sum(t.numel() * t.element_size() for t in held)
     return per_name
 
 

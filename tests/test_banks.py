@@ -55,7 +55,8 @@ def test_a_bank_step_is_the_per_matrix_step_bit_for_bit(cls, preset, extra, dtyp
         extra = dict(extra, in_place_min_numel=0)
     banked, opt = _run(cls, True, dtype=dtype, preset=preset, **extra)
     single, ref = _run(cls, False, dtype=dtype, preset=preset, **extra)
-    assert len(opt.banks._by_members) == 3  # the three same-shape families; the (16, 24) loner is not banked
+    assert opt.banks.sizes() == [1, 2, 3, 3]  # the three same-shape families, and the (16, 24) loner on its own
+    assert ref.banks.sizes() == [1] * len(SHAPES)  # foreach=False: every matrix is a bank of one
     for a, b in zip(banked, single):
         assert torch.equal(a, b)
     for (name, a), (_, b) in zip(_state_tensors(opt), _state_tensors(ref)):
@@ -83,7 +84,7 @@ def test_bank_state_is_per_matrix_on_disk_and_resumes_bit_exactly():
 
 def test_a_moment_reset_restacks_the_bank():
     _, opt = _run(sara_ds.SaraAdamW, True, steps=4, subspace="importance", moments_on_refresh="reset")
-    for bank in opt.banks._by_members.values():  # the refresh at step 3 replaced the moments; step 3 restacked
+    for bank in opt.banks:  # the refresh at step 3 replaced the moments; step 3 restacked
         for i, st in enumerate(bank.states):
             assert st["exp_avg"].untyped_storage().data_ptr() == bank.stacked["exp_avg"].untyped_storage().data_ptr()
 
@@ -187,7 +188,7 @@ def test_in_place_steps_equal_the_update_path_to_round_off(cls, preset):
 def test_the_default_banks_only_gpu_gradients():
     """foreach=None follows torch's optimizers: batched on CUDA, one by one on a CPU (measured faster there)."""
     _, opt = _run(sara_ds.SaraAdamW, None, steps=2, preset="sara")
-    assert not opt.banks._by_members
+    assert set(opt.banks.sizes()) == {1}
     if torch.cuda.is_available():
         w = [torch.nn.Parameter(torch.randn(24, 40, device="cuda")) for _ in range(2)]
         opt = sara_ds.SaraAdamW([dict(params=w, rank=4)])
@@ -195,7 +196,7 @@ def test_the_default_banks_only_gpu_gradients():
             for p in w:
                 p.grad = torch.randn_like(p)
             opt.step()
-        assert len(opt.banks._by_members) == 1
+        assert opt.banks.sizes() == [2]
 
 
 @pytest.mark.parametrize("spectrum", ["svd", "gram"])
@@ -203,20 +204,21 @@ def test_the_default_banks_only_gpu_gradients():
 def test_a_batched_refresh_chooses_the_per_matrix_basis_and_reads_back_once_per_batch(monkeypatch, spectrum, preset):
     """With foreach=True, same-shape matrices whose rule reads a spectrum take one batched SVD (or gram-eigh) per
     refresh, and read their singular values, then their overlaps, back to the host once per batch (through
-    optim._to_host); the bases, moments and weights are the per-matrix refresh's, bit for bit."""
+    functional.to_host); the bases, moments and weights are the per-matrix refresh's, bit for bit."""
     reads = []
-    real = sara_ds.optim._to_host
-    monkeypatch.setattr(sara_ds.optim, "_to_host", lambda t: reads.append(tuple(t.shape)) or real(t))
+    real = sara_ds.functional.to_host
+    monkeypatch.setattr(sara_ds.functional, "to_host", lambda t: reads.append(tuple(t.shape)) or real(t))
     batched, opt = _run(sara_ds.SaraAdamW, True, steps=4, preset=preset, spectrum=spectrum)  # refreshes at 0 and 3
+    monkeypatch.setattr(sara_ds.functional, "to_host", real)
     single, ref = _run(sara_ds.SaraAdamW, False, steps=4, preset=preset, spectrum=spectrum)
     assert all(torch.equal(a, b) for a, b in zip(batched, single))
     for (name, a), (_, b) in zip(_state_tensors(opt), _state_tensors(ref)):
         assert torch.equal(a, b), name
     assert opt.subspace_overlaps() == ref.subspace_overlaps()
     batches = 4  # (24, 40) x3, (40, 24) x3, (24, 24) x2 and the (16, 24) loner
-    if preset == "golore":  # random draws: no spectrum at any refresh, and overlaps read per matrix
-        assert reads == []
-    elif preset == "grasswalk":  # its SVD start only; later refreshes walk per matrix
+    if preset == "golore":  # random draws: no spectrum at any refresh; the overlaps at 3
         assert len(reads) == batches
+    elif preset == "grasswalk":  # its SVD start; later refreshes walk, and read their overlaps
+        assert len(reads) == 2 * batches
     else:  # the start (singular values), then the refresh at 3 (singular values and overlaps)
         assert len(reads) == 3 * batches and {s[0] for s in reads} == {1, 2, 3}

@@ -66,10 +66,9 @@ def _train(cls, options, device, steps=8, dtype=torch.float32, poison_at=None, s
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_an_ordinary_cuda_step_makes_no_host_sync_and_agrees_with_the_cpu(case):
     cls, options = case
-    assert sara_ds.SaraAdamW([torch.nn.Parameter(torch.randn(4, 4, device="cuda"))])._flag_on_device(
-        [torch.randn(4, 4, device="cuda")])
+    assert sara_ds.functional.flag_on_device(None, [torch.randn(4, 4, device="cuda")])
     on_gpu, opt = _train(cls, options, "cuda", strict_from=2)  # step 1 builds the banks
-    assert opt.banks._by_members or options.get("preset") == "osd"
+    assert max(opt.banks.sizes()) > 1 or options.get("preset") == "osd"
     assert all(torch.isfinite(p).all() for p in on_gpu)
     if options.get("preset") in ("sara", "sara_fira"):
         return  # sampled from cuSOLVER's sigma, not LAPACK's: a near-tie may draw another index, so no CPU oracle

@@ -15,6 +15,7 @@ pytest.importorskip("megatron.core")
 
 import sara_ds  # noqa: E402
 from ds_tp_worker import dense_reference  # noqa: E402
+from tp_worker import HIDDEN  # noqa: E402
 from launch_utils import run_scenarios  # noqa: E402
 from sara_ds.sharding.tensor_parallel import refresh_bytes  # noqa: E402
 
@@ -23,19 +24,45 @@ RANK = 4
 SPECTRAL = {"galore", "sara", "fira", "sara_fira"}  # every refresh decomposes the gradient's spectrum
 
 
+def _sides(shape, pd, tp=2):
+    """(left basis, A's rows split over TP, the basis side's whole length) of a TP shard, by one process's side rule
+    on the whole matrix (the default tp_side='same')."""
+    full = (shape[0] * tp, shape[1]) if pd == 0 else (shape[0], shape[1] * tp)
+    left = full[0] < full[1]
+    return left, left == (pd == 0), full[0] if left else full[1]
+
+
 def analytic_refresh_wire(sc, held, tp_rank):
-    """Bytes one TP rank puts on its TP group at a refresh after the first, for the matrices it holds."""
+    """Bytes one TP rank puts on its TP group at a refresh after the first, for the matrices it holds: the spectrum
+    of the whole matrix from the shards (on the unsplit side: tsqr, gram or sketch factors; on the split side: the
+    shard itself, gathered), and TP rank 0's broadcast of the chosen basis."""
     total = 0
     for _, shape, pd in held:
-        local_rows, n = shape if pd == 0 else shape[::-1]  # n: the unsharded side, where the basis lies
         root = tp_rank == 0
         if sc["preset"] == "osd":  # online PCA steps its basis every step; no refresh after the first
             continue
-        if sc["preset"] in SPECTRAL:
+        left, rows_split, d = _sides(shape, pd)
+        broadcast = 4 * d * RANK if root else 0
+        if sc["preset"] not in SPECTRAL:  # a random draw or a Grassmann walk: only the root's broadcast
+            total += broadcast
+        elif rows_split:
+            total += 4 * shape[0] * shape[1] + broadcast
+        else:
+            local_rows, n = shape if pd == 0 else shape[::-1]  # n: the unsharded side, where the basis lies
             total += refresh_bytes(sc.get("mode", "tsqr"), local_rows, n, RANK, root=root)
-        else:  # a random draw or a Grassmann walk: only the root's broadcast of the n x r basis
-            total += 4 * n * RANK if root else 0
     return total
+
+
+def ordinary_tp_wire(held, calls) -> list:
+    """An ordinary step's TP collectives: a 4-byte finiteness flag per inner step() call, and for each held matrix
+    whose basis is on its split axis, R = B^T A (r x A's columns) summed over the group."""
+    sums = []
+    for _, shape, pd in held:
+        left, rows_split, _ = _sides(shape, pd)
+        if rows_split:
+            full = (shape[0] * 2, shape[1]) if pd == 0 else (shape[0], shape[1] * 2)
+            sums.append(("all_reduce", 4 * RANK * (full[1] if left else full[0])))
+    return sorted([("all_reduce", 4)] * calls + sums)
 
 
 def _check_wire(sc, r, name):
@@ -47,8 +74,8 @@ def _check_wire(sc, r, name):
             name, step, tp_bytes)
         assert dp_bytes[step] == dp_bytes[step - 1], (name, step, dp_bytes)  # a refresh adds nothing to DP
     if sc.get("optimizer", "SaraAdamW") == "SaraAdamW" and sc["preset"] in ("sara", "galore", "golore"):
-        for step in (1, 3, 5):  # no per-step TP reduction: one 4-byte finiteness flag per inner step() call
-            assert r["wire"][step]["tp"] == [("all_reduce", 4)] * r["calls"][step], (name, r["wire"][step])
+        for step in (1, 3, 5):  # the flags, and R of a matrix whose basis is on its split axis
+            assert sorted(r["wire"][step]["tp"]) == ordinary_tp_wire(r["held"], r["calls"][step]), (name, r["wire"][step])
     # the library's own counter (what examples/train.py prints) is the counted TP traffic less the flags
     assert sum(tp_bytes) - 4 * sum(r["calls"]) == r["tp_bytes"], (name, sum(tp_bytes), r["tp_bytes"])
 
@@ -75,7 +102,8 @@ def _check(results, scenarios):
         assert "error" not in res, res["error"]
         ref = dense_reference(sc)
         diff = _max_diff(res, ref)
-        name = f"{sc.get('optimizer', 'SaraAdamW')}/{sc.get('preset', '-')}/z{sc['stage']}"
+        name = f"{sc.get('optimizer', 'SaraAdamW')}/{sc.get('preset', '-')}/z{sc['stage']}" + (
+            "/square" if sc.get("ffn") == HIDDEN else "")
         print(f"  {name:<32} max|TP2xDP2 under DeepSpeed - dense| = {diff:.2e}")
         if sc.get("optimizer") == "AdamW":
             worst_adamw = max(diff, worst_adamw or 0.0)
@@ -114,11 +142,14 @@ def test_megatron_deepspeed_tp2_dp2_equals_one_dense_process():
         scenarios.append(dict(optimizer="AdamW", stage=stage))
     spectra = [dict(preset="sara", stage=2, mode="sketch"), dict(preset="galore", stage=1, mode="gram"),
                dict(preset="sara_fira", stage=0, mode="sketch")]
+    # square matrices: one process's side is the row-parallel one's split axis
+    spectra += [dict(preset="sara", stage=2, ffn=HIDDEN), dict(preset="sara_fira", stage=0, ffn=HIDDEN),
+                dict(preset="sara", stage=1, ffn=HIDDEN, optimizer="SaraAdafactor")]
     results = run_scenarios(4, scenarios + spectra, worker="ds_tp_worker.py", timeout=900)
     print("\nTP=2 x DP=2, ZeRO-0/1/2, fp32, 7 steps (refreshes at 0, 2, 4, 6):")
     adamw = _check(results[:len(scenarios)], scenarios)
     assert adamw < TOLERANCE  # the harness itself: stock AdamW through the same engine
-    print("\nTP=2 x DP=2 under DeepSpeed, the other spectra:")
+    print("\nTP=2 x DP=2 under DeepSpeed, the other spectra and square matrices:")
     _check(results[len(scenarios):], spectra)
 
 

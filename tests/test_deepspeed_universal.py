@@ -9,7 +9,7 @@ measures the checkpoint's round trip and nothing else. The ZeRO-2 cases take one
 (Fira's norm on top of the plain keys, OSD's basis moments, a random draw), every other rule's state being made of
 these keys; the ZeRO-1 and ZeRO-3 cases take Fira's, and OSD's at 2 -> 3. (All 8 rules in every stage-1/2 case were
 bit-identical too, in runs while this was written, and `sara` and OSD in every stage-3 case.) At stage 3 torch's
-AdamW through DeepSpeed's own converter is the control. The
+AdamW through the same converter is the control. The
 same launches check that no state is ever dropped: DeepSpeed's own converter, inconsistent files, a universal
 folder without sara_ds's state and an engine that would step before loading one all fail loudly.
 """
@@ -81,8 +81,7 @@ def _convert_all(world, root):
         for preset in presets if a == world else ():
             out = os.path.join(_saved(root, a, stage, preset) + "-universal", "universal")
             if not os.path.isdir(out):  # DeepSpeed also writes latest_universal beside it
-                deepspeed_universal.convert(os.path.join(_saved(root, a, stage, preset), "final"), out,
-                                            num_extract_workers=1, num_merge_workers=1)
+                deepspeed_universal.convert(os.path.join(_saved(root, a, stage, preset), "final"), out)
 
 
 def test_resume_at_another_data_parallel_size_matches_one_process_and_never_drops_state(tmp_path):
@@ -130,7 +129,7 @@ def test_resume_at_another_data_parallel_size_matches_one_process_and_never_drop
                                            world=[a] * BEFORE + [target] * AFTER)
             diff = _max_diff(res["weights"], ref)
             print(f"  {a}->{target} ZeRO-{sc['stage']} {sc['preset']:<10} {diff:.2e}"
-                  + ("  (torch's AdamW through DeepSpeed's own converter: the control)" if sc["preset"] == "AdamW" else ""))
+                  + ("  (torch's AdamW, the control)" if sc["preset"] == "AdamW" else ""))
             if sc["preset"] == "AdamW":
                 control = diff
                 continue
@@ -152,7 +151,7 @@ def test_resume_at_another_data_parallel_size_matches_one_process_and_never_drop
         print(f"  {res['name']}: {res.get('error', 'NO ERROR')[:200]}")
         assert refused_with[res["name"]] in res.get("error", ""), res
     assert "used a DP world size of 2 but the current world size is 1" in refused["regular-2-to-1"].get("error", "")
-    assert "that this rank does not own" in refused["swapped"].get("error", "") \
+    assert "that this rank does not step" in refused["swapped"].get("error", "") \
         and "same data-parallel size" in refused["swapped"]["error"]
 
 
@@ -166,21 +165,21 @@ def _never_dropped(root, tag):
 
     args = argparse.Namespace(input_folder=tag, output_folder=os.path.join(root, "ds_own"), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
-    with pytest.raises(KeyError, match="exp_avg"):
+    with pytest.raises((KeyError, IndexError)):  # it reads a flat partition's state as exp_avg / by group index
         d2u.main(args)
     # a straddler's state made inconsistent: a full-rank AdamW one (stepped piece by piece, each rank keeps its
     # piece's moments: the pieces must agree on their step count), and a projected one (stepped by one rank since
     # this version; an older one kept a copy per holder, and such copies must be equal)
     states = [torch.load(os.path.join(tag, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), weights_only=False)
               for r in range(2)]
-    groups = [s["optimizer_state_dict"]["base_optimizer_state"]["state"] for s in states]
-    pieces = sorted(set(groups[0][0]) & set(groups[1][0]))
-    ids, _ = deepspeed_universal._matrices_of(torch.load(os.path.join(tag, "mp_rank_00_model_states.pt"),
+    held = [s["optimizer_state_dict"]["base_optimizer_state"]["state"] for s in states]  # {matrix id: state}
+    pieces = sorted(set(held[0]) & set(held[1]))  # full-rank straddlers, stepped piece by piece
+    ids, _ = deepspeed_universal.matrices_of(torch.load(os.path.join(tag, "mp_rank_00_model_states.pt"),
                                                          weights_only=False))
     on_rank1 = {ids[name] for mapping in states[1]["optimizer_state_dict"]["param_slice_mappings"] for name in mapping}
-    projected = [(g, i) for g in groups[0] for i, st in groups[0][g].items() if "basis" in st and i in on_rank1]
+    projected = [i for i, st in held[0].items() if "basis" in st and i in on_rank1]
     assert pieces and projected, "the test model should have a full-rank and a projected straddler at 2 ranks"
-    assert not any(set(groups[0][g]) & set(groups[1][g]) for g, _ in projected), "a projected matrix has 2 steppers"
+    assert not any(i in held[1] for i in projected), "a projected matrix has 2 steppers"
     for kind in ("pieces", "projected"):
         bad = os.path.join(root, f"bad-{kind}")
         os.makedirs(bad)
@@ -191,17 +190,17 @@ def _never_dropped(root, tag):
         state = changed["optimizer_state_dict"]["base_optimizer_state"]["state"]
         if kind == "pieces":
             index = pieces[0]
-            state[0][index]["step"] += 1
+            state[index]["step"] += 1
             expected = f"the pieces of .* \\(matrix {index}\\) disagree on 'step'"
         else:
-            g, index = projected[0]
-            state[g][index] = dict(groups[0][g][index], step=groups[0][g][index]["step"] + 1)
+            index = projected[0]
+            state[index] = dict(held[0][index], step=held[0][index]["step"] + 1)
             expected = f"matrix {index} .* straddles ZeRO partitions and its copies on DP ranks \\[0, 1\\] differ"
         torch.save(changed, os.path.join(bad, "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
         with pytest.raises(RuntimeError, match=expected):
-            deepspeed_universal.convert(bad, os.path.join(root, f"bad-{kind}-out"), 1, 1)
+            deepspeed_universal.convert(bad, os.path.join(root, f"bad-{kind}-out"))
     # DeepSpeed's output for a plain universal folder (the sidecar removed) and an engine that never loads
-    deepspeed_universal.convert(tag, os.path.join(root, "u", "universal"), 1, 1)
+    deepspeed_universal.convert(tag, os.path.join(root, "u", "universal"))
     os.remove(os.path.join(root, "u", "universal", deepspeed_universal.SIDECAR))
     scenarios = [
         dict(name="no-sidecar", params=_params("sara_fira"), zero=_zero(2), load_from=os.path.join(root, "u"),

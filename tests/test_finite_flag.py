@@ -180,8 +180,8 @@ def test_full_rank_only_model_creates_state_on_the_host_then_steps_on_the_device
             opt.step()
         reads.append(host.count)
         if step == 0:  # the first step found the NaN on the host: no state was made
-            assert reads[0] > 0 and not opt.state[params[0]]
-    assert reads[2:] == [0, 0] and opt.state[params[0]]["step"] == 3 and opt.refresh_counts()["skipped_steps"] == 1
+            assert reads[0] > 0 and not opt.state_of(params[0])
+    assert reads[2:] == [0, 0] and opt.state_of(params[0])["step"] == 3 and opt.refresh_counts()["skipped_steps"] == 1
 
 
 def test_finite_flag_values_are_checked():
@@ -196,6 +196,7 @@ def test_finite_flag_values_are_checked():
 def test_cuda_gradients_use_the_device_flag_by_default():
     weights, vectors = _model()
     opt = _optimizer(sara_ds.SaraAdamW, weights, vectors)
-    assert not opt._flag_on_device([weights[0].detach()])
+    flag = opt.param_groups[0]["finite_flag"]
+    assert flag is None and not sara_ds.functional.flag_on_device(flag, [weights[0].detach()])
     if torch.cuda.is_available():
-        assert opt._flag_on_device([weights[0].detach().cuda()])
+        assert sara_ds.functional.flag_on_device(flag, [weights[0].detach().cuda()])

@@ -39,4 +39,4 @@ def test_dominant_adamw_matches_galore_torch_step_for_step(shapes_net, weight_de
     sides = {"std": [False, False, True], "reverse_std": [True, True, False], "left": [True] * 3, "right": [False] * 3}
     for w, left in zip([ours_model.attn_square.weight, ours_model.mlp_tall.weight, ours_model.mlp_wide.weight],
                        sides[proj_type]):
-        assert ours.state[w]["left"] == left and ours.state[w]["basis"].shape[0] == w.shape[0 if left else 1]
+        assert ours.state_of(w)["left"] == left and ours.state_of(w)["basis"].shape[0] == w.shape[0 if left else 1]

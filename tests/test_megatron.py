@@ -145,10 +145,12 @@ def test_distributed_optimizer_is_invariant_to_tp_and_dp(layouts, one_process, t
     # 6-sequence batch. Two comparisons after 3 refreshes, in one launch:
     #  * against the same TP x DP with SARA replicated on every DP rank (same gradients, bit for bit): the
     #    ownership, the all-gather and the shared skip flag must change nothing;
-    #  * against TP=1 x DP=1 on the whole batch: within 2e-5. OSD amplifies the round-off of the data-parallel
-    #    reduction itself: its replicated run, which shares no optimizer state across ranks, lands as far from
-    #    one process (2e-2), and its bound is that distance (README: B's Adam normalises round-off into a
-    #    full-size step at the stationary point the SVD starts it from).
+    #  * against TP=1 x DP=1 on the whole batch: no further than SARA replicated over the same data-parallel
+    #    split, whose distance is the round-off of the data-parallel reduction, amplified by the rule (2e-5
+    #    at least; Fira's residual amplifies it to 4e-5 at 1x3 and 7e-5 at 2x2 on an AVX-512 Xeon, 2e-5 on an AMD
+    #    EPYC), and that distance itself within 1e-4 (an optimizer that mistreated the split lands ~1e-2 away).
+    #    OSD amplifies the reduction's round-off the most, to 2e-2: README, B's Adam normalises round-off into a
+    #    full-size step at the stationary point the SVD starts it from.
     runs = layouts.get((tp, dp))["invariance"]
     replicated, distributed = runs[:len(EVERY_RULE)], runs[len(EVERY_RULE):]
     for sc, ref, rep, res in zip(EVERY_RULE, one_process, replicated, distributed):
@@ -165,7 +167,8 @@ def test_distributed_optimizer_is_invariant_to_tp_and_dp(layouts, one_process, t
         print(f"\n{label}: TP={tp} x DP={dp}, max |dW|: distributed vs replicated {own:.1e}, "
               f"replicated vs one process {data_parallel:.1e}, distributed vs one process {ours:.1e}")
         assert own <= 1e-6, label
-        assert ours < (2e-5 if sc["preset"] != "osd" else max(2e-5, 1.01 * data_parallel + 1e-6)), label
+        assert ours <= max(2e-5, 1.01 * data_parallel + 1e-6), label
+        assert data_parallel < 1e-4 or sc["preset"] == "osd", label
         _assert_split_over_dp(res["bytes"], ref["bytes"][0], tp, dp, label)
 
 
@@ -215,9 +218,10 @@ def _same_state(saved: dict, loaded: dict) -> bool:
 
 def test_torch_dist_checkpoints_reshard_over_tp_and_dp(layouts, one_process):
     # Saved after 3 steps at one TP x DP, loaded at another: every matrix's state (bases, moments, norms, fp32
-    # masters; at its TP=1 layout) comes back bit for bit, and the continued run (a refresh at step 4) ends
-    # within 2e-5 of the uninterrupted one-process run (fp32). TP 2->1 with DP 2->1 and 2->3 with the
-    # distributed optimizer; TP 1->2 with DP 1->2 without it (SARA replicated over DP, DP rank 0 writes).
+    # masters; at its TP=1 layout) comes back bit for bit, and the continued run (a refresh at step 4) ends as
+    # close to the uninterrupted one-process run (fp32) as the uninterrupted run at the saving layout does (2e-5
+    # at least). TP 2->1 with DP 2->1 and 2->3 with the distributed optimizer; TP 1->2 with DP 1->2 without it
+    # (SARA replicated over DP, DP rank 0 writes).
     moves = [((2, 2), (1, 1), "1x1 from 2x2", True), ((2, 2), (1, 3), (1, 3), True), ((1, 1), (2, 2), (2, 2), False)]
     for (stp, sdp), (tp, dp), layout, distributed in moves:
         before = layouts.get((stp, sdp))["saved"]
@@ -228,7 +232,9 @@ def test_torch_dist_checkpoints_reshard_over_tp_and_dp(layouts, one_process):
             assert _same_state(b["sara"], res["sara"]), label
             assert len(res["sara"]) == 8, label
             if ref is not None:
-                worst = max((res["weights"][n] - w).abs().max().item() for n, w in one_process[ref]["weights"].items())
+                worst = _max_diff(res, one_process[ref])
+                straight = 0.0 if (stp, sdp) == (1, 1) else _max_diff(
+                    layouts.get((stp, sdp))["invariance"][len(EVERY_RULE) + ref], one_process[ref])
                 print(f"\n{label}{'' if distributed else ' (no distributed optimizer)'}: state exact, "
-                      f"max |dW| vs one process {worst:.1e}")
-                assert worst < 2e-5, label
+                      f"max |dW| vs one process {worst:.1e} (uninterrupted at TP={stp} x DP={sdp}: {straight:.1e})")
+                assert worst <= max(2e-5, 1.01 * straight + 1e-6), label

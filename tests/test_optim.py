@@ -119,7 +119,7 @@ def test_rank_above_min_dim_is_clamped_with_one_warning_per_matrix():
             opt.step()
     messages = [str(c.message) for c in caught if "exceeds min(m, n)" in str(c.message)]
     assert len(messages) == 1 and "rank=7" in messages[0]
-    assert opt.state[w]["basis"].shape == (5, 5)
+    assert opt.state_of(w)["basis"].shape == (5, 5)
 
 
 def test_zero_and_rank_deficient_gradients_do_not_poison_state():
@@ -131,7 +131,7 @@ def test_zero_and_rank_deficient_gradients_do_not_poison_state():
     assert torch.equal(w.detach(), before)
     w.grad = torch.outer(torch.randn(10), torch.randn(14))  # rank 1 < r = 4
     opt.step()
-    st = opt.state[w]
+    st = opt.state_of(w)
     assert all(torch.isfinite(t).all() for k, t in st.items() if isinstance(t, torch.Tensor) and k != "fira_norm")
     assert torch.allclose(st["basis"].T @ st["basis"], torch.eye(4), atol=1e-5)
 
@@ -214,10 +214,10 @@ def test_nonfinite_gradient_before_any_basis():
     opt = sara_ds.SaraAdamW([dict(params=[w], rank=2)])
     w.grad = torch.full((6, 9), float("nan"))
     opt.step()
-    assert torch.equal(w.detach(), before) and not opt.state[w] and opt.refresh_counts()["skipped_steps"] == 1
+    assert torch.equal(w.detach(), before) and not opt.state_of(w) and opt.refresh_counts()["skipped_steps"] == 1
     w.grad = torch.randn(6, 9)
     opt.step()
-    assert opt.state[w]["basis"].shape == (6, 2) and opt.refresh_counts() == {"refreshes": 1, "skipped_steps": 1}
+    assert opt.state_of(w)["basis"].shape == (6, 2) and opt.refresh_counts() == {"refreshes": 1, "skipped_steps": 1}
 
 
 LOW_PRECISION = [(torch.bfloat16, cls, p) for cls in CLASSES for p in sorted(sara_ds.PRESETS)]
@@ -264,8 +264,8 @@ def test_one_d_and_conv_parameters_in_a_projected_group():
     opt = sara_ds.SaraAdamW([dict(params=list(conv.parameters()), rank=4)], lr=1e-2)
     conv(torch.randn(2, 3, 8, 8)).square().mean().backward()
     opt.step()
-    assert opt.state[conv.weight]["basis"].shape == (8, 4)  # (8, 27) projected on its 8-row side
-    assert "basis" not in opt.state[conv.bias]
+    assert opt.state_of(conv.weight)["basis"].shape == (8, 4)  # (8, 27) projected on its 8-row side
+    assert "basis" not in opt.state_of(conv.bias)
 
 
 def test_param_groups_follow_the_paper_rule_and_overrides():
@@ -290,7 +290,7 @@ def test_subspace_overlap_is_reported_per_matrix(shapes_net):
     assert len(overlaps) == 3
     for w, name in ((model.attn_square.weight, "param3"), (model.mlp_tall.weight, "param4"),
                     (model.mlp_wide.weight, "param5")):  # the value is ||B_old^T B_new||_F^2 / r of the last refresh
-        st = opt.state[w]
+        st = opt.state_of(w)
         assert st["refreshes"] == 2
     # recompute it from the bases the optimizer holds: keep a copy of the old basis, refresh once more
     old = {i: st["basis"].clone() for i, st in opt.matrix_states()}
@@ -380,13 +380,38 @@ def _full_rank_run(foreach, n_tensors=6, dtype=torch.float32, steps=4, skip_one_
     return [matrix.detach().clone()] + [v.detach().clone() for v in vectors], opt
 
 
+def _per_tensor_adamw(dtype, n_tensors=6, steps=4, skip_one_at=None, lr=1e-2, weight_decay=0.1):
+    """``_full_rank_run``'s vectors stepped one tensor at a time with the single-tensor rule
+    (``updates.adamw_direction``), the step and the decoupled decay written out: the reference for the list kernels."""
+    torch.manual_seed(0)
+    torch.randn(24, 32, dtype=dtype)  # the matrix's draw
+    vectors = [torch.randn(32 + i, dtype=dtype) * 0.1 for i in range(n_tensors)]
+    states = [dict(exp_avg=torch.zeros(v.shape), exp_avg_sq=torch.zeros(v.shape), step=0) for v in vectors]
+    hp = dict(betas=(0.9, 0.999), eps=1e-6, correct_bias=True)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        torch.randn((24, 32), generator=g)
+        for i, (v, st) in enumerate(zip(vectors, states)):
+            grad = None if (step == skip_one_at and i == 0) else torch.randn(v.shape, generator=g).to(dtype)
+            if grad is None:
+                continue
+            st["step"] += 1
+            direction, step_scale = sara_ds.updates.adamw_direction(grad.float(), st, hp, st["step"])
+            v.add_(direction.to(dtype), alpha=-lr * step_scale)
+            v.add_(v, alpha=-lr * weight_decay)
+    return vectors
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("skip_one_at", [None, 1])
-def test_the_foreach_full_rank_adamw_step_is_the_per_tensor_step(dtype, skip_one_at):
-    fast, opt = _full_rank_run(True, dtype=dtype, skip_one_at=skip_one_at)
-    slow, _ = _full_rank_run(False, dtype=dtype, skip_one_at=skip_one_at)
-    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
-    steps = sorted(st["step"] for p, st in opt.state.items() if p.dim() == 1)
+@pytest.mark.parametrize("foreach", [True, False])
+def test_the_full_rank_adamw_step_is_the_per_tensor_rule_bit_for_bit(dtype, skip_one_at, foreach):
+    """Full-rank tensors go through torch's foreach kernels in lists of one step count; each must move as the
+    single-tensor rule moves it, bit for bit (a tensor that missed a step is in another list)."""
+    fast, opt = _full_rank_run(foreach, dtype=dtype, skip_one_at=skip_one_at)
+    reference = _per_tensor_adamw(dtype, skip_one_at=skip_one_at)
+    assert all(torch.equal(a, b) for a, b in zip(fast[1:], reference))
+    steps = sorted(st["step"] for i, st in opt.state.items() if len(opt.matrices[i].shape) == 1)
     assert steps == ([3] + [4] * 5 if skip_one_at is not None else [4] * 6)
 
 
@@ -427,15 +452,15 @@ def test_the_full_rank_step_dispatches_per_group_not_per_tensor():
 
     def ops_of_an_ordinary_step(n, foreach):
         _, opt = _full_rank_run(foreach, n_tensors=n, steps=3)  # refreshes at 0 and 2; step 3 is ordinary
-        for p in opt.state:
-            p.grad = torch.ones_like(p)
+        for m in opt.matrices:
+            m.param.grad = torch.ones_like(m.param)
         CountOps.ops = 0
         with CountOps():
             opt.step()
         return CountOps.ops
 
-    assert ops_of_an_ordinary_step(32, True) <= 1.5 * ops_of_an_ordinary_step(4, True)
-    assert ops_of_an_ordinary_step(32, False) > 3 * ops_of_an_ordinary_step(4, False)  # the per-tensor loop
+    for foreach in (True, False):  # full-rank tensors always go through the list kernels; foreach banks matrices
+        assert ops_of_an_ordinary_step(32, foreach) <= 1.5 * ops_of_an_ordinary_step(4, foreach)
 
 
 def test_state_size_from_shapes_equals_the_state_built():

@@ -25,20 +25,32 @@ FIRA = {"fira", "sara_fira", "grassjump", "grasswalk"}
 
 
 def ordinary_step_wire(sc, tp, r=4):
-    """What one TP rank puts on the wire in an ordinary (non-refresh) step, from the algorithms:
-    one 4-byte flag for the whole step, then per matrix (both have the unsharded side n = HIDDEN):
-    Adafactor's row-mean factor (the column count, the r row sums, the update's RMS), Fira's residual
-    norm, and OSD's basis gradient (its input norm, then the n x r gradient). AdamW and Adam-mini: nothing."""
+    """What one TP rank puts on the wire in an ordinary (non-refresh) step, from the algorithms: one 4-byte flag
+    for the whole step, then per matrix.
+
+    Both matrices of the default model have their basis on the unsplit side n = HIDDEN: Adafactor's row-mean
+    factor (the column count, the r row sums, the update's RMS), Fira's residual norm, and OSD's basis gradient
+    (its input norm, then the n x r gradient) cross the group; AdamW and Adam-mini send nothing.
+
+    With square matrices (``ffn`` = HIDDEN) one process puts both bases on the right, which for the row-parallel
+    one is its split axis: its R (r x HIDDEN) is summed over the group every step, after which its statistics are
+    whole; Fira still sums its residual's norm, and OSD sums its input norm and B^T A and gathers the rows of its
+    basis gradient."""
     if tp == 1:
         return []
-    per_matrix = []
+    whole_axis = []
     if sc.get("optimizer") == "SaraAdafactor":
-        per_matrix += [("all_reduce", 4), ("all_reduce", 4 * r), ("all_reduce", 4)]
+        whole_axis += [("all_reduce", 4), ("all_reduce", 4 * r), ("all_reduce", 4)]
     if sc["preset"] in FIRA:
-        per_matrix += [("all_reduce", 4)]
+        whole_axis += [("all_reduce", 4)]
     if sc["preset"] == "osd":
-        per_matrix += [("all_reduce", 4), ("all_reduce", 4 * HIDDEN * r)]
-    return [("all_reduce", 4)] + per_matrix * 2
+        whole_axis += [("all_reduce", 4), ("all_reduce", 4 * HIDDEN * r)]
+    if sc.get("ffn") != HIDDEN or sc.get("tp_side") == "unsplit":
+        return [("all_reduce", 4)] + whole_axis * 2
+    split_axis = [("all_reduce", 4 * r * HIDDEN)] + ([("all_reduce", 4)] if sc["preset"] in FIRA else [])
+    if sc["preset"] == "osd":
+        split_axis += [("all_reduce", 4), ("all_reduce", 4 * r * HIDDEN), ("all_gather", 4 * HIDDEN // tp * r)]
+    return [("all_reduce", 4)] + whole_axis + split_axis
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -51,11 +63,15 @@ def test_tp_equals_one_dense_process_for_every_rule(tp):
     scenarios += [dict(preset=p, optimizer=o) for o in ("SaraAdafactor", "SaraAdamMini") for p in ("sara", "sara_fira")]
     # a NaN on one TP rank's shard only: every rank skips the whole step
     scenarios += [dict(preset="sara", nan_step=3), dict(preset="sara_fira", optimizer="SaraAdafactor", nan_step=2)]
+    # square matrices (as LLaMA's attention projections): one process's side is the row-parallel one's split axis
+    scenarios += [dict(preset=p, ffn=HIDDEN) for p in sorted(sara_ds.PRESETS)]
+    scenarios += [dict(preset="sara", ffn=HIDDEN, optimizer=o) for o in ("SaraAdafactor", "SaraAdamMini")]
     results = run_scenarios(tp, scenarios, worker="tp_worker.py")
     print(f"\nTP={tp} (megatron-core parallel layers, gloo), 7 steps, refreshes at 0, 2, 4, 6:")
     for sc, res in zip(scenarios, results):
         diff = _max_diff(res, dense_reference(sc))
-        name = f"{sc.get('optimizer', 'SaraAdamW')}/{sc['preset']}/{sc.get('mode', 'tsqr')}"
+        name = f"{sc.get('optimizer', 'SaraAdamW')}/{sc['preset']}/{sc.get('mode', 'tsqr')}" + (
+            "/square" if sc.get("ffn") == HIDDEN else "")
         print(f"  {name:<32} max|TP - dense| = {diff:.2e}")
         assert diff < LIMITS.get(sc["preset"], 1e-6), name
         if tp == 1:  # a TP group of one is the dense process, bit for bit
@@ -73,6 +89,25 @@ def test_tp_equals_one_dense_process_for_every_rule(tp):
                 assert wire == ([("all_reduce", 4)] * 2 if tp > 1 else []), (name, step, wire)
             elif step not in refresh_steps and "nan_step" not in sc:
                 assert wire == ordinary_step_wire(sc, tp), (name, step, wire)
+
+
+def test_the_communication_free_side_is_an_opt_in_that_changes_square_matrices():
+    """tp_side='unsplit' puts every basis on the whole axis: no per-step collective besides the flag and the
+    statistics, and the same algorithm as one process where the two sides agree (the default model), but
+    another one for a square row-parallel matrix, whose one-process basis is on its split axis."""
+    scenarios = [dict(preset="sara", tp_side="unsplit"), dict(preset="sara", tp_side="unsplit", ffn=HIDDEN),
+                 dict(preset="sara", ffn=HIDDEN)]
+    unsplit, unsplit_square, same_square = run_scenarios(2, scenarios, worker="tp_worker.py")
+    agree = _max_diff(unsplit, dense_reference(scenarios[0]))
+    differs = _max_diff(unsplit_square, dense_reference(scenarios[1]))
+    same = _max_diff(same_square, dense_reference(scenarios[2]))
+    print(f"\nTP=2, max|TP - dense|: unsplit side, sides agree {agree:.1e}; square, unsplit {differs:.1e}, "
+          f"same side {same:.1e}")
+    assert agree < 1e-6 and same < 1e-6
+    assert differs > 1e-3  # a different subspace for the row-parallel matrix: not round-off
+    for step in (1, 3, 5):
+        assert unsplit_square["step_wire"][step] == ordinary_step_wire(scenarios[1], 2)
+        assert same_square["step_wire"][step] == ordinary_step_wire(scenarios[2], 2)
 
 
 def test_tp_banks_equal_the_per_matrix_path_and_reduce_once_per_bank():

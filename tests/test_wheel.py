@@ -71,7 +71,7 @@ def test_the_wheel_holds_the_optimizers_only_and_installs_into_a_clean_venv(tmp_
     harness = [n for n in names if re.search(r"bench|llama|corpus|/data/|tokenizer|\.gz$|cli\.py|__main__", n)]
     assert not harness, harness
     assert {"sara_ds/__init__.py", "sara_ds/optim.py", "sara_ds/integrations/deepspeed.py",
-            "sara_ds/sharding/zero.py", "sara_ds/sharding/placement.py", "sara_ds/spectral.py",
+            "sara_ds/sharding/zero.py", "sara_ds/layout.py", "sara_ds/functional.py", "sara_ds/spectral.py",
             "sara_ds/banks.py"} <= set(names)
     assert not entry_points, "the optimizer wheel ships no console script (the benchmark is sara-bench, in harness/)"
 

@@ -23,12 +23,13 @@ def batch(step):
     return torch.randn(TOKENS, HIDDEN, generator=g), torch.randn(TOKENS, HIDDEN, generator=g)
 
 
-def master_weights(seed=0, blocks=1):
-    """What megatron's CPU initialisation draws for the layers (column, row per block), before splitting."""
+def master_weights(seed=0, blocks=1, ffn=FFN):
+    """What megatron's CPU initialisation draws for the layers (column, row per block), before splitting. ``ffn``:
+    the column-parallel layer's width (HIDDEN: square matrices, whose basis goes on the split axis of one of them)."""
     torch.manual_seed(seed)
     weights = []
     for _ in range(blocks):
-        for shape in ((FFN, HIDDEN), (HIDDEN, FFN)):
+        for shape in ((ffn, HIDDEN), (HIDDEN, ffn)):
             w = torch.empty(shape)
             torch.nn.init.normal_(w, std=0.2)
             weights.append(w)
@@ -48,14 +49,14 @@ def _groups(params, sc):
 
 def _opt_kwargs(sc):
     kw = dict(lr=0.02, seed=3, preset=sc["preset"], tp_spectrum=sc.get("mode", "tsqr"), foreach=sc.get("foreach"),
-              finite_flag=sc.get("finite_flag"))
+              finite_flag=sc.get("finite_flag"), tp_side=sc.get("tp_side", "same"))
     if sc["preset"] == "osd":
         kw["osd_lr"] = 0.01
     return kw
 
 
 def dense_reference(sc, steps=7):
-    weights = [torch.nn.Parameter(w) for w in master_weights(blocks=sc.get("blocks", 1))]
+    weights = [torch.nn.Parameter(w) for w in master_weights(blocks=sc.get("blocks", 1), ffn=sc.get("ffn", FFN))]
     opt = sara_ds.OPTIMIZERS[sc.get("optimizer", "SaraAdamW")](_groups(weights, sc), **_opt_kwargs(sc))
     for step in range(steps):
         if step == sc.get("nan_step") and sc.get("finite_flag") != "device":
@@ -81,9 +82,9 @@ def run(sc, counter, steps=7):
     torch.manual_seed(0)
     layers = []
     for _ in range(sc.get("blocks", 1)):
-        layers.append(ColumnParallelLinear(HIDDEN, FFN, config=cfg, init_method=init, bias=False,
+        layers.append(ColumnParallelLinear(HIDDEN, sc.get("ffn", FFN), config=cfg, init_method=init, bias=False,
                                            gather_output=False))
-        layers.append(RowParallelLinear(FFN, HIDDEN, config=cfg, init_method=init, bias=False,
+        layers.append(RowParallelLinear(sc.get("ffn", FFN), HIDDEN, config=cfg, init_method=init, bias=False,
                                         input_is_parallel=True, skip_bias_add=False))
     col = layers[0]
     group = parallel_state.get_tensor_model_parallel_group()
@@ -113,7 +114,7 @@ def run(sc, counter, steps=7):
     sent = opt.tp_bytes_sent()
     assert not any(k.startswith("_sara") for k in col.weight.__dict__), "optimizer bookkeeping leaked onto a parameter"
     return {**weights, "bases": bases, "bytes_sent": sent, "counts": opt.refresh_counts(), "step_wire": step_wire,
-            "step_reads": step_reads, "banks": len(opt.banks._by_members)}
+            "step_reads": step_reads, "banks": sum(size > 1 for size in opt.banks.sizes())}
 
 
 def _gather(t, group):

@@ -16,8 +16,21 @@ DeepSpeed has no optimizer registry: an unknown ``type`` is resolved with
   * adds the class to DeepSpeed's ZeRO allow-list, so no
     ``zero_allow_untested_optimizer`` is needed.
 
-Under ZeRO-1/2/3 the optimizer maps DeepSpeed's flat partitions back to matrices
-itself (``sara_ds.sharding.zero``); nothing in DeepSpeed is patched for that.
+Under ZeRO-1/2/3 the factory hands the optimizer a ``DeepSpeedLayout``, which maps
+DeepSpeed's flat partitions back to matrices (``sara_ds.sharding.zero``) through
+DeepSpeed's own links; nothing in DeepSpeed is patched for that.
+
+DeepSpeed offers no public way to what sara_ds needs here, so this module reads these of
+its names (checked with DeepSpeed 0.19.8; ``tests/test_deepspeed*.py`` run each):
+
+  * the calling ``DeepSpeedEngine`` on the call stack (``_calling_engine``): the config route
+    builds the optimizer inside ``deepspeed.initialize`` with no reference to the engine;
+  * ``engine._config.bfloat16_config.check_grad_overflow``;
+  * a ZeRO-1/2 parameter's ``_hp_mapping`` (``lp_fragment_address``, ``hp_fragment_address``,
+    ``hp_fragment``) and ``_dp_group``: where its piece of this rank's flat partition lies;
+  * a ZeRO-3 parameter's ``ds_shape``, ``ds_id``, ``ds_tensor``, ``ds_process_group`` and
+    ``partition_numel()``, and the sub-group partition's ``ds_id`` ("<first>_<last>");
+  * ``deepspeed.runtime.zero.utils.ZERO_SUPPORTED_OPTIMIZERS`` (the ZeRO allow-list).
 """
 from __future__ import annotations
 
@@ -29,10 +42,13 @@ import time
 
 import torch
 
-from .. import groups as _groups
+import torch.distributed as dist
+
+from .. import groups
 from ..config import SUBSPACE_OPTIONS
 from ..optim import OPTIMIZERS
-from ..sharding import tensor_parallel
+from ..sharding import zero
+from ..sharding.tensor_parallel import TensorParallelLayout, split_axis_of_marked
 from . import deepspeed_universal
 
 SELECTION_KEYS = {"rank", "update_proj_gap", "scale", "proj_type", "include", "exclude"}
@@ -41,11 +57,12 @@ SELECTION_KEYS = {"rank", "update_proj_gap", "scale", "proj_type", "include", "e
 def _constructor_keys(cls) -> set:
     """The base's own arguments and the subspace options (``SubspaceOptions``)."""
     return {name for name, p in inspect.signature(cls.__init__).parameters.items()
-            if name not in ("self", "params", "tp_group") and p.kind is not p.VAR_KEYWORD} | set(SUBSPACE_OPTIONS)
+            if name not in ("self", "params", "tp_group", "layout") and p.kind is not p.VAR_KEYWORD} | set(SUBSPACE_OPTIONS)
 
 
 def _calling_engine():
-    """The DeepSpeedEngine that is configuring its optimizer, found on the call stack (or None)."""
+    """The DeepSpeedEngine that is configuring its optimizer, found on the call stack (or None): DeepSpeed builds a
+    config-named optimizer in ``DeepSpeedEngine._configure_basic_optimizer`` with the parameters alone."""
     frame = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
@@ -112,22 +129,22 @@ def tensor_parallel_group(engine):
     return None
 
 
-def _refuse_tp_weights_without_group(groups, tp_group, engine) -> None:
+def _refuse_tp_weights_without_group(param_groups, tp_group, engine) -> None:
     """A TP-split weight without a TP group would get a per-shard subspace: another algorithm, silently."""
     if tp_group is not None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     if torch.distributed.get_world_size() == 1:
         return
     names = {id(p): n for n, p in engine.module.named_parameters()} if engine is not None else {}
-    for group in groups:
+    for group in param_groups:
         if "rank" not in group:
             continue
         for i, p in enumerate(group["params"]):
-            if tensor_parallel.is_tp_sharded(p):
+            if split_axis_of_marked(p) is not None:
                 name = names.get(id(p), f"parameter {i} of the projected group")
                 raise ValueError(
                     f"sara_ds: {name} is a tensor-parallel shard (tensor_model_parallel=True, split on dim "
-                    f"{tensor_parallel.partition_dim(p)}), but the DeepSpeed engine has no tensor-parallel group, so "
+                    f"{split_axis_of_marked(p)}), but the DeepSpeed engine has no tensor-parallel group, so "
                     "its subspace would be computed from this shard alone. Pass the group: "
                     "deepspeed.initialize(..., mpu=sara_ds.integrations.deepspeed.MegatronCoreMPU()) for megatron-core "
                     "layers (or your Megatron-DeepSpeed mpu), or \"tensor_parallel\": {\"autotp_size\": N} in the "
@@ -192,6 +209,126 @@ class MegatronCoreMPU:
         return self._ps.get_pipeline_model_parallel_rank()
 
 
+def deepspeed_shape(param) -> torch.Size:
+    """A parameter's own shape; under ZeRO-3 (``deepspeed.zero.Init``, or once an engine has partitioned it) the
+    tensor is an empty 1-D stub and the real shape is ``ds_shape``."""
+    return torch.Size(getattr(param, "ds_shape", param.shape))
+
+
+class DeepSpeedLayout(TensorParallelLayout):
+    """Where a DeepSpeed engine puts the optimizer's matrices: the parameters or their fp32 masters (ZeRO-0), a flat
+    fp32 partition per param group (ZeRO-1/2), or one per sub-group (ZeRO-3), each rank's piece of the group's
+    flattened parameters; TP-split weights over the engine's TP group (``mpu`` or AutoTP)."""
+
+    def __init__(self, tp_group=None, zero_stage: int | None = None):
+        super().__init__(tp_group)
+        self.zero_stage = zero_stage
+        self.partitions: dict = {}  # id(flat partition) -> zero.Partition
+        self.loads = None           # ZeRO-3: optimizer state each DP rank steps so far, across sub-groups
+
+    def shape_of(self, param) -> torch.Size:
+        return deepspeed_shape(param)
+
+    def slots(self, group: dict, members: list) -> list:
+        params = group["params"]
+        if not self._flat(params):
+            return super().slots(group, members)
+        out = []
+        for flat in params:
+            partition = self.partition(flat, members)
+            if flat.grad is not None:
+                out += zero.partition_slots(flat, partition, self.matrices, lambda i: self.context(i, group))
+        return out
+
+    def partition(self, flat, members: list) -> zero.Partition:
+        """This rank's piece of a flat partition, with its straddlers' steppers (built once per partition)."""
+        partition = self.partitions.get(id(flat))
+        if partition is None:
+            if isinstance(getattr(flat, "ds_id", None), str):
+                partition = self._zero3_partition(flat, members)
+                self.loads = self.loads or [0] * dist.get_world_size(partition.group)
+                partition.steppers = zero.choose_zero3_steppers(partition, self.matrices, self.loads)
+            else:
+                partition = self._zero12_partition(flat, members)
+                partition.steppers = zero.choose_steppers(partition, self.matrices)
+            self.partitions[id(flat)] = partition
+        return partition
+
+    def _flat(self, params) -> bool:
+        return all(p.dim() == 1 for p in params) and any(id(p) not in self._index_of for p in params) and (
+            any(isinstance(getattr(p, "ds_id", None), str) for p in params)
+            or any(hasattr(m.param, "_hp_mapping") for m in self.matrices))
+
+    def _zero12_partition(self, flat, members: list) -> zero.Partition:
+        """Each parameter's piece of this rank's flat partition, from the ``_hp_mapping`` DeepSpeed links it with
+        (the links behind ``deepspeed.utils.safe_get_full_grad``)."""
+        storage = flat.untyped_storage().data_ptr()
+        mine, group = [], None
+        for i in members:
+            q = self.matrices[i].param
+            group = getattr(q, "_dp_group", group)
+            hp = getattr(q, "_hp_mapping", None)
+            if hp is None or hp.hp_fragment.untyped_storage().data_ptr() != storage:
+                continue
+            mine.append(zero.Fragment(i, hp.lp_fragment_address.start, hp.lp_fragment_address.numel,
+                                      hp.hp_fragment_address.start))
+        mine.sort(key=lambda f: f.hp_start)
+        split = {i for i in members if self.split_axis_of(self.matrices[i].param) is not None}
+        zero.check_same_ownership_across_tp(mine, split, self.tp_group)
+        return zero.Partition(mine, zero.exchange_owners(mine, group), group, dist.get_rank(group))
+
+    def _zero3_partition(self, flat, members: list) -> zero.Partition:
+        """A ZeRO-3 sub-group's parameters are a run of the group's trainable ones, from the ``ds_id`` its fp32
+        partition names first to the one it names last; each holds ``partition_numel()`` elements of it, padding
+        included."""
+        first, last = (int(x) for x in flat.ds_id.split("_"))
+        trainable = [i for i in members if self.matrices[i].param.requires_grad and self.matrices[i].shape.numel()]
+        ids = [self.matrices[i].param.ds_id for i in trainable]
+        if first not in ids or last not in ids:
+            raise RuntimeError(f"sara_ds: ZeRO-3 sub-group {flat.ds_id!r} names parameters (ds_id {first} to {last}) "
+                               "that are not in the param group this optimizer was built with")
+        run = trainable[ids.index(first):ids.index(last) + 1]
+        group = self.matrices[run[0]].param.ds_process_group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        mine, owners, offset = [], {}, 0
+        for i in run:
+            piece, numel = self.matrices[i].param.partition_numel(), self.matrices[i].shape.numel()
+            owners[i] = [(r, r * piece, zero.zero3_piece(numel, world, r)) for r in range(world)
+                         if zero.zero3_piece(numel, world, r)]
+            if zero.zero3_piece(numel, world, rank):
+                mine.append(zero.Fragment(i, rank * piece, zero.zero3_piece(numel, world, rank), offset))
+            offset += piece
+        if offset != flat.numel():
+            raise RuntimeError(f"sara_ds: ZeRO-3 sub-group {flat.ds_id!r} holds {flat.numel()} elements on this rank, "
+                               f"but its parameters' pieces add up to {offset}: DeepSpeed's stage-3 layout is not the "
+                               "one sara_ds knows (deepspeed/runtime/zero/stage3.py)")
+        return zero.Partition(mine, owners, group, rank, zero3=True)
+
+    def step_groups(self) -> list:
+        groups = super().step_groups() + [p.group for p in self.partitions.values()]
+        unique = {id(g): g for g in groups}  # None (the default group) is one group too
+        return [g for g in unique.values() if dist.is_initialized() and dist.get_world_size(g) > 1]
+
+    def finish(self) -> None:
+        for partition in self.partitions.values():
+            partition.finish()
+
+    def reset(self) -> None:
+        self.partitions.clear()
+        self.loads = None
+
+    def owns(self, index: int):
+        for partition in self.partitions.values():
+            if any(f.index == index for f in partition.fragments):
+                return partition.steps(index)
+            if index in partition.owners:
+                return False
+        return True if not self.partitions and self.zero_stage in (0, None) else None
+
+    def bytes_sent(self) -> dict:
+        return dict(super().bytes_sent(), exchange=sum(p.bytes_sent for p in self.partitions.values()))
+
+
 def _build_groups(model_parameters, selection: dict, engine):
     params = list(model_parameters) if model_parameters is not None else None
     if params and isinstance(params[0], dict):
@@ -206,10 +343,11 @@ def _build_groups(model_parameters, selection: dict, engine):
             "sara_ds: cannot see the model's parameter names, so the projected layers cannot be chosen. "
             "Pass model_parameters=sara_ds.param_groups(model, rank=...) to deepspeed.initialize."
         )
-    include = selection.pop("include", _groups.PAPER_INCLUDE)
+    include = selection.pop("include", groups.PAPER_INCLUDE)
     exclude = selection.pop("exclude", ())
     rank = selection.pop("rank", 128)
-    return _groups.param_groups(engine.module, rank=rank, include=include, exclude=exclude, only=params, **selection)
+    return groups.param_groups(engine.module, rank=rank, include=include, exclude=exclude, only=params,
+                               shape_of=deepspeed_shape, **selection)
 
 
 def _factory(cls):
@@ -233,9 +371,10 @@ def _factory(cls):
                     "matrix's refresh is a collective of its TP shards' steppers, which ZeRO-3's ownership does not "
                     "line up. Use stage 1 or 2 with tensor parallelism.")
         selection = {k: params.pop(k) for k in list(params) if k in SELECTION_KEYS}
-        groups = _build_groups(model_parameters, selection, engine)
-        _refuse_tp_weights_without_group(groups, tp_group, engine)
-        optimizer = cls(groups, tp_group=tp_group, **params)
+        param_groups = _build_groups(model_parameters, selection, engine)
+        _refuse_tp_weights_without_group(param_groups, tp_group, engine)
+        stage = engine.zero_optimization_stage() if engine is not None else None
+        optimizer = cls(param_groups, layout=DeepSpeedLayout(tp_group, stage), **params)
         if engine is not None and engine.load_universal_checkpoint():
             deepspeed_universal.guard_until_loaded(engine, optimizer)
         _allow_under_zero(cls)

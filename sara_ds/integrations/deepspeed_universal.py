@@ -1,57 +1,59 @@
-"""Resuming a DeepSpeed ZeRO-1/2/3 run at another data-parallel size: DeepSpeed's universal checkpoint, with
-sara_ds's state carried beside it.
+"""Resuming a DeepSpeed ZeRO-1/2/3 run at another data-parallel size: DeepSpeed's universal checkpoint, written from
+the checkpoint's files alone, with sara_ds's state carried beside it.
 
-DeepSpeed's flow for Adam is::
+    python -m sara_ds.ds_to_universal --input_folder ckpt/global_step6 --output_folder ckpt/u6
+    # then "checkpoint": {"load_universal": true} in the config, and engine.load_checkpoint("ckpt") (latest_universal)
 
-    python -m deepspeed.checkpoint.ds_to_universal --input_folder ckpt/global_step6 --output_folder ckpt/u6
-    # then "checkpoint": {"load_universal": true} in the config, and engine.load_checkpoint("ckpt", tag="u6")
+The universal layout is the contract, read by DeepSpeed's public loader: ``zero/<parameter>/fp32.pt`` (and one file
+per per-element optimizer state, ``{"param": tensor}``), ``zero/optimizer_state.pt`` (the global state) and the
+model states. DeepSpeed's own ``ds_to_universal`` writes it only for state keyed ``exp_avg`` / ``exp_avg_sq``, so
+it dies on sara_ds's per-matrix state and on any optimizer whose state is not Adam's (DeepSpeed issue #8608).
+``convert`` reads ``*_optim_states.pt`` and ``*model_states.pt`` with ``torch.load`` and writes the layout itself:
 
-Its conversion reads the literal keys ``exp_avg`` / ``exp_avg_sq`` of each flat partition's state, so it dies
-on sara_ds's (``state[flat] = {matrix id: {...}}``: low-rank moments, bases, refresh counters), and its loader
-only refills state shaped like the flat partition. sara_ds keeps the flow and the loading command:
-
-* ``python -m sara_ds.ds_to_universal`` (same arguments) runs DeepSpeed's own conversion for the fp32 weights
-  (``zero/<param>/fp32.pt``, TP merges included) and writes every matrix's sara_ds state once, to
-  ``sara_ds/optimizer_state.pt`` beside them. A straddler's copies (one per rank that held a piece of it) must
+* every parameter's fp32 weight, and every per-element optimizer state a flat partition holds (a tensor the size of
+  the partition: AdamW's moments, whatever their names), cut by position and joined in DP-rank order, so a stock
+  optimizer's checkpoint converts as well;
+* for a sara_ds optimizer, every matrix's state once, in ``sara_ds/optimizer_state.pt``. A straddler's copies must
   agree bit for bit, and every matrix the optimizer ever stepped must be there, or the conversion fails.
-* ``engine.load_checkpoint`` does the rest: the optimizer factory wraps the engine's method when
-  ``checkpoint.load_universal`` is on, so after DeepSpeed has put the fp32 weights into the new partitions
-  each rank takes the state of the matrices it now steps (``sharding.zero``). Matrix ids and the
-  refresh generator (seed, matrix id, step // gap) do not depend on the data-parallel size, so the resumed
-  run draws the same subspaces.
 
-At ZeRO-3 DeepSpeed's loader also reads ``exp_avg`` / ``exp_avg_sq`` files for every parameter, the ``step`` of
-the first sub-group's state, and copies the first param group's hyperparameters into every group. The converter
-writes zero-filled placeholders for the first two (sara_ds's state is in the sidecar), and the restore puts
-each group's own hyperparameters back and replaces the flat Adam keys DeepSpeed filled in with sara_ds's state.
+``engine.load_checkpoint`` does the rest: the optimizer factory wraps the engine's method when
+``checkpoint.load_universal`` is on, so after DeepSpeed has put the fp32 weights into the new partitions each rank
+takes the state of the matrices it now steps (``DeepSpeedLayout``). Matrix ids and the refresh generator (seed,
+matrix id, step // gap) do not depend on the data-parallel size, so the resumed run draws the same subspaces.
 
-An engine built with ``load_universal`` that steps before such a load would start every moment and basis
-afresh; its optimizer refuses to step until the load has run.
+At ZeRO-3 DeepSpeed's loader also reads ``exp_avg`` / ``exp_avg_sq`` files for every parameter, the ``step`` of the
+first sub-group's state, and copies the first param group's hyperparameters into every group. For sara_ds the
+converter writes zero-filled placeholders for the first two, and the restore puts each group's own
+hyperparameters back and replaces what DeepSpeed put into the optimizer's state with sara_ds's.
+
+An engine built with ``load_universal`` that steps before such a load would start every moment and basis afresh;
+its optimizer refuses to step until the load has run.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import glob
 import inspect
 import math
 import os
+import shutil
 
 import torch
 
+from ..optim import by_matrix_id
 from ..sharding.zero import zero3_piece
 
 SIDECAR = os.path.join("sara_ds", "optimizer_state.pt")
 _FORMAT = 1
-_FLAT_KEYS = ("exp_avg", "exp_avg_sq")  # the flat states DeepSpeed's merge writes besides fp32
+_FLAT_KEYS = ("exp_avg", "exp_avg_sq")  # what DeepSpeed's stage-3 loader reads for every parameter
 
 
 # ------------------------------------------------------------------------------------------ conversion
 
 
-def _is_sara_state(group_state) -> bool:
-    return isinstance(group_state, dict) and bool(group_state) and all(isinstance(k, int) for k in group_state)
+def _is_sara(optimizer_state: dict) -> bool:
+    return any("sara_group" in group for group in optimizer_state["param_groups"])
 
 
 def _equal(a, b) -> bool:
@@ -69,7 +71,7 @@ def _dp_rank(path: str) -> int:
     return int(os.path.basename(path).split("zero_pp_rank_")[1].split("_")[0])
 
 
-def _matrices_of(model_states: dict) -> tuple[dict, dict]:
+def matrices_of(model_states: dict) -> tuple[dict, dict]:
     """name -> matrix id, and matrix id -> full shape. Ids are positions in the optimizer's original parameter
     order, group by group (``SaraOptimizer``), which is the order of DeepSpeed's ``param_shapes``."""
     ids, shapes = {}, {}
@@ -159,7 +161,7 @@ def collect_state(input_folder: str) -> dict | None:
             f"sara_ds: {input_folder} has several model-parallel ranks (tensor or pipeline parallel); "
             "converting sara_ds state to a universal checkpoint is supported at TP = PP = 1. Resume at the same "
             "data-parallel size from the regular checkpoint.")
-    ids, shapes = _matrices_of(torch.load(models[0], map_location="cpu", weights_only=False))
+    ids, shapes = matrices_of(torch.load(models[0], map_location="cpu", weights_only=False))
     names = {i: name for name, i in ids.items()}
     copies, groups, stage = {}, None, None
     for path in files:
@@ -168,24 +170,22 @@ def collect_state(input_folder: str) -> dict | None:
         if stage == 3:
             inner = sd["optimizer_state_dict"]
             groups = inner["param_groups"]
-            for group_state in inner["state"].values():
-                for index, st in group_state.items() if _is_sara_state(group_state) else ():
-                    piece = zero3_piece(math.prod(shapes[index]), len(files), _dp_rank(path))
-                    copies.setdefault(index, []).append((st, piece, _dp_rank(path)))
+            for index, st in by_matrix_id(inner["state"]).items() if _is_sara(inner) else ():
+                piece = zero3_piece(math.prod(shapes[index]), len(files), _dp_rank(path))
+                copies.setdefault(index, []).append((st, piece, _dp_rank(path)))
             continue
         if "base_optimizer_state" not in sd:
             raise ValueError(f"sara_ds: {os.path.basename(path)} is a ZeRO stage {sd.get('zero_stage')} file; "
                              "sara_ds converts stages 1, 2 and 3")
         base_state = sd["base_optimizer_state"]
         groups = base_state["param_groups"]
-        for g, mappings in enumerate(sd["param_slice_mappings"]):
-            group_state = base_state["state"].get(g)
-            if not _is_sara_state(group_state):
-                continue
+        if not _is_sara(base_state):
+            continue
+        state = by_matrix_id(base_state["state"])
+        for mappings in sd["param_slice_mappings"]:
             for name, fragment in mappings.items():
-                index = ids[name]
-                if index in group_state:
-                    copies.setdefault(index, []).append((group_state[index], fragment.numel, _dp_rank(path)))
+                if ids[name] in state:
+                    copies.setdefault(ids[name], []).append((state[ids[name]], fragment.numel, _dp_rank(path)))
     if not copies:
         return None
     merge = _merge_zero3 if stage == 3 else _merge_copies
@@ -194,160 +194,159 @@ def collect_state(input_folder: str) -> dict | None:
             "zero_stage": stage, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]}
 
 
-_ORIGINAL = {}  # DeepSpeed's functions that _fp32_only_conversion stands in for
+def _fragments_zero12(files: list) -> dict:
+    """name -> {state key: [this rank's piece of it, in DP-rank order]}: the fp32 weight and every per-element
+    optimizer state (a tensor the size of its flat partition: AdamW's moments) of a ZeRO-1/2 checkpoint, cut by
+    ``param_slice_mappings``. A partition is one contiguous run of its group's flattened parameters, so a
+    parameter's pieces in DP-rank order are the parameter."""
+    pieces: dict = {}
+    for path in files:
+        sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        base = sd["base_optimizer_state"]
+        flat_state = {} if _is_sara(base) else base["state"]
+        for g, mappings in enumerate(sd["param_slice_mappings"]):
+            fp32 = sd["single_partition_of_fp32_groups"][g]
+            per_element = {k: v for k, v in flat_state.get(g, {}).items()
+                           if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() >= fp32.numel()}
+            for name, fragment in mappings.items():
+                mine = pieces.setdefault(name, {})
+                mine.setdefault("fp32", []).append(fp32.narrow(0, fragment.start, fragment.numel))
+                for key, value in per_element.items():
+                    mine.setdefault(key, []).append(value.narrow(0, fragment.start, fragment.numel))
+                if "step" in flat_state.get(g, {}):
+                    mine.setdefault("step", []).append(flat_state[g]["step"])
+    return pieces
 
 
-def _originals(d2u) -> dict:
-    if not _ORIGINAL:
-        _ORIGINAL.update(extract=d2u.extract_zero_shards, merge_shards=d2u._merge_zero_shards,
-                         merge_tp=d2u.merge_tp_slices, extract3=d2u.extract_zero_shards_stage3,
-                         merge3=d2u.merge_zero3_slices, save3=d2u._save_optimizer_state_stage3)
-    return _ORIGINAL
+def _fragments_zero3(files: list, param_shapes: list) -> dict:
+    """The same for ZeRO-3: each sub-group's fp32 partition (and per-element state) holds, for every parameter of
+    the sub-group in order, this rank's piece of ``ceil(numel / DP)`` elements, the last one padded."""
+    pieces: dict = {}
+    world = len(files)
+    for path in files:
+        rank = _dp_rank(path)
+        sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        inner = sd["optimizer_state_dict"]
+        for index, shapes in enumerate(param_shapes):
+            fp32 = sd["fp32_flat_groups"][index]
+            flat_state = {} if _is_sara(inner) else inner["state"].get(index, {})
+            per_element = {k: v for k, v in flat_state.items()
+                           if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == fp32.numel()}
+            offset = 0
+            for name, shape in shapes.items():
+                numel = math.prod(shape)
+                mine, held = pieces.setdefault(name, {}), zero3_piece(numel, world, rank)
+                for key, flat in (("fp32", fp32), *per_element.items()):
+                    mine.setdefault(key, []).append(flat.narrow(0, offset, held))
+                if "step" in flat_state:
+                    mine.setdefault("step", []).append(flat_state["step"])
+                offset += -(-numel // world)
+    return pieces
 
 
-def _extract_fp32_shards(dir, ds_checkpoint, indices_3D):
-    """``extract_zero_shards`` for the fp32 weights alone (DeepSpeed's also reads ``state["exp_avg"]``)."""
-    from deepspeed.checkpoint import ds_to_universal as d2u
-
-    pp_index, tp_index, dp_index = indices_3D
-    sd = ds_checkpoint.get_zero_checkpoint_state(pp_index=pp_index, tp_index=tp_index, dp_index=dp_index)
-    optim_sd = sd[d2u.OPTIMIZER_STATE_DICT]
-    fp32_groups = optim_sd[d2u.SINGLE_PARTITION_OF_FP32_GROUPS]
-    for group_id, mappings in enumerate(optim_sd[d2u.PARAM_SLICE_MAPPINGS]):
-        for name, fragment in mappings.items():
-            d2u.dump_param_fragment(dir, tp_index, dp_index, "fp32", fp32_groups[group_id], name, fragment.start,
-                                    fragment.numel)
-
-
-def _merge_fp32_shards(param_base_path, state, tp_degree, slice_shapes=None):
-    merge = _ORIGINAL["merge_shards"]
-    return merge(param_base_path, "fp32" if state in _FLAT_KEYS else state, tp_degree, slice_shapes)
-
-
-def _merge_fp32_tp_slices(uc_info, dir, slice_dir, tp_degree, name_and_shapes):
-    """``merge_tp_slices``, whose literal loop also merges ``exp_avg`` / ``exp_avg_sq``: it is handed the fp32
-    pieces for them (so its TP rules run unchanged) and their files are removed, since DeepSpeed's loader would
-    put them into the flat partition's state. It installs its stand-in itself, so a worker process started
-    without fork (which would not inherit the parent's replacements) merges the same way."""
-    from deepspeed.checkpoint import ds_to_universal as d2u
-
-    original = _originals(d2u)["merge_tp"]
-    d2u._merge_zero_shards = _merge_fp32_shards
-    unmatched = original(uc_info, dir, slice_dir, tp_degree, name_and_shapes)
-    for key in _FLAT_KEYS:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(dir, name_and_shapes[0], f"{key}.pt"))
-    return unmatched
+def _write_parameters(pieces: dict, shapes: dict, folder: str, placeholders: bool) -> None:
+    """``zero/<name>/<key>.pt`` for every parameter: the fp32 weight and each per-element state as
+    ``{"param": tensor shaped like the parameter}``, and its step as it was saved: the layout DeepSpeed's universal
+    loader reads. ``placeholders``: zero-filled ``exp_avg`` / ``exp_avg_sq``, which its stage-3 loader reads for
+    every parameter (sara_ds's own state is in the sidecar)."""
+    for name, by_key in pieces.items():
+        if name not in shapes:
+            raise RuntimeError(f"sara_ds: the optimizer files hold {name}, which the model states do not name")
+        shape = torch.Size(shapes[name])
+        out = os.path.join(folder, "zero", name)
+        os.makedirs(out, exist_ok=True)
+        for key, parts in by_key.items():
+            if key == "step":
+                if any(not _equal(p, parts[0]) for p in parts[1:]):
+                    raise RuntimeError(f"sara_ds: the pieces of {name} disagree on their step count: {parts}")
+                _atomic_save(parts[0], os.path.join(out, "step.pt"))
+                continue
+            full = torch.cat(parts)
+            if full.numel() != shape.numel():
+                raise RuntimeError(f"sara_ds: the pieces of {name}'s {key} hold {full.numel()} elements, its shape "
+                                   f"{tuple(shape)} has {shape.numel()}: the checkpoint is incomplete")
+            _atomic_save({"param": full.view(shape)}, os.path.join(out, f"{key}.pt"))
+            if key == "fp32" and placeholders:
+                for flat_key in _FLAT_KEYS:
+                    _atomic_save({"param": torch.zeros(shape)}, os.path.join(out, f"{flat_key}.pt"))
 
 
-def _extract_fp32_shards_stage3(optim_files_grid, param_shapes_grid, dp_degree, temp_dir, indices,
-                                exclude_param_names=None):
-    """``extract_zero_shards_stage3`` for the fp32 weights alone (DeepSpeed's also reads ``state[i]["exp_avg"]``)."""
-    from deepspeed.checkpoint import ds_to_universal as d2u
-
-    tp_index, dp_index = indices
-    optim_sd = torch.load(optim_files_grid[tp_index][dp_index], map_location="cpu",
-                          weights_only=False)[d2u.OPTIMIZER_STATE_DICT]
-    for idx, sub_group_shape in enumerate(param_shapes_grid[tp_index]):
-        fp32, offset = optim_sd["fp32_flat_groups"][idx], 0
-        for name, shape in sub_group_shape.items():
-            numel = d2u._shape_numel(shape)
-            piece = -(-numel // dp_degree)
-            if name not in (exclude_param_names or ()):
-                d2u.dump_param_fragment(temp_dir, tp_index, dp_index, "fp32", fp32, name, offset,
-                                        zero3_piece(numel, dp_degree, dp_index))
-            offset += piece
-
-
-def _merge_zero3_fp32(dp_degree, dir, slice_dir, name):
-    """``merge_zero3_slices`` for the fp32 weights; ``exp_avg`` / ``exp_avg_sq`` are zero-filled placeholders, which
-    DeepSpeed's stage-3 loader reads for every parameter (sara_ds's state is in the sidecar)."""
-    from deepspeed.checkpoint import ds_to_universal as d2u
-
-    fp32 = d2u._merge_zero_shards(os.path.join(slice_dir, name), "fp32", 1)[0]
-    d2u._save_checkpoint(os.path.join(dir, name, "fp32.pt"), fp32)
-    for key in _FLAT_KEYS:
-        d2u._save_checkpoint(os.path.join(dir, name, f"{key}.pt"), torch.zeros_like(fp32))
+def _global_state(first_file: str, stage: int) -> dict:
+    """``zero/optimizer_state.pt``: what the loader reads besides the parameters (loss scaler, clipping, the param
+    groups' hyperparameters; at stage 3 also the first sub-group's ``step``), without any rank's partitions."""
+    sd = torch.load(first_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    if stage == 3:
+        inner = sd.pop("optimizer_state_dict")
+        sd.pop("fp32_flat_groups", None)
+        first = inner["state"].get(0, {}) if not _is_sara(inner) else {}
+        sd["optimizer_state_dict"] = {"state": {0: {"step": first.get("step", 0)}},
+                                      "param_groups": inner["param_groups"]}
+        sd["param_groups"] = inner["param_groups"]
+        return sd
+    base = sd["base_optimizer_state"]
+    out = {k: v for k, v in sd.items()
+           if k not in ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups")}
+    out["param_groups"] = base["param_groups"]
+    return out
 
 
-def _save_stage3_global_state(args, optim_files):
-    """``zero/optimizer_state.pt`` without sara_ds's state (DeepSpeed's loader reads ``state[0]["step"]`` and the
-    param groups' hyperparameters from it; the restore puts every group's own back)."""
-    from deepspeed.checkpoint import ds_to_universal as d2u
-
-    sd = torch.load(optim_files[0], map_location="cpu", weights_only=False)[d2u.OPTIMIZER_STATE_DICT]
-    inner = sd[d2u.OPTIMIZER_STATE_DICT]
-    sd[d2u.OPTIMIZER_STATE_DICT] = {"state": {0: {"step": 0}}, "param_groups": inner["param_groups"]}
-    sd.pop("fp32_flat_groups", None)
-    sd[d2u.PARAM_GROUPS] = inner["param_groups"]
-    d2u._save_checkpoint(os.path.join(args.output_folder, "zero", "optimizer_state.pt"), sd)
+def _atomic_save(obj, path: str) -> None:
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
-@contextlib.contextmanager
-def _fp32_only_conversion():
-    """DeepSpeed's ZeRO-1/2 conversion with only the fp32 weights of each flat partition extracted and merged.
-    The stand-ins are module-level functions, so its worker processes can unpickle them."""
-    from deepspeed.checkpoint import ds_to_universal as d2u
-
-    original = _originals(d2u)
-    d2u.extract_zero_shards, d2u.merge_tp_slices = _extract_fp32_shards, _merge_fp32_tp_slices
-    d2u.extract_zero_shards_stage3, d2u.merge_zero3_slices = _extract_fp32_shards_stage3, _merge_zero3_fp32
-    d2u._save_optimizer_state_stage3 = _save_stage3_global_state
-    try:
-        yield d2u
-    finally:
-        d2u.extract_zero_shards, d2u._merge_zero_shards, d2u.merge_tp_slices = (original["extract"],
-                                                                                original["merge_shards"],
-                                                                                original["merge_tp"])
-        d2u.extract_zero_shards_stage3, d2u.merge_zero3_slices = original["extract3"], original["merge3"]
-        d2u._save_optimizer_state_stage3 = original["save3"]
-
-
-def convert(input_folder: str, output_folder: str, num_extract_workers: int = 4, num_merge_workers: int = 2,
-            keep_temp_folder: bool = False, strict: bool = True) -> dict:
-    """DeepSpeed's ``ds_to_universal`` for a checkpoint written with a sara_ds optimizer (see the module doc)."""
-    collected = collect_state(input_folder)
-    args = argparse.Namespace(input_folder=input_folder, output_folder=output_folder,
-                              num_extract_workers=num_extract_workers, num_merge_workers=num_merge_workers,
-                              keep_temp_folder=keep_temp_folder, strict=strict,
-                              inject_missing_state=True)  # only where the client state lacks it (TP = 1 here)
-    if collected is None:  # no sara_ds state: DeepSpeed's conversion as it is
-        from deepspeed.checkpoint import ds_to_universal as d2u
-
-        d2u.main(args)
-        return {"matrices": 0}
-    with _fp32_only_conversion() as d2u:
-        d2u.main(args)
-    leftovers = [p for key in _FLAT_KEYS for p in glob.glob(os.path.join(output_folder, "zero", "*", f"{key}.pt"))
-                 if collected["zero_stage"] != 3 or torch.load(p, weights_only=False).count_nonzero()]
-    if leftovers:
-        raise RuntimeError(f"sara_ds: the conversion left flat optimizer state that would be loaded as sara_ds state: "
-                           f"{leftovers[:3]}")
-    sidecar = os.path.join(output_folder, SIDECAR)
-    os.makedirs(os.path.dirname(sidecar), exist_ok=True)
-    torch.save(collected, sidecar + ".tmp")
-    os.replace(sidecar + ".tmp", sidecar)
-    projected = sum("basis" in st for st in collected["matrices"].values())
-    print(f"[sara_ds] wrote the state of {len(collected['matrices'])} parameters ({projected} projected; saved at "
-          f"DP={collected['dp_size']}) to {sidecar}")
-    return {"matrices": len(collected["matrices"]), "sidecar": sidecar}
+def convert(input_folder: str, output_folder: str) -> dict:
+    """A DeepSpeed ZeRO-1/2/3 checkpoint tag (``*_optim_states.pt``, ``*model_states.pt``) in DeepSpeed's universal
+    layout, read from the files alone: every parameter's fp32 weight and per-element optimizer state (by position,
+    so stock AdamW's moments as well), the global optimizer state, the model states, ``latest_universal`` beside
+    the output folder, and, for a sara_ds optimizer, every matrix's state once in ``sara_ds/optimizer_state.pt``."""
+    optim_files = sorted(glob.glob(os.path.join(input_folder, "*_optim_states.pt")), key=_dp_rank)
+    collected = collect_state(input_folder)  # checks the files, the model-parallel size and sara_ds's state
+    models = _model_files(input_folder)
+    stage = int(torch.load(optim_files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+                .get("zero_stage", 0))
+    model_states = torch.load(models[0], map_location="cpu", weights_only=False)
+    shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
+    if stage == 3:
+        pieces = _fragments_zero3(optim_files, model_states["param_shapes"])
+    else:
+        pieces = _fragments_zero12(optim_files)
+    _write_parameters(pieces, shapes, output_folder, placeholders=stage == 3 and collected is not None)
+    _atomic_save(_global_state(optim_files[0], stage), os.path.join(output_folder, "zero", "optimizer_state.pt"))
+    for path in models:
+        shutil.copy2(path, os.path.join(output_folder, os.path.basename(path)))
+    report = {"parameters": len(pieces), "matrices": 0, "zero_stage": stage}
+    if collected is not None:
+        sidecar = os.path.join(output_folder, SIDECAR)
+        os.makedirs(os.path.dirname(sidecar), exist_ok=True)
+        _atomic_save(collected, sidecar)
+        projected = sum("basis" in st for st in collected["matrices"].values())
+        print(f"[sara_ds] wrote the state of {len(collected['matrices'])} parameters ({projected} projected; saved "
+              f"at DP={collected['dp_size']}) to {sidecar}")
+        report.update(matrices=len(collected["matrices"]), sidecar=sidecar)
+    root, tag = os.path.split(os.path.normpath(output_folder))
+    with open(os.path.join(root, "latest_universal.tmp"), "w") as f:
+        f.write(tag)
+    os.replace(os.path.join(root, "latest_universal.tmp"), os.path.join(root, "latest_universal"))
+    print(f"[sara_ds] universal checkpoint of {len(pieces)} parameters (ZeRO-{stage}, DP={len(optim_files)}) "
+          f"written to {output_folder}")
+    return report
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m sara_ds.ds_to_universal",
-        description="DeepSpeed's ds_to_universal for checkpoints written with a sara_ds optimizer (ZeRO-1/2/3): the "
-                    "fp32 weights in DeepSpeed's universal layout, and sara_ds's per-matrix state in "
+        description="A DeepSpeed ZeRO-1/2/3 checkpoint in DeepSpeed's universal layout, from its files alone: the fp32 "
+                    "weights and any per-element optimizer state (stock AdamW's too), and a sara_ds optimizer's "
+                    "per-matrix state in "
                     f"<output_folder>/{SIDECAR}. Load with \"checkpoint\": {{\"load_universal\": true}} and "
                     "engine.load_checkpoint, at any data-parallel size.")
     ap.add_argument("--input_folder", required=True, help="one tag of a DeepSpeed checkpoint, e.g. ckpt/global_step6")
     ap.add_argument("--output_folder", required=True, help="the universal checkpoint to write, e.g. ckpt/u6")
-    ap.add_argument("--num_extract_workers", type=int, default=4)
-    ap.add_argument("--num_merge_workers", type=int, default=2)
-    ap.add_argument("--keep_temp_folder", action="store_true")
-    ap.add_argument("--no_strict", dest="strict", action="store_false")
+    for flag in ("--num_extract_workers", "--num_merge_workers"):  # DeepSpeed's command's: one process reads here
+        ap.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    convert(a.input_folder, a.output_folder, a.num_extract_workers, a.num_merge_workers, a.keep_temp_folder, a.strict)
+    convert(a.input_folder, a.output_folder)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -394,34 +393,14 @@ def guard_until_loaded(engine, optimizer) -> None:
     engine.load_checkpoint = load_checkpoint
 
 
-def _partitions(optimizer, engine):
-    """(param group, fp32 partition, its Layout without steppers) for every partition, in the order DeepSpeed steps
-    them; and a function that chooses a layout's steppers as a step would."""
-    from ..sharding import zero
-
-    placement, stage3 = optimizer.placement, getattr(engine, "optimizer", None)
+def _partitions(optimizer, engine) -> list:
+    """(param group, fp32 partition) for every partition, in the order DeepSpeed steps them."""
+    stage3 = getattr(engine, "optimizer", None)
     flats = getattr(stage3, "fp32_partitioned_groups_flat", None)
     if flats is None:  # ZeRO-1/2: the flat partitions are in the param groups
-        out = []
-        for group in optimizer.param_groups:
-            for flat in group["params"]:
-                if not zero.is_flat_partition([flat], optimizer.original_params):
-                    raise RuntimeError("sara_ds: a universal checkpoint restores into ZeRO flat partitions only")
-                out.append((group, flat, zero.build_layout(flat, optimizer.group_members[group["sara_group"]],
-                                                           optimizer.original_params, placement.tp_group)))
-        return out, lambda group, layout: zero.choose_steppers(
-            layout, optimizer.original_params, lambda i: optimizer._needs_full_matrix(group, i))
-    out = []
-    for sub_group, flat in enumerate(flats):  # ZeRO-3 empties the param groups between its per-sub-group steps
-        group = optimizer.param_groups[stage3.sub_group_to_group_id[sub_group]]
-        out.append((group, flat, zero.build_zero3_layout(flat, optimizer.group_members[group["sara_group"]],
-                                                         optimizer.original_params)))
-    placement.layouts.loads = [0] * torch.distributed.get_world_size(out[0][2].group) if out else None
-
-    def choose(group, layout):  # the loads carry over from sub-group to sub-group, as in a step
-        return zero.choose_zero3_steppers(layout, lambda i: optimizer._needs_full_matrix(group, i),
-                                          lambda i: optimizer._state_numel(group, i), placement.layouts.loads)
-    return out, choose
+        return [(group, flat) for group in optimizer.param_groups for flat in group["params"]]
+    # ZeRO-3 empties the param groups between its per-sub-group steps
+    return [(optimizer.param_groups[stage3.sub_group_to_group_id[i]], flat) for i, flat in enumerate(flats)]
 
 
 def restore_state(optimizer, sidecar: str, engine=None) -> None:
@@ -431,35 +410,30 @@ def restore_state(optimizer, sidecar: str, engine=None) -> None:
     saved = torch.load(sidecar, map_location="cpu", weights_only=False)
     if saved.get("format") != _FORMAT:
         raise ValueError(f"sara_ds: {sidecar} has format {saved.get('format')}, this sara_ds reads {_FORMAT}")
-    matrices = saved["matrices"]
-    placement = optimizer.placement
-    placement.clear()
+    matrices, layout = saved["matrices"], optimizer.layout
+    layout.reset()
     optimizer.banks.clear()
+    optimizer.state.clear()  # and whatever DeepSpeed's stage-3 loader put there for the flat partitions
     if hasattr(getattr(engine, "optimizer", None), "fp32_partitioned_groups_flat"):
         # DeepSpeed's stage-3 loader gave every group the first group's hyperparameters: put each group's back
         for group, hyper in zip(optimizer.param_groups, saved["param_groups"], strict=True):
             group.update({k: v for k, v in hyper.items() if k != "params"})
-    partitions, choose = _partitions(optimizer, engine)
-    restored, layout = set(), None
-    for group, flat, layout in partitions:
-        placement.layouts[id(flat)] = layout
-        layout.steppers = choose(group, layout)
-        owned = [f.index for f in layout.fragments if layout.steps(f.index)]
-        have = [i for i in owned if i in matrices]
-        if not have:
-            optimizer.state.pop(flat, None)
-            continue
-        missing = sorted(set(owned) - set(have))
-        if missing:
+    restored, partition = set(), None
+    for group, flat in _partitions(optimizer, engine):
+        partition = layout.partition(flat, optimizer.group_members[group["sara_group"]])
+        owned = [f for f in partition.fragments if partition.steps(f.index)]
+        missing = sorted(f.index for f in owned if f.index not in matrices)
+        if missing and len(missing) < len(owned):
             names = [saved["names"].get(i, i) for i in missing[:6]]
             raise RuntimeError(f"sara_ds: {sidecar} has state for some matrices of param group "
                                f"{group['sara_group']} but not for {names}: the checkpoint is incomplete")
-        optimizer.state[flat] = {f.index: _to_device(_piece(matrices[f.index], f, optimizer, group), flat.device)
-                                 for f in layout.fragments if layout.steps(f.index)}
-        restored.update(have)
-    everyone = [None] * (dist.get_world_size(layout.group) if layout is not None else 1)
-    if layout is not None and len(everyone) > 1:
-        dist.all_gather_object(everyone, sorted(restored), group=layout.group)
+        for f in owned if not missing else ():
+            optimizer.state[f.index] = _to_device(_piece(matrices[f.index], f, optimizer.matrices[f.index]),
+                                                  flat.device)
+            restored.add(f.index)
+    everyone = [None] * (dist.get_world_size(partition.group) if partition is not None else 1)
+    if partition is not None and len(everyone) > 1:
+        dist.all_gather_object(everyone, sorted(restored), group=partition.group)
     else:
         everyone = [sorted(restored)]
     dropped = set(matrices) - set().union(*map(set, everyone))
@@ -468,13 +442,11 @@ def restore_state(optimizer, sidecar: str, engine=None) -> None:
                            f"of {sidecar}: the model or its parameter groups differ from the saved run's")
 
 
-def _piece(state: dict, fragment, optimizer, group) -> dict:
+def _piece(state: dict, fragment, matrix) -> dict:
     """The state of this rank's piece: the whole matrix's, or, for an elementwise base's full-rank straddler
     (stepped piece by piece, ``sharding.zero``), the elements of its piece."""
-    from ..sharding import numel_of
-
-    numel = numel_of(optimizer.original_params[fragment.index])
-    if fragment.numel == numel or optimizer._needs_full_matrix(group, fragment.index):
+    numel = matrix.shape.numel()
+    if fragment.numel == numel or matrix.whole:
         return state
     return {k: v.reshape(-1).narrow(0, fragment.lp_start, fragment.numel) if isinstance(v, torch.Tensor)
             and v.numel() == numel else v for k, v in state.items()}

@@ -43,8 +43,27 @@ import re
 import torch
 
 from ..optim import OPTIMIZERS
+from ..sharding.tensor_parallel import TensorParallelLayout
 
 MEGATRON_INCLUDE = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+class MegatronLayout(TensorParallelLayout):
+    """megatron-core's parameters, or the fp32 masters ``Float16OptimizerWithFloat16Params`` swaps in (same shapes,
+    in order), with TP-split weights marked by Megatron (``partition_dim``) over the TP group. Under the
+    distributed optimizer (``megatron_distributed``) each data-parallel rank steps the matrices it owns
+    (``owned``), and all of them agree on skipping a step (``owner_group``)."""
+
+    def __init__(self, tp_group=None):
+        super().__init__(tp_group)
+        self.owner_group = None  # ranks that each step a different subset of the matrices
+        self.owned = None        # matrix ids this rank steps (None: all)
+
+    def step_groups(self) -> list:
+        return super().step_groups() + ([self.owner_group] if self.owner_group is not None else [])
+
+    def owns(self, index: int) -> bool:
+        return self.owned is None or index in self.owned
 
 
 def _projected(name: str, param, include) -> bool:
@@ -98,7 +117,8 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
         g.update(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type="std",
                  param_names=[names[id(p)] for p in g["params"]])
     cls = OPTIMIZERS[optimizer]
-    kwargs = dict(lr=config.lr, weight_decay=config.weight_decay, tp_group=parallel_state.get_tensor_model_parallel_group())
+    kwargs = dict(lr=config.lr, weight_decay=config.weight_decay,
+                  layout=MegatronLayout(parallel_state.get_tensor_model_parallel_group()))
     if optimizer != "SaraAdafactor":
         kwargs.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
     inner = cls(groups, **kwargs, **sara_options)
@@ -109,7 +129,7 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
     sara = (Float16OptimizerWithFloat16Params(inner, config, None, init_state_fn) if build_config.bf16
             else FP32Optimizer(inner, build_config, init_state_fn))
     sara.grad_stats_parallel_group = parallel_state.get_model_parallel_group()
-    sara.tp_group = parallel_state.get_tensor_model_parallel_group()
+    sara.tp_group = parallel_state.get_tensor_model_parallel_group()  # read by megatron-core's grad-norm code
 
     with frozen(targets):
         rest = get_megatron_optimizer(build_config, model_chunks, config_overrides=config_overrides,

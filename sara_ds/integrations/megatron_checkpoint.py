@@ -5,9 +5,10 @@ held as it would be at TP=1:
 
 * the basis (and OSD's basis moments, its anchor) is the same on every TP rank: it is
   computed from the whole matrix, whichever side is split, so it is stored once;
-* every tensor in ``SPLIT_STATE`` runs along the columns of R = B^T A, which are the
-  matrix's TP-split axis: they are gathered over the TP group at save and cut again
-  at load;
+* every tensor in ``SPLIT_STATE`` runs along the columns of R = B^T A. Where those are the
+  matrix's TP-split axis (its basis on the whole axis) they are gathered over the TP group at
+  save and cut again at load; where the basis is on the split axis every TP rank holds all of
+  R's columns, and they are stored once;
 * the fp32 master (bf16 models) is gathered along the parameter's own split axis.
 
 Megatron's gated fc1 keeps [gate_i; up_i] on TP rank i, while TP=1 holds
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from ..sharding.tensor_parallel import is_tp_sharded, partition_dim
+from ..sharding.tensor_parallel import split_axis_of_marked
 
 SARA_KEY = "optimizer.sara"
 
@@ -73,7 +74,13 @@ class SaraCheckpoint:
 
     @staticmethod
     def _split(param) -> bool:
-        return is_tp_sharded(param) and ps.get_tensor_model_parallel_world_size() > 1
+        return split_axis_of_marked(param) is not None and ps.get_tensor_model_parallel_world_size() > 1
+
+    @classmethod
+    def _columns_split(cls, param, state: dict) -> bool:
+        """R's columns are split over TP (the basis on the whole axis): row-parallel with a left basis, column-parallel
+        with a right one. A full-rank state has no basis and runs along the weight's own layout."""
+        return cls._split(param) and state.get("left", True) == (split_axis_of_marked(param) == 1)
 
     def _object(self, suffix: str, obj, replica_id) -> ShardedObject:
         pp = ps.get_pipeline_model_parallel_world_size()
@@ -96,17 +103,18 @@ class SaraCheckpoint:
                 for model_params, mains in self.pairs() for p, main in zip(model_params, mains)}
 
     def _full_state(self, p, main, name) -> dict:
-        split = self._split(p)
         gated = self.gated and "linear_fc1" in name
+        own = self.inner.state.get(self.inner.layout.index_of(p), {})
+        split = self._columns_split(p, own)
         state = {}
-        for key, value in self.inner.state.get(main, {}).items():
+        for key, value in own.items():
             if isinstance(value, torch.Tensor):
                 # clone: a bank's views would otherwise save the whole bank
                 value = _gather(value, -1, gated) if split and key in SPLIT_STATE else value.detach().clone()
             state[key] = value
         master = None
         if main is not p:
-            master = _gather(main.detach(), partition_dim(p), gated) if split else main.detach().clone()
+            master = _gather(main.detach(), split_axis_of_marked(p), gated) if self._split(p) else main.detach().clone()
         return {"state": state, "master": master, "shape": tuple(p.shape), "tp": _tp()[0]}
 
     def load_state_dict(self, loaded: dict) -> None:
@@ -114,7 +122,7 @@ class SaraCheckpoint:
         if len(saved_groups) != len(self.inner.param_groups):
             raise ValueError(f"sara_ds: the checkpoint has {len(saved_groups)} SARA param groups, this optimizer "
                              f"{len(self.inner.param_groups)}")
-        state, groups, next_id = {}, [], 0
+        state, groups = {}, []
         for (model_params, mains), saved in zip(self.pairs(), saved_groups):
             ids = []
             for p, main in zip(model_params, mains):
@@ -122,17 +130,15 @@ class SaraCheckpoint:
                 if name not in loaded["matrices"]:
                     raise KeyError(f"sara_ds: the checkpoint holds no SARA state for {name}")
                 obj = loaded["matrices"][name]
-                split, gated = self._split(p), self.gated and "linear_fc1" in name
+                gated = self.gated and "linear_fc1" in name
                 if obj["master"] is not None and main is not p:
-                    main.detach().copy_(_cut(obj["master"], partition_dim(p), gated) if split else obj["master"])
+                    main.detach().copy_(_cut(obj["master"], split_axis_of_marked(p), gated) if self._split(p)
+                                        else obj["master"])
+                split = self._columns_split(p, obj["state"])
                 st = {k: (_cut(v, -1, gated) if split and k in SPLIT_STATE else v) if isinstance(v, torch.Tensor)
                       else v for k, v in obj["state"].items()}
-                if "left" in st and is_tp_sharded(p) and st["left"] != (partition_dim(p) == 1):
-                    raise ValueError(f"sara_ds: the checkpoint projects {name} on the "
-                                     f"{'left' if st['left'] else 'right'}, but its TP split needs the other side")
+                ids.append(self.inner.layout.index_of(p))
                 if st:
-                    state[next_id] = st
-                ids.append(next_id)
-                next_id += 1
+                    state[ids[-1]] = st
             groups.append(dict(saved, params=ids))
         self.inner.load_state_dict({"state": state, "param_groups": groups})

@@ -38,19 +38,19 @@ class SaraLayerWiseOptimizer(LayerWiseDistributedOptimizer):
 
     def __init__(self, optimizers, config, pg_collection, sara_inner, names: dict, gated: bool):
         self.names = names  # id(model parameter) -> its name
+        self.sara_inner = sara_inner
         # the bf16 wrappers made after sharding need each optimizer's state initialiser for torch_dist loads
         init_state_fns = [getattr(opt, "init_state_fn", None) or _no_state for opt in optimizers]
         if config.bf16:  # megatron-core makes the bf16 wrappers itself, after sharding (>= 0.19 wants raw ones)
             optimizers = [getattr(opt, "optimizer", opt) for opt in optimizers]
         super().__init__(optimizers, config, pg_collection, init_state_fns)
-        self.sara_inner = sara_inner
         self.checkpoint = SaraCheckpoint(sara_inner, self._sara_pairs_by_group, names, gated, owned_by_one_dp_rank=True)
         dp = pg_collection.dp_cp
         # a step that one owner skips on a non-finite gradient must be skipped by every owner
-        sara_inner.placement.owner_group = dp if get_pg_size(dp) > 1 else None
+        sara_inner.layout.owner_group = dp if get_pg_size(dp) > 1 else None
         for model_params, mains in self._sara_pairs_by_group():
             if model_params is not mains:
-                sara_inner.placement.alias(mains, model_params)
+                sara_inner.layout.alias(mains, model_params)
 
     # ------------------------------------------------------------ ownership
 
@@ -78,6 +78,8 @@ class SaraLayerWiseOptimizer(LayerWiseDistributedOptimizer):
         self.dp_cp_params_list = [[p for (p, _), o in zip(members, owner) if o == r] for r in range(size)]
         for gi, g in enumerate(groups):
             g["params"] = [p for (p, g_index), o in zip(members, owner) if g_index == gi and o == me]
+        sara = self.sara_inner
+        sara.layout.owned = {sara.layout.index_of(p) for g in sara.param_groups for p in g["params"]}
 
     @torch.no_grad()
     def allgather_params(self):

@@ -27,7 +27,7 @@ import sys
 
 from ..config import PRESETS
 from ..optim import OPTIMIZERS
-from ..sharding.tensor_parallel import TP_SPECTRA
+from ..spectral import TP_SPECTRA
 
 
 def sara_argument_parser() -> argparse.ArgumentParser:

@@ -1,19 +1,23 @@
-"""Tensor-parallel (Megatron) weights: spectra of the full matrix from the local shards.
+"""Tensor parallelism: a matrix split over TP ranks, and the layout of an optimizer whose weights are so split.
 
-Megatron marks a sharded weight with ``tensor_model_parallel=True`` and
-``partition_dim`` (0: column-parallel, rows sharded; 1: row-parallel, columns
-sharded). The basis goes on the *unsharded* axis, so projection, the base update
-and back-projection are local on every step; only a refresh communicates, and
-only small factors.
+Megatron marks a sharded weight with ``tensor_model_parallel=True`` and ``partition_dim`` (0: column-parallel,
+rows split; 1: row-parallel, columns split); DeepSpeed's AutoTP marks it ``tensor_model_parallel`` and records the
+axis in its metadata (``split_axis_of_marked``: the one place that reads these marks).
 
-Write A_i for the local block oriented so that the full matrix is A = [A_1; A_2; ...]
-stacked by rows (A_i = G_i for column-parallel, G_i^T for row-parallel). The basis
-is made of right singular vectors of A, computed by ``sara_ds.spectral``'s tsqr
-(default: all-gathers the min(rows_i, n) x n R factors), gram (all-reduces n x n)
-or sketch (all-reduces n x k and k x k), given this group's collectives.
+In the canonical orientation (``projector``) A is G for a left basis and G^T for a right one, and the basis
+spans A's rows. Which of A's axes the split falls on decides what crosses ranks:
 
-Every TP rank then takes the basis chosen on TP rank 0 (a broadcast of n x r), so all
-ranks hold bit-identical bases even where their LAPACKs would differ in the last bit.
+* A's **columns** split (the basis on the whole axis): R = B^T A_i is this rank's columns of R, so projection,
+  base update and back-projection are local; the statistics that span a row of R (Adafactor's, Fira's norm) are
+  summed over the group. A refresh forms the spectrum of A from the shards with ``spectral``'s tsqr (all-gathers
+  the R factors), gram (all-reduces n x n) or sketch (all-reduces n x k and k x k).
+* A's **rows** split (the basis on the split axis): R = sum_i B_i^T A_i is one all-reduce of r x (A's columns)
+  per step, after which every rank holds all of R and steps the same moments; each updates its rows of W with
+  its rows of B. A refresh all-gathers the matrix and forms its spectrum as one process does.
+
+Which side a basis goes on is one process's choice by default (``tp_side='same'``), so TP runs the same algorithm
+at every TP size; ``tp_side='unsplit'`` always puts it on the whole axis. Every TP rank then takes the basis
+chosen on TP rank 0 (a broadcast), so all hold bit-identical bases even where their LAPACKs differ in the last bit.
 """
 from __future__ import annotations
 
@@ -21,34 +25,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import projector, sharding, spectral
-
-TP_SPECTRA = ("tsqr", "gram", "sketch")
-
+from .. import spectral
+from ..layout import Layout, local_context
 
 # DeepSpeed's AutoTP (LinearLayer, LinearAllreduce) marks weights ``tensor_model_parallel`` and records the
 # split axis in this metadata dict rather than in Megatron's ``partition_dim`` attribute.
 AUTOTP_META = "ds_autotp_universal_checkpoint_meta"
 
 
-def partition_dim(param: Tensor):
+def split_axis_of_marked(param: Tensor):
     """The axis a tensor-parallel weight is split on (0 or 1), from Megatron's or AutoTP's marks; else None."""
-    if not getattr(param, "tensor_model_parallel", False):
+    if not getattr(param, "tensor_model_parallel", False) or param.dim() != 2:
         return None
     dim = getattr(param, "partition_dim", None)
     if dim is None and isinstance(getattr(param, AUTOTP_META, None), dict):
         dim = getattr(param, AUTOTP_META).get("partition_dim")
     return dim if dim in (0, 1) else None
-
-
-def is_tp_sharded(param: Tensor) -> bool:
-    return param.dim() == 2 and partition_dim(param) is not None
-
-
-def basis_on_left(param: Tensor, rows: int, cols: int, proj_type: str) -> bool:
-    if is_tp_sharded(param):
-        return partition_dim(param) == 1  # row-parallel: columns are sharded, rows are whole
-    return projector.basis_on_left(rows, cols, proj_type)
 
 
 def refuse_uneven_split(param: Tensor, world: int) -> None:
@@ -58,7 +50,7 @@ def refuse_uneven_split(param: Tensor, world: int) -> None:
     than compute the spectrum of a different matrix."""
     meta = getattr(param, AUTOTP_META, None)
     original = meta.get("original_shape") if isinstance(meta, dict) else None
-    dim = partition_dim(param)
+    dim = split_axis_of_marked(param)
     if original is not None and len(original) == 2 and int(original[dim]) != param.shape[dim] * world:
         raise ValueError(
             f"sara_ds: a tensor-parallel weight of local shape {tuple(param.shape)} is an uneven shard of "
@@ -68,22 +60,25 @@ def refuse_uneven_split(param: Tensor, world: int) -> None:
 
 
 class TensorParallelContext:
-    """The shard context of a TP-split matrix: its spectrum, sums and basis broadcast over the TP
-    group, and the bytes this rank puts into those collectives."""
+    """The shard context of a TP-split matrix: its spectrum, sums and basis broadcast over the TP group, and the
+    bytes this rank puts into those collectives."""
 
-    def __init__(self, group, partition_dim: int, method: str = "tsqr", oversample: int = 8, power_iters: int = 2):
-        if method not in TP_SPECTRA:
-            raise ValueError(f"sara_ds: tp_spectrum must be one of {TP_SPECTRA}, got tp_spectrum={method!r}")
-        self.group, self.partition_dim, self.method = group, partition_dim, method
+    batched_spectrum = False  # reduced across ranks one matrix at a time
+
+    def __init__(self, group, split_axis: int, method: str = "tsqr", oversample: int = 8, power_iters: int = 2,
+                 whole=None):
+        if method not in spectral.TP_SPECTRA:
+            raise ValueError(f"sara_ds: tp_spectrum must be one of {spectral.TP_SPECTRA}, got tp_spectrum={method!r}")
+        self.group, self.split_axis, self.method = group, split_axis, method
         self.oversample, self.power_iters = oversample, power_iters
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        self.whole = whole or local_context()  # the spectrum of the gathered matrix (A's rows split)
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.bytes_sent = 0
 
     # -- collectives (all byte accounting goes through here)
-    def _all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+    def _all_reduce(self, t: Tensor) -> Tensor:
         self.bytes_sent += t.numel() * t.element_size()
-        dist.all_reduce(t, op=op, group=self.group)
+        dist.all_reduce(t, group=self.group)
         return t
 
     def _all_gather(self, t: Tensor) -> list:
@@ -95,17 +90,31 @@ class TensorParallelContext:
     def reduce_sum(self, t: Tensor) -> Tensor:
         return self._all_reduce(t)
 
-    batched_spectrum = False  # the spectrum of a TP-split matrix is reduced across ranks one matrix at a time
+    def rows_split(self, left: bool) -> bool:
+        """A's rows are split: a left basis of a column-parallel matrix, a right one of a row-parallel one."""
+        return left == (self.split_axis == 0)
+
+    def columns_split(self, left: bool) -> bool:
+        return not self.rows_split(left)
+
+    def local_rows(self, basis: Tensor, left: bool) -> Tensor:
+        if not self.rows_split(left):
+            return basis
+        rows = basis.shape[-2] // self.world
+        return basis.narrow(-2, self.rank * rows, rows)
+
+    def gather_rows(self, t: Tensor, left: bool) -> Tensor:
+        return torch.cat(self._all_gather(t), dim=-2) if self.rows_split(left) else t
 
     @property
     def bank_key(self):
         """Shards split the same way over the same group reduce the same way: a bank of them makes one
-        all-reduce where its matrices made one each (its bytes are counted on the first member's context)."""
-        return ("tp", id(self.group), self.partition_dim, self.method, self.oversample, self.power_iters)
+        collective where its matrices made one each (its bytes are counted on the first member's context)."""
+        return ("tp", id(self.group), self.split_axis, self.method, self.oversample, self.power_iters, self.whole)
 
     def full_shape(self, local_shape):
         rows, cols = local_shape
-        return (rows * self.world, cols) if self.partition_dim == 0 else (rows, cols * self.world)
+        return (rows * self.world, cols) if self.split_axis == 0 else (rows, cols * self.world)
 
     def synchronize(self, basis: Tensor) -> Tensor:
         self.bytes_sent += basis.numel() * basis.element_size() if self.rank == 0 else 0
@@ -114,9 +123,10 @@ class TensorParallelContext:
 
     # -- spectra
     def spectrum(self, matrix: Tensor, left: bool, generator=None, rank: int | None = None):
-        if left != (self.partition_dim == 1):
-            raise RuntimeError("sara_ds: a tensor-parallel basis must lie on the unsharded axis")
-        a = (matrix if self.partition_dim == 0 else matrix.mT).float()
+        if self.rows_split(left):  # the whole matrix, and one process's spectrum of it
+            whole = torch.cat(self._all_gather(matrix), dim=self.split_axis)
+            return self.whole.spectrum(whole, left, generator, rank)
+        a = (matrix if self.split_axis == 0 else matrix.mT).float()  # the split rows of A^T, stacked over ranks
         if self.method == "gram":
             return spectral.gram_eigh(a, self._all_reduce)
         if self.method == "tsqr":
@@ -128,12 +138,50 @@ class TensorParallelContext:
         return spectral.sketch(a, omega, self.power_iters, self._all_reduce)
 
 
+class TensorParallelLayout(Layout):
+    """Parameters (or master copies) whose TP-split weights carry Megatron's or AutoTP's marks, split over
+    ``tp_group``: the layout of Megatron without its distributed optimizer, and of DeepSpeed's TP at ZeRO-0."""
+
+    def __init__(self, tp_group=None):
+        super().__init__()
+        self.tp_group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+        self._contexts: dict = {}  # one per matrix and spectrum choice (never on the parameter: a process
+                                   # group must not ride along when a parameter is pickled)
+
+    def split_axis_of(self, param: Tensor):
+        return split_axis_of_marked(param) if self.tp_group is not None else None
+
+    def full_shape_of(self, param: Tensor) -> torch.Size:
+        shape, axis = self.shape_of(param), self.split_axis_of(param)
+        if axis is None:
+            return shape
+        return torch.Size(d * dist.get_world_size(self.tp_group) if i == axis else d for i, d in enumerate(shape))
+
+    def context(self, index: int, group: dict):
+        whole = super().context(index, group)
+        axis = self.split_axis_of(self.matrices[index].param)
+        if axis is None:
+            return whole
+        key = (index, group["tp_spectrum"], group["sketch_oversample"], group["sketch_power_iters"], whole)
+        if key not in self._contexts:
+            refuse_uneven_split(self.matrices[index].param, dist.get_world_size(self.tp_group))
+            self._contexts[key] = TensorParallelContext(self.tp_group, axis, *key[1:4], whole=whole)
+        return self._contexts[key]
+
+    def step_groups(self) -> list:
+        return [self.tp_group] if self.tp_group is not None else []
+
+    def bytes_sent(self) -> dict:
+        return {"tensor_parallel": sum(c.bytes_sent for c in self._contexts.values())}
+
+
 def refresh_bytes(method: str, local_rows: int, n: int, rank: int, oversample: int = 8, power_iters: int = 2,
                   root: bool = False, itemsize: int = 4) -> int:
     """Bytes one TP rank puts into collectives at one refresh of one matrix (what ``bytes_sent`` counts).
 
     A_i is local_rows x n with n the unsharded (basis) side. TP rank 0 also broadcasts the
     chosen n x r basis. (The step's finiteness flag is the optimizer's, once per step, not per refresh.)
+    ``gather``: the whole matrix all-gathered (also what a basis on the split side costs at a refresh).
     """
     if method == "tsqr":
         spectrum = min(local_rows, n) * n
@@ -142,26 +190,8 @@ def refresh_bytes(method: str, local_rows: int, n: int, rank: int, oversample: i
     elif method == "sketch":
         k = min(n, rank + oversample)
         spectrum = n * k * (1 + power_iters) + k * k
-    elif method == "gather":  # the baseline: all-gather the gradient shard and decompose it everywhere
+    elif method == "gather":
         spectrum = local_rows * n
     else:
         raise ValueError(f"sara_ds: unknown method={method!r}")
     return itemsize * (spectrum + (n * rank if root else 0))
-
-
-def context_for(param: Tensor, tp_group=None, method: str = "tsqr", oversample: int = 8, power_iters: int = 2,
-                 cache: dict | None = None, local: str = "svd"):
-    """The shard context of one parameter: TP-aware when it is split over a real TP group,
-    else a local one with the ``local`` spectrum ('svd' or 'sketch') of the whole matrix.
-
-    ``cache`` (owned by the optimizer, never by the parameter: a process group must not
-    ride along when a parameter is pickled) keeps one context, and its byte count, per matrix.
-    """
-    if tp_group is not None and is_tp_sharded(param) and dist.get_world_size(tp_group) > 1:
-        cache = {} if cache is None else cache
-        key = (id(param), id(tp_group), method, oversample, power_iters)
-        if key not in cache:
-            refuse_uneven_split(param, dist.get_world_size(tp_group))
-            cache[key] = TensorParallelContext(tp_group, partition_dim(param), method, oversample, power_iters)
-        return cache[key]
-    return sharding.local_context(local, oversample, power_iters)
