@@ -1,6 +1,6 @@
 """Does torch.compile pay for a bank's ordinary step? Eager against compiled, side by side in one run.
 
-A bank's ordinary step (sara_ds.optim._projected_bank_step with the AdamW base, no Fira) is, in pure
+A bank's ordinary step (sara_ds.functional.projected_step with the AdamW base, no Fira) is, in pure
 functions: stack the k gradients, R = B^T G (one bmm), the AdamW moments and direction on [k, r, n],
 B N back into the parameter layout (one bmm), the weights' foreach add and the decoupled decay. This
 runs exactly those functions (``projector``, ``updates``) eagerly, and the same function under
@@ -88,7 +88,7 @@ def main():
         eager = timed(bank_step, (grads, weights, basis, state, step_size), args.repeats, device)
         print(f"{label:<30}{'eager':<26}{eager * 1e3:>9.2f}{1.0:>8.2f}")
         for name, options in variants:
-            torch._dynamo.reset()
+            torch.compiler.reset()
             compiled = torch.compile(bank_step, **options)
             t = timed(compiled, (grads, weights, basis, state, torch.tensor(step_size, device=device)), args.repeats,
                       device)

@@ -117,7 +117,7 @@ def main():
     start = 0
     latest = "latest_universal" if args.load_universal else "latest"
     if args.resume and args.save_dir and os.path.exists(os.path.join(args.save_dir, latest)):
-        _, client = engine.load_checkpoint(args.save_dir)
+        _, client = sara_deepspeed.load_checkpoint(engine, args.save_dir)
         start = int(client["step"])
     if rank == 0:
         print(f"[sara_ds] launcher={source} world={world} (TP={tp} x DP={dp}) device={device} "

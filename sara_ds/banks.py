@@ -81,3 +81,22 @@ class Banks:
                 del self._by_members[other]
             bank = self._by_members[key] = Bank(states)
         return bank
+
+
+def plan(projected: list, state, together) -> list:
+    """(group, slots) per bank of this step's projected matrices: those ``together(group, slot)`` allows that share
+    a group, shape, dtypes, device, side, rank, base-step count and shard context are one bank; every other matrix
+    is a bank of one, as is every member of a would-be bank whose state does not stack (``stackable``)."""
+    by_key: dict = {}
+    for group, slot in projected:
+        st = state[slot.index]
+        key = (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, slot.target.dtype, st["left"],
+               st["rank"], st["base_step"], slot.context.bank_key, None if together(group, slot) else slot.index)
+        by_key.setdefault(key, (group, []))[1].append(slot)
+    out = []
+    for group, slots in by_key.values():
+        if len(slots) > 1 and not stackable([state[s.index] for s in slots]):
+            out += [(group, [s]) for s in slots]
+        else:
+            out.append((group, slots))
+    return out

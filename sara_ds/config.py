@@ -1,6 +1,8 @@
 """Hyperparameters: defaults, the papers' presets, and validation that names what is wrong."""
 from __future__ import annotations
 
+import difflib
+import math
 import numbers
 from dataclasses import dataclass, fields
 
@@ -50,7 +52,7 @@ class _Unset:
 UNSET = _Unset()
 
 
-def resolve_preset(preset, subspace, residual, moments_on_refresh) -> dict:
+def resolve_preset(preset, subspace, residual, moments_on_refresh, where: str = "") -> dict:
     """Merge explicit rule switches with a preset; a contradiction is an error, never a silent choice."""
     explicit = dict(subspace=subspace, residual=residual, moments_on_refresh=moments_on_refresh)
     explicit = {k: v for k, v in explicit.items() if v is not UNSET}
@@ -58,14 +60,14 @@ def resolve_preset(preset, subspace, residual, moments_on_refresh) -> dict:
         chosen = dict(PRESETS["sara"])
     else:
         if preset not in PRESETS:
-            raise ValueError(f"sara_ds: unknown preset={preset!r}; choose one of {sorted(PRESETS)}")
+            raise ValueError(f"sara_ds: unknown preset={preset!r}{where}; choose one of {sorted(PRESETS)}")
         chosen = dict(PRESETS[preset])
         for key, value in explicit.items():
             given = _norm_residual(value) if key == "residual" else value
             if given != chosen[key]:
                 raise ValueError(
-                    f"sara_ds: preset={preset!r} means {key}={chosen[key]!r}, but {key}={value!r} was also given; "
-                    "drop one of them"
+                    f"sara_ds: preset={preset!r} means {key}={chosen[key]!r}, but {key}={value!r} was also "
+                    f"given{where}; drop one of them (a param group's own preset=... gives that group other switches)"
                 )
     chosen.update({k: (_norm_residual(v) if k == "residual" else v) for k, v in explicit.items()})
     return chosen
@@ -95,7 +97,8 @@ class SubspaceOptions:
     and the bias correction; steps that refresh or create state decide on the host in both; None: 'device'
     where the gradients are on a GPU), and ``in_place_min_numel`` (projected 2-D fp32 weights with at least
     this many elements, 4M by default, take B N straight into the weight with one addmm_, no m x n
-    temporary; smaller ones build the update, one batched product per bank; 0: every one in place).
+    temporary; smaller ones build the update, one batched product per bank; 0: every one in place), and
+    ``accept_changes`` (hyperparameters a loaded state may have been saved with otherwise: ``checkpoints``).
     Values are checked per param group by ``validate_group``.
     """
 
@@ -117,6 +120,7 @@ class SubspaceOptions:
     fused: bool = False
     finite_flag: object = None
     in_place_min_numel: int = IN_PLACE_MIN_NUMEL
+    accept_changes: tuple = ()
 
     @classmethod
     def from_kwargs(cls, owner: str, options: dict) -> "SubspaceOptions":
@@ -127,8 +131,8 @@ class SubspaceOptions:
         return cls(**options)
 
     def group_defaults(self) -> dict:
-        """The param-group keys: the resolved rule switches and the hyperparameters."""
-        switches = ("preset", "subspace", "residual", "moments_on_refresh")
+        """The param-group keys: the preset, the resolved rule switches and the hyperparameters."""
+        switches = ("subspace", "residual", "moments_on_refresh", "accept_changes")
         rules = resolve_preset(self.preset, self.subspace, self.residual, self.moments_on_refresh)
         return dict({f: getattr(self, f) for f in SUBSPACE_OPTIONS if f not in switches}, **rules)
 
@@ -147,6 +151,8 @@ def _where(group_index) -> str:
 def _number(key, value, where, *, low=None, high=None, low_open=False, high_open=True):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"sara_ds: {key} must be a number, got {key}={value!r}{where}")
+    if not math.isfinite(value):
+        raise ValueError(f"sara_ds: {key} must be finite, got {key}={value!r}{where}")
     bad = (low is not None and (value <= low if low_open else value < low)) or (
         high is not None and (value >= high if high_open else value > high)
     )
@@ -156,77 +162,103 @@ def _number(key, value, where, *, low=None, high=None, low_open=False, high_open
         raise ValueError(f"sara_ds: {key} must be in {lo or '(-inf, '}{hi or 'inf)'}, got {key}={value!r}{where}")
 
 
-def _positive_int(key, value, where):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"sara_ds: {key} must be a positive integer, got {key}={value!r}{where}")
+def _integer(key, value, where, low=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        kind = "a positive" if low == 1 else "a non-negative"
+        raise ValueError(f"sara_ds: {key} must be {kind} integer, got {key}={value!r}{where}")
 
 
-def validate_group(group: dict, base: str, group_index=None) -> None:
-    """Check every hyperparameter this package reads; raise ValueError naming the key and value."""
+def _choice(key, value, choices, where):
+    if value not in choices:
+        raise ValueError(f"sara_ds: {key} must be one of {choices}, got {key}={value!r}{where}")
+
+
+# what sara_ds itself puts into a param group, besides its hyperparameters
+BOOKKEEPING = ("params", "param_names", "rank", "sara_group", "lr_at_start", "skipped_steps", "preset")
+
+
+def check_keys(group: dict, known, where: str) -> None:
+    """A key that looks like a misspelt one of sara_ds's is an error that names both; other keys sara_ds does not
+    know are left to whoever put them there (Megatron's wd_mult and max_lr, a scheduler's initial_lr)."""
+    for key in group:
+        if key in known or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        if close:
+            raise ValueError(f"sara_ds: unknown key {key!r}{where}; did you mean {close[0]!r}? "
+                             f"(the keys sara_ds reads are {sorted(known)})")
+
+
+def resolve_group_switches(group: dict, given, where: str) -> None:
+    """A param group's own ``preset`` (or rule switches) against the constructor's: the same contradiction rules.
+    ``given``: the keys the caller put into this group (the rest came from the constructor)."""
+    switches = ("subspace", "residual", "moments_on_refresh")
+    if "preset" not in given and not any(k in given for k in switches):
+        return
+    explicit = {k: group[k] if k in given else UNSET for k in switches}
+    if group.get("preset") is None:  # no preset to contradict: the group's switches over the constructor's
+        explicit = {k: (group[k] if v is UNSET else v) for k, v in explicit.items()}
+    group.update(resolve_preset(group.get("preset"), where=where, **explicit))
+
+
+def validate_group(group: dict, base: str, group_index=None, given=(), known=()) -> None:
+    """Check every hyperparameter this package reads; raise ValueError naming the key, the value and the group."""
     w = _where(group_index)
+    if known:
+        check_keys(group, set(known) | set(BOOKKEEPING), w)
+    resolve_group_switches(group, given, w)
+    _check_base(group, base, w)
+    _check_options(group, base, w)
+    if "rank" in group:
+        _check_projection(group, w)
+
+
+def _check_base(group: dict, base: str, w: str) -> None:
     _number("lr", group["lr"], w, low=0.0)
     _number("weight_decay", group["weight_decay"], w, low=0.0)
-    _number("eps", group["eps"], w, low=0.0)
+    _number("eps", group["eps"], w, low=0.0, low_open=True)  # 0 divides by zero where a gradient entry is 0
     if base in ("adamw", "adam_mini"):
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"sara_ds: betas must be a pair (beta1, beta2), got betas={betas!r}{w}")
         for i, b in enumerate(betas):
             _number(f"betas[{i}]", b, w, low=0.0, high=1.0)
-    if group.get("foreach") not in (None, True, False):
-        raise ValueError(f"sara_ds: foreach must be None, True or False, got foreach={group['foreach']!r}{w}")
-    if group.get("finite_flag") not in FINITE_FLAGS:
-        raise ValueError(f"sara_ds: finite_flag must be one of {FINITE_FLAGS}, got finite_flag={group['finite_flag']!r}{w}")
-    if "in_place_min_numel" in group:
-        value = group["in_place_min_numel"]
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"sara_ds: in_place_min_numel must be a non-negative integer, "
-                             f"got in_place_min_numel={value!r}{w}")
-    if group.get("fused") not in (True, False):
-        raise ValueError(f"sara_ds: fused must be True or False, got fused={group['fused']!r}{w}")
-    if group.get("fused") and (base != "adamw" or not group.get("correct_bias", True)):
-        why = f"the {base} base" if base != "adamw" else "correct_bias=False"
-        raise ValueError(f"sara_ds: fused=True runs torch's fused AdamW kernel, which has no form for {why}{w}")
+    if not isinstance(group.get("correct_bias", True), bool):
+        raise ValueError(f"sara_ds: correct_bias must be True or False, got correct_bias={group['correct_bias']!r}{w}")
     if base == "adafactor":
         if group["beta1"] is not None:
             _number("beta1", group["beta1"], w, low=0.0, high=1.0)
         _number("decay_rate", group["decay_rate"], w, low=-1.0, high=0.0, high_open=True)
         _number("clip_threshold", group["clip_threshold"], w, low=0.0, low_open=True)
-    seed = group["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"sara_ds: seed must be a non-negative integer, got seed={seed!r}{w}")
-    if "rank" not in group:
-        return
-    _positive_int("rank", group["rank"], w)
-    _positive_int("update_proj_gap", group["update_proj_gap"], w)
+
+
+def _check_options(group: dict, base: str, w: str) -> None:
+    _choice("foreach", group.get("foreach"), (None, True, False), w)
+    _choice("finite_flag", group.get("finite_flag"), FINITE_FLAGS, w)
+    _integer("in_place_min_numel", group.get("in_place_min_numel", 0), w, low=0)
+    _choice("fused", group.get("fused"), (True, False), w)
+    if group.get("fused") and (base != "adamw" or not group.get("correct_bias", True)):
+        why = f"the {base} base" if base != "adamw" else "correct_bias=False"
+        raise ValueError(f"sara_ds: fused=True runs torch's fused AdamW kernel, which has no form for {why}{w}")
+    _integer("seed", group["seed"], w, low=0)
+
+
+def _check_projection(group: dict, w: str) -> None:
+    _integer("rank", group["rank"], w)
+    _integer("update_proj_gap", group["update_proj_gap"], w)
     _number("scale", group["scale"], w, low=0.0, low_open=True)
-    if group["proj_type"] not in PROJ_TYPES:
-        raise ValueError(f"sara_ds: proj_type must be one of {PROJ_TYPES}, got proj_type={group['proj_type']!r}{w}")
-    if group["subspace"] not in RULES:
-        raise ValueError(f"sara_ds: subspace must be one of {RULES}, got subspace={group['subspace']!r}{w}")
+    _choice("proj_type", group["proj_type"], PROJ_TYPES, w)
+    _choice("subspace", group["subspace"], RULES, w)
     group["residual"] = _norm_residual(group["residual"])
-    if group["residual"] not in RESIDUALS:
-        raise ValueError(f"sara_ds: residual must be None or 'fira', got residual={group['residual']!r}{w}")
-    if group["moments_on_refresh"] not in MOMENT_POLICIES:
-        raise ValueError(
-            f"sara_ds: moments_on_refresh must be one of {MOMENT_POLICIES}, "
-            f"got moments_on_refresh={group['moments_on_refresh']!r}{w}"
-        )
+    _choice("residual", group["residual"], RESIDUALS, w)
+    _choice("moments_on_refresh", group["moments_on_refresh"], MOMENT_POLICIES, w)
     _number("grass_walk_angle", group["grass_walk_angle"], w, low=0.0, low_open=True, high=3.1416)
-    if group["basis_signs"] not in SIGN_CONVENTIONS:
-        raise ValueError(f"sara_ds: basis_signs must be one of {SIGN_CONVENTIONS}, "
-                         f"got basis_signs={group['basis_signs']!r}{w}")
-    if group["spectrum"] not in LOCAL_SPECTRA:
-        raise ValueError(f"sara_ds: spectrum must be one of {LOCAL_SPECTRA}, got spectrum={group['spectrum']!r}{w}")
-    if group["tp_side"] not in TP_SIDES:
-        raise ValueError(f"sara_ds: tp_side must be one of {TP_SIDES}, got tp_side={group['tp_side']!r}{w}")
-    if group["tp_spectrum"] not in TP_SPECTRA:
-        raise ValueError(f"sara_ds: tp_spectrum must be one of {TP_SPECTRA}, got tp_spectrum={group['tp_spectrum']!r}{w}")
-    _positive_int("sketch_oversample", group["sketch_oversample"], w)
-    if isinstance(group["sketch_power_iters"], bool) or not isinstance(group["sketch_power_iters"], numbers.Integral) \
-            or group["sketch_power_iters"] < 0:
-        raise ValueError(f"sara_ds: sketch_power_iters must be a non-negative integer, "
-                         f"got sketch_power_iters={group['sketch_power_iters']!r}{w}")
+    _choice("basis_signs", group["basis_signs"], SIGN_CONVENTIONS, w)
+    _choice("spectrum", group["spectrum"], LOCAL_SPECTRA, w)
+    _choice("tp_side", group["tp_side"], TP_SIDES, w)
+    _choice("tp_spectrum", group["tp_spectrum"], TP_SPECTRA, w)
+    _integer("sketch_oversample", group["sketch_oversample"], w)
+    _integer("sketch_power_iters", group["sketch_power_iters"], w, low=0)
     if group["osd_lr"] is not None:
         _number("osd_lr", group["osd_lr"], w, low=0.0)
     _number("osd_orth_penalty", group["osd_orth_penalty"], w, low=0.0)

@@ -24,7 +24,7 @@ class LaunchError(RuntimeError):
     pass
 
 
-def _first_slurm_host(env) -> str | None:
+def first_slurm_host(env) -> str | None:
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         return None
@@ -82,7 +82,7 @@ def _from_mpi4py():
     return "mpi4py", str(comm.Get_rank()), str(comm.Get_size()), str(local)
 
 
-def _mpi_rendezvous(env, source=None):
+def mpi_rendezvous(env, source=None):
     """Rank 0's host and a free port of its, broadcast over MPI (None if mpi4py is unavailable).
 
     mpi4py's wheel loads an MPI library at run time; when several are installed (PyPI's
@@ -133,11 +133,11 @@ def discover(default_port: int | None = None, environ=None) -> str:
     if int(world) > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
         host, port = None, None
         if source in ("openmpi", "mpich", "mpi4py"):
-            rendezvous = _mpi_rendezvous(env, source)
+            rendezvous = mpi_rendezvous(env, source)
             if rendezvous:
                 host, port = rendezvous
         if host is None:
-            host = _first_slurm_host(env)
+            host = first_slurm_host(env)
         if host is None:
             local_size = env.get("OMPI_COMM_WORLD_LOCAL_SIZE", env.get("MPI_LOCALNRANKS", env.get("SLURM_NTASKS_PER_NODE")))
             if local_size is None or int(local_size) != int(world):

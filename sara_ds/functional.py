@@ -118,15 +118,31 @@ def refresh(slots: list, states: list, group: dict, base, generators: list) -> N
         new = [_spectrum_free_basis(group, s, rows if left else cols, rank, gen, g)
                for s, g, gen in zip(states, grads, generators)]
     elif ctx.batched_spectrum and grads[0].dim() == 2:
-        sigma, vectors = ctx.spectrum(torch.stack(grads), left, None, rank)
+        sigma, vectors = ctx.spectrum(torch.stack(normalised(grads, ctx)), left, None, rank)
         new = [_draw(group, s, v, rank, gen) for s, v, gen in zip(to_host(sigma), vectors, generators)]
     else:
-        spectra = [ctx.spectrum(g, left, gen, rank) for g, gen in zip(grads, generators)]
+        spectra = [ctx.spectrum(g, left, gen, rank) for g, gen in zip(normalised(grads, ctx), generators)]
         new = [_draw(group, s, v, rank, gen) for (s, v), gen in zip(spectra, generators)]
     overlaps = [install_basis(s, b, g, group, base, ctx) for s, b, g in zip(states, new, grads)]
     if overlaps[0] is not None:
         for s, value in zip(states, to_host(torch.stack(overlaps)).tolist()):
             s["overlap"] = value
+
+
+PEAK = 2.0**50  # above it, a gram's or sketch's squares summed over a matrix could overflow fp32
+
+
+def normalised(grads: list, ctx) -> list:
+    """The gradients a refresh decomposes, scaled by a power of two into a range where no spectrum's squares can
+    overflow, when their largest entry (over every shard) exceeds ``PEAK``: exact, and the directions and the
+    singular values' ratios, all a rule reads, are those of the gradient. Below it (any real training) they are
+    the gradients themselves, so the refresh is bit for bit the unscaled one."""
+    peak = ctx.reduce_max(torch.stack([g.detach().abs().amax() for g in grads]).amax().float().reshape(1))
+    peak = float(peak)
+    if peak <= PEAK:
+        return grads
+    scale = 2.0 ** -math.ceil(math.log2(peak))
+    return [g.float() * scale for g in grads]
 
 
 def _spectrum_free_basis(group, st, dim, rank, gen, grad) -> Tensor:

@@ -24,8 +24,7 @@ def param_groups(model: nn.Module, rank: int, update_proj_gap: int = 200, scale:
     """
     shape_of = shape_of or (lambda p: p.shape)
     only_ids = None if only is None else {id(p) for p in only}
-    include = [re.compile(p) for p in ([include] if isinstance(include, str) else include)]
-    exclude = [re.compile(p) for p in ([exclude] if isinstance(exclude, str) else exclude)]
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
     projected, projected_names, regular, regular_names = [], [], [], []
     seen = set()
     for module_name, module in model.named_modules():
@@ -51,6 +50,16 @@ def param_groups(model: nn.Module, rank: int, update_proj_gap: int = 200, scale:
     if regular:
         groups.insert(0, dict(params=regular, param_names=regular_names))
     return groups
+
+
+def _patterns(key: str, patterns) -> list:
+    compiled = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except (re.error, TypeError) as exc:
+            raise ValueError(f"sara_ds: {key} must hold regular expressions, got {key}={pattern!r}: {exc}") from None
+    return compiled
 
 
 # Megatron's parallel linears, and what DeepSpeed's AutoTP swaps nn.Linear for (and their subclasses).

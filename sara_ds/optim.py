@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import banks, functional, projector, subspace, updates
+from . import banks, checkpoints, functional, projector, subspace, updates
 from .config import PROJECTION_DEFAULTS, SubspaceOptions, validate_group
 from .layout import Layout, Matrix, collective_device
 
@@ -22,30 +22,33 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, base: str, base_defaults: dict, options: SubspaceOptions = SubspaceOptions(),
                  tp_group=None, layout: Layout | None = None):
-        super().__init__(params, dict(base_defaults, **options.group_defaults(), **PROJECTION_DEFAULTS))
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}] if params else params
+        given = [set(g) for g in groups]  # what the caller set in each group (the rest comes from the constructor)
+        _refuse_duplicates(groups)
+        super().__init__(groups, dict(base_defaults, **options.group_defaults(), **PROJECTION_DEFAULTS))
         self.base = updates.BASES[base]
-        if tp_group is not None and layout is not None:
-            raise ValueError("sara_ds: pass tp_group or layout, not both (a TensorParallelLayout takes the group)")
-        if tp_group is not None:
-            from .sharding.tensor_parallel import TensorParallelLayout
-
-            layout = TensorParallelLayout(tp_group)
-        self.layout = layout if layout is not None else Layout()
+        self.accept_changes = checkpoints.accepted(options.accept_changes)
+        self.layout = layout if tp_group is None else _tensor_parallel_layout(tp_group, layout)
+        self.layout = self.layout if self.layout is not None else Layout()
         names, params_in_order, self.group_members = [], [], []
         for gi, group in enumerate(self.param_groups):
-            validate_group(group, self.base_name, gi)
+            validate_group(group, self.base_name, gi, given[gi], known=self.defaults)
             group.update(sara_group=gi, lr_at_start=group.get("lr_at_start", group["lr"]),
                          skipped_steps=group.get("skipped_steps", 0))  # whole steps skipped on a non-finite gradient
-            given = group.get("param_names") or [None] * len(group["params"])
-            self.group_members.append(list(range(len(params_in_order), len(params_in_order) + len(given))))
-            names += [name or f"param{len(params_in_order) + i}" for i, name in enumerate(given)]
+            named = group.get("param_names") or [None] * len(group["params"])
+            self.group_members.append(list(range(len(params_in_order), len(params_in_order) + len(named))))
+            names += [name or f"param{len(params_in_order) + i}" for i, name in enumerate(named)]
             params_in_order += group["params"]
         if len({str(group.get("finite_flag")) for group in self.param_groups}) > 1:  # one flag decides the step
             raise ValueError("sara_ds: finite_flag must be the same in every param group, got "
                              f"{sorted({str(g.get('finite_flag')) for g in self.param_groups})}")
-        self.matrices = [self._matrix(i, names[i], p, gi) for gi, members in enumerate(self.group_members)
-                         for i, p in zip(members, (params_in_order[j] for j in members))]
+        self.matrices = [self._matrix(i, names[i], params_in_order[i], gi)
+                         for gi, members in enumerate(self.group_members) for i in members]
         self.layout.bind(self.matrices)
+        # what each group was built with: what a loaded state must agree on (engines rewrite param_groups later)
+        self.built = [checkpoints.record({k: v for k, v in g.items() if k != "params"}, self._shapes(i), base)
+                      for i, g in enumerate(self.param_groups)]
         self.banks = banks.Banks()
         self._pending_skips = None  # steps skipped by the device flag, not yet added to skipped_steps
         self._check_ownership = False
@@ -57,6 +60,10 @@ class SaraOptimizer(torch.optim.Optimizer):
     @property
     def param_names(self) -> list[str]:
         return [m.name for m in self.matrices]
+
+    def _shapes(self, gi: int) -> list:
+        """The whole matrices' shapes (a TP shard's put back together): a record that holds at any TP size."""
+        return [tuple(self.layout.full_shape_of(self.matrices[i].param)) for i in self.group_members[gi]]
 
     def _matrix(self, index: int, name: str, param: Tensor, gi: int) -> Matrix:
         group, shape = self.param_groups[gi], self.layout.shape_of(param)
@@ -158,20 +165,8 @@ class SaraOptimizer(torch.optim.Optimizer):
     def _banks(self, projected: list) -> list:
         """Same-shape projected matrices stepped as one where ``foreach`` is on (``sara_ds.banks``); every other
         one is a bank of one."""
-        by_key: dict = {}
-        for group, slot in projected:
-            st = self.state[slot.index]
-            together = _batched(group, slot.grad) and group["subspace"] != "online_pca" and slot.grad.dim() == 2
-            key = (id(group), tuple(slot.grad.shape), slot.grad.dtype, slot.grad.device, slot.target.dtype,
-                   st["left"], st["rank"], st["base_step"], slot.context.bank_key, None if together else slot.index)
-            by_key.setdefault(key, (group, []))[1].append(slot)
-        out = []
-        for group, slots in by_key.values():
-            if len(slots) > 1 and not banks.stackable([self.state[s.index] for s in slots]):
-                out += [(group, [s]) for s in slots]
-            else:
-                out.append((group, slots))
-        return out
+        return banks.plan(projected, self.state, lambda group, slot: _batched(group, slot.grad)
+                          and group["subspace"] != "online_pca" and slot.grad.dim() == 2)
 
     def _full_rank_steps(self, full_rank: list, keep) -> None:
         by_group: dict = {}
@@ -188,23 +183,35 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch's layout: ``state`` keyed by matrix id (a parameter's position in the order the optimizer was built
-        with, which is torch's own key for a plain model) and each group's ``params`` as those ids."""
+        with, which is torch's own key for a plain model) and each group's ``params`` as those ids; each group also
+        records what the optimizer was built with (``checkpoints.record``)."""
         self._count_device_skips()
-        groups = [dict({k: v for k, v in g.items() if k != "params"}, params=list(self.group_members[i]))
+        groups = [dict(checkpoints.record({k: v for k, v in g.items() if k != "params"}, self._shapes(i),
+                                          self.base_name), params=list(self.group_members[i]))
                   for i, g in enumerate(self.param_groups)]
         return {"state": {i: st for i, st in self.state.items() if isinstance(i, int)}, "param_groups": groups}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict, accept=None) -> None:
+        """Refused, listing every difference, when the state was saved by an optimizer built otherwise
+        (``checkpoints``), but for the changes ``accept`` (default: the ``accept_changes`` option) names."""
+        accept = self.accept_changes if accept is None else checkpoints.accepted(accept)
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+            raise ValueError(checkpoints.not_a_state(state_dict))
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"sara_ds: the state holds {len(saved_groups)} param groups, this optimizer has "
-                             f"{len(self.param_groups)}")
+        problems = checkpoints.differences(saved_groups, self.built, accept)
+        if problems:
+            raise ValueError("sara_ds: the optimizer state was saved by one built otherwise:\n  " + "\n  ".join(problems)
+                             + f"\nBuild it as it was saved; a new {', '.join(checkpoints.ACCEPTABLE)} can be accepted "
+                             "with load_state_dict(..., accept=[...]) or the accept_changes option.")
         state = by_matrix_id(state_dict["state"])
-        for group, saved in zip(self.param_groups, saved_groups):
-            group.update({k: v for k, v in saved.items() if k not in ("params", "sara_group")})
+        checkpoints.check_states(state, self.matrices, self.param_groups, self.base)
+        keep = {"params", "sara_group", "sara_shapes", "sara_base"} | {checkpoints.GROUP_KEY.get(k, k) for k in accept}
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            group.update({k: v for k, v in saved.items() if k not in keep and not (k == "lr" and "lr" in accept)})
+            validate_group(group, self.base_name, index)
         self.state.clear()
-        for index, st in state.items():
-            self.state[index] = dict(st)
+        for index, st in state.items():  # copies: stepping must not write into the caller's state dict
+            self.state[index] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}
         self.layout.reset()
         self.banks.clear()
         self._pending_skips = None
@@ -213,13 +220,7 @@ class SaraOptimizer(torch.optim.Optimizer):
     def _refuse_state_owned_elsewhere(self) -> None:
         """After a load: state of a matrix another rank steps was written at another data-parallel size."""
         owned = {i: self.layout.owns(i) for i in self.state if isinstance(i, int)}
-        elsewhere = sorted(i for i, mine in owned.items() if mine is False)
-        if elsewhere:
-            raise RuntimeError(
-                f"sara_ds: the loaded optimizer state holds matrices {elsewhere[:8]} that this rank does not step. "
-                "The checkpoint was written with a different data-parallel size or ZeRO partitioning. sara_ds state "
-                "is partitioned by matrix ownership: resume at the same data-parallel size and ZeRO stage, or "
-                "convert with `python -m sara_ds.ds_to_universal` and load with checkpoint.load_universal=true.")
+        checkpoints.refuse_owned_elsewhere(sorted(i for i, mine in owned.items() if mine is False))
         self._check_ownership = None in owned.values()
 
     def _count_device_skips(self) -> None:
@@ -265,6 +266,28 @@ class SaraOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state on this process."""
         return sum(t.numel() * t.element_size() for t in tensors(self.state))
+
+
+def _refuse_duplicates(groups: list) -> None:
+    """A parameter listed twice would be stepped twice a step (torch only warns)."""
+    for gi, group in enumerate(groups):
+        members = group["params"] if isinstance(group["params"], (list, tuple)) else [group["params"]]
+        seen = {}
+        for i, p in enumerate(members):
+            if id(p) in seen:
+                names = group.get("param_names") or [f"parameter {j} of the group" for j in range(len(members))]
+                raise ValueError(f"sara_ds: param group {gi} lists {names[i]} twice (positions {seen[id(p)]} and {i}); "
+                                 "each parameter belongs in one group, once")
+            seen[id(p)] = i
+
+
+def _tensor_parallel_layout(tp_group, layout):
+    """``tp_group=``: weights carrying Megatron's or AutoTP's tensor-parallel marks, split over that group."""
+    if layout is not None:
+        raise ValueError("sara_ds: pass tp_group or layout, not both (a TensorParallelLayout takes the group)")
+    from .sharding.tensor_parallel import TensorParallelLayout
+
+    return TensorParallelLayout(tp_group)
 
 
 def by_matrix_id(saved_state: dict) -> dict:

@@ -1,27 +1,27 @@
 """One rank of DeepSpeed's own AutoTP training (``"tensor_parallel": {"autotp_size": N}``) on a tiny Hugging Face
 Llama, with the optimizer from the config JSON. Importable: tests use ``dense_reference``."""
 import gc
-import json
 import os
 import sys
-import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sara_ds  # noqa: E402
+from dense import dense_run  # noqa: E402
+from worker import serve  # noqa: E402
 
 STEPS, MICRO = 6, 2
 
 
-def build_model():
+def build_model(square=False):
+    """A tiny Hugging Face Llama. head_dim 16 makes q/k/v/o 64x32 and 32x64; ``square`` (head_dim 8) makes them
+    32x32, as in LLaMA, where one process's side for o_proj (right) is AutoTP's split axis."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    # head_dim 16 makes q/k/v/o 64x32 and 32x64 (not square), so GaLore's side rule for the dense run puts
-    # every basis on the unsharded axis, where AutoTP's split puts it (a square o_proj would differ).
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, head_dim=16, max_position_embeddings=16)
+                      num_key_value_heads=4, head_dim=8 if square else 16, max_position_embeddings=16)
     return LlamaForCausalLM(cfg)
 
 
@@ -41,11 +41,10 @@ def optimizer_block(sc):
 
 
 def dense_reference(sc, dp=1):
-    """One process on the full matrices: {"weights": name -> tensor, "norms": the clipped steps' gradient norms}.
-
-    ``jitter``: multiply every gradient by (1 + jitter * N(0, 1)), to measure how far a rule carries
-    fp32 round-off (a relative 1e-7 is about one ulp)."""
-    model = build_model()
+    """One process on the full matrices (``dense.dense_run``): {"weights": name -> tensor, "norms": the clipped steps'
+    gradient norms}. ``jitter``: every gradient times (1 + jitter * N(0, 1)), to measure how far a rule carries fp32
+    round-off (a relative 1e-7 is about one ulp)."""
+    model = build_model(sc.get("square", False))
     block = optimizer_block(sc)
     params = dict(block["params"])
     if sc["optimizer"] == "AdamW":
@@ -54,21 +53,14 @@ def dense_reference(sc, dp=1):
     else:
         selection = {k: params.pop(k) for k in ("rank", "update_proj_gap", "scale")}
         opt = sara_ds.OPTIMIZERS[sc["optimizer"]](sara_ds.param_groups(model, **selection), **params)
-    named, norms = list(model.named_parameters()), []
-    noise = torch.Generator().manual_seed(sc.get("noise_seed", 5))
-    for step in range(sc.get("steps", STEPS)):
-        total = None
-        for d in range(dp):
-            t = tokens(step, d, dp)
-            opt.zero_grad()
-            model(input_ids=t[:, :-1], labels=t[:, 1:]).loss.backward()
-            grads = [p.grad / dp for _, p in named]
-            total = grads if total is None else [a + b for a, b in zip(total, grads)]
-        for (_, p), g in zip(named, total):
-            p.grad = g * (1 + sc["jitter"] * torch.randn(g.shape, generator=noise)) if sc.get("jitter") else g
-        if sc.get("dense_clip"):  # as DeepSpeed: grads * clip / (||g|| + 1e-6) when the norm exceeds clip
-            norms.append(torch.nn.utils.clip_grad_norm_([p for _, p in named], sc["dense_clip"]).item())
-        opt.step()
+    named = list(model.named_parameters())
+
+    def loss_of(step, rank, world):
+        t = tokens(step, rank, world)
+        return model(input_ids=t[:, :-1], labels=t[:, 1:]).loss
+
+    norms = dense_run([p for _, p in named], opt, sc.get("steps", STEPS), loss_of, dp, jitter=sc.get("jitter", 0.0),
+                      noise_seed=sc.get("noise_seed", 5), clip=sc.get("dense_clip"))
     return {"weights": {n: p.detach().clone() for n, p in named}, "norms": norms}
 
 
@@ -79,7 +71,7 @@ def run(sc, tp, dp):
 
     from sara_ds.sharding.tensor_parallel import split_axis_of_marked as partition_dim
 
-    model = build_model()
+    model = build_model(sc.get("square", False))
     config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
               "optimizer": optimizer_block(sc), "zero_optimization": {"stage": sc["stage"]},
               "gradient_clipping": sc.get("clip", 0.0), "tensor_parallel": {"autotp_size": tp},
@@ -118,26 +110,12 @@ def run(sc, tp, dp):
 
 
 def main(spec_path):
-    import deepspeed
+    import json
+
     import torch.distributed as dist
 
-    from sara_ds.integrations import deepspeed as sara_deepspeed
-
-    warnings.filterwarnings("ignore")
-    spec = json.load(open(spec_path))
-    sara_deepspeed.prepare_cpu_launch()
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    tp = spec.get("tp", 2)
-    dp = dist.get_world_size() // tp
-    results = [run(sc, tp, dp) for sc in spec["scenarios"]]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, [r.get("bases") for r in results])
-    if dist.get_rank() == 0:
-        for i, r in enumerate(results):
-            r["bases_per_rank"] = [g[i] for g in gathered]
-        torch.save(results, spec["out"])
-    dist.barrier()
-    dist.destroy_process_group()
+    tp = json.load(open(spec_path)).get("tp", 2)
+    serve(spec_path, lambda sc, spec: run(sc, tp, dist.get_world_size() // tp), engine="deepspeed", gather=("bases",))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,8 @@ Importable without side effects: tests use ``dense_reference`` (one process, ful
 gradient formed the way data parallelism forms it).
 """
 import gc
-import json
 import os
 import sys
-import traceback
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +15,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import counting_dist  # noqa: E402
 import sara_ds  # noqa: E402
+from dense import dense_run  # noqa: E402
 from tp_worker import FFN, HIDDEN, master_weights  # noqa: E402
+from worker import serve  # noqa: E402
 
 TOKENS = 6  # per data-parallel rank and step
 
@@ -44,8 +43,7 @@ def optimizer_block(sc):
 
 
 def dense_reference(sc, dp=2, steps=7, jitter=0.0, noise_seed=5):
-    """One process with the full matrices; per-DP-rank gradients / dp, summed in rank order.
-    ``jitter``: gradients times (1 + jitter * N(0, 1)), to measure how far a rule carries fp32 round-off."""
+    """One process with the full matrices (``dense.dense_run``), per-DP-rank gradients / dp summed in rank order."""
     w1, w2 = (torch.nn.Parameter(w) for w in master_weights(ffn=sc.get("ffn", FFN)))
     gain = torch.nn.Parameter(torch.ones(HIDDEN))
     block = optimizer_block(sc)
@@ -56,21 +54,15 @@ def dense_reference(sc, dp=2, steps=7, jitter=0.0, noise_seed=5):
         kw = dict(block["params"])
         selection = {k: kw.pop(k) for k in ("rank", "update_proj_gap", "scale")}
         opt = sara_ds.OPTIMIZERS[block["type"]]([{"params": [gain]}, dict(params=[w1, w2], **selection)], **kw)
-    params, noise = [gain, w1, w2], torch.Generator().manual_seed(noise_seed)
-    for step in range(steps):
-        total = None
-        for d in range(dp):
-            x, y = batch(step, d, dp)
-            opt.zero_grad()
-            _loss(F.gelu(x @ w1.T) @ w2.T, gain, y).backward()
-            grads = [p.grad / dp for p in params]
-            total = grads if total is None else [t + g for t, g in zip(total, grads)]
-        for p, g in zip(params, total):
-            p.grad = g * (1 + jitter * torch.randn(g.shape, generator=noise)) if jitter else g
-        opt.step()
+
+    def loss_of(step, rank, world):
+        x, y = batch(step, rank, world)
+        return _loss(F.gelu(x @ w1.T) @ w2.T, gain, y)
+
+    dense_run([gain, w1, w2], opt, steps, loss_of, dp, jitter=jitter, noise_seed=noise_seed)
     state = opt.state_bytes() if isinstance(opt, sara_ds.SaraOptimizer) else None
     largest = max((sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
-                    for st in opt.state.values()), default=0)
+                   for st in opt.state.values()), default=0)
     return {"w1": w1.detach().clone(), "w2": w2.detach().clone(), "gain": gain.detach().clone(),
             "state_bytes": state, "largest_state": largest}
 
@@ -167,41 +159,19 @@ def run(sc, tp, dp, counter):
 
 
 def main(spec_path):
-    import deepspeed
+    import json
+
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    from sara_ds.integrations import deepspeed as sara_deepspeed
+    counter = []
+    tp = json.load(open(spec_path)).get("tp", 2)
 
-    warnings.filterwarnings("ignore")
-    spec = json.load(open(spec_path))
-    counter = counting_dist.install()
-    counter.enabled = False
-    sara_deepspeed.prepare_cpu_launch()
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    tp = spec.get("tp", 2)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    dp = dist.get_world_size() // tp
-    results = []
-    for sc in spec["scenarios"]:
-        try:
-            results.append(run(sc, tp, dp, counter))
-        except Exception as exc:  # scenarios that expect an error report it instead of dying
-            if not sc.get("expect_error"):
-                traceback.print_exc()
-                raise
-            results.append({"error": f"{type(exc).__name__}: {exc}"})
-    gathered = [None] * dist.get_world_size()
-    keys = ("bases", "counts", "state_bytes", "tp_bytes", "held", "wire", "calls", "tp_rank")
-    dist.all_gather_object(gathered, [{k: r.get(k) for k in keys}
-                                      for r in results])
-    if dist.get_rank() == 0:
-        for i, r in enumerate(results):
-            r["per_rank"] = [g[i] for g in gathered]
-        torch.save(results, spec["out"])
-    dist.barrier()
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    def install():
+        counter.append(counting_dist.install())
+        counter[0].enabled = False
+
+    serve(spec_path, lambda sc, spec: run(sc, tp, dist.get_world_size() // tp, counter[0]), engine="deepspeed", tp=tp,
+          before=install, gather=("bases", "counts", "state_bytes", "tp_bytes", "held", "wire", "calls", "tp_rank"))
 
 
 if __name__ == "__main__":

@@ -3,17 +3,16 @@
 Importable without side effects: tests use ``build_model``, ``global_batch`` and ``reference_weights``.
 """
 import gc
-import json
 import os
 import sys
-import traceback
-import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sara_ds  # noqa: E402
+from dense import dense_run  # noqa: E402
 from sara_bench import llama  # noqa: E402
+from worker import serve  # noqa: E402
 
 GLOBAL_BATCH, SEQ = 12, 8
 
@@ -57,38 +56,20 @@ def global_batch(step):
 
 
 def reference_weights(optimizer="SaraAdamW", params=None, steps=7, world=1, grid_grads=False, skip_step=None):
-    """The same training on one process with no DeepSpeed: the layout-invariance oracle.
-
-    With ``world`` > 1 the gradient is formed the way data parallelism forms it:
-    each rank's micro-batch gradient, divided by the world size, summed in rank
-    order. The optimizer then sees the same bits a ZeRO rank sees, so what is
-    compared is the optimizer's layout invariance rather than the round-off of a
-    global-batch mean (which the importance rule can amplify, see test_deepspeed).
-    With ``grid_grads`` per-rank gradients are on a fixed-point grid, summed exactly,
-    then scaled by fl(1/world) as DeepSpeed's all-reduce path does. ``world`` may be a
-    list (one entry per step): a run resumed at another data-parallel size.
-    """
+    """The same training on one process with no DeepSpeed (``dense.dense_run``): the layout-invariance oracle.
+    ``world`` may be a list (one entry per step): a run resumed at another data-parallel size."""
     params = dict(params or {})
     selection = {k: params.pop(k) for k in list(params) if k in ("rank", "update_proj_gap", "scale", "proj_type")}
     model = build_model(grid_grads=grid_grads)
     opt = sara_ds.OPTIMIZERS[optimizer](sara_ds.param_groups(model, **selection), **params)
-    for step in range(steps):
-        if step == skip_step:
-            continue
-        ranks = world[step] if isinstance(world, (list, tuple)) else world
-        per = GLOBAL_BATCH // ranks
+
+    def loss_of(step, rank, ranks):
         x, y = global_batch(step)
-        total = None
-        for r in range(ranks):
-            opt.zero_grad()
-            model(x[r * per:(r + 1) * per], y[r * per:(r + 1) * per]).backward()
-            grads = [p.grad.clone() if grid_grads else p.grad / ranks for p in model.parameters()]
-            total = grads if total is None else [t + g for t, g in zip(total, grads)]
-        if grid_grads:
-            total = [t * (1.0 / ranks) for t in total]
-        for p, g in zip(model.parameters(), total):
-            p.grad = g
-        opt.step()
+        per = GLOBAL_BATCH // ranks
+        return model(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
+
+    dense_run(list(model.parameters()), opt, steps, loss_of, world, grid=grid_grads,
+              skip=() if skip_step is None else (skip_step,))
     return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
 
 
@@ -231,7 +212,9 @@ def run_scenario(sc, rank, world, tmp):
     opt = inner(engine)
     steps = sc.get("steps", 7)
     if "load_from" in sc:
-        engine.load_checkpoint(sc["load_from"], tag=sc.get("load_tag"))
+        from sara_ds.integrations.deepspeed import load_checkpoint
+
+        load_checkpoint(engine, sc["load_from"], tag=sc.get("load_tag"))
         start = sc.get("resume_step", 0)
         result["grads"] = [] if sc.get("record_grads") else None
         result["losses"] = train(engine, start, sc.get("steps", start + 1), rank, world, grads=result["grads"])
@@ -290,30 +273,10 @@ def run_scenario(sc, rank, world, tmp):
 
 
 def main(spec_path):
-    import deepspeed
     import torch.distributed as dist
 
-    from sara_ds.integrations import deepspeed as sara_deepspeed
-
-    warnings.filterwarnings("ignore")
-    spec = json.load(open(spec_path))
-    sara_deepspeed.prepare_cpu_launch()
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    results = []
-    for sc in spec["scenarios"]:
-        try:
-            results.append(run_scenario(sc, rank, world, spec["tmp"]))
-        except Exception as exc:  # scenarios that expect an error report it instead of dying
-            if not sc.get("expect_error"):
-                traceback.print_exc()
-                raise
-            results.append({"name": sc.get("name"), "error": f"{type(exc).__name__}: {exc}"})
-            gc.collect()
-    if rank == 0:
-        torch.save(results, spec["out"])
-    dist.barrier()
-    dist.destroy_process_group()
+    serve(spec_path, lambda sc, spec: run_scenario(sc, dist.get_rank(), dist.get_world_size(), spec["tmp"]),
+          engine="deepspeed")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import types
 
 import torch
 
-from megatron_worker import _Stream, install_cpu_shims
+from megatron_worker import Stream, install_cpu_shims
 
 
 def install():
@@ -15,8 +15,8 @@ def install():
     cuda.device_count = lambda: 1
     cuda.synchronize = lambda *a, **k: None
     cuda.is_available = lambda: True
-    cuda.current_stream = lambda *a, **k: _Stream()
-    cuda.Stream = lambda *a, **k: _Stream()
+    cuda.current_stream = lambda *a, **k: Stream()
+    cuda.Stream = lambda *a, **k: Stream()
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
         setattr(cuda, name, lambda *a, **k: 0)

@@ -7,12 +7,12 @@ import io
 import json
 import os
 import sys
-import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from worker import serve  # noqa: E402
 
 
 class CudaToCpu(TorchFunctionMode):
@@ -23,7 +23,7 @@ class CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _Stream:
+class Stream:
     def wait_stream(self, *a):
         pass
 
@@ -36,8 +36,8 @@ def install_cpu_shims():
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     # megatron-core >= 0.17 syncs gradients on the current CUDA stream
-    torch.cuda.current_stream = lambda *a, **k: _Stream()
-    torch.cuda.Stream = lambda *a, **k: _Stream()
+    torch.cuda.current_stream = lambda *a, **k: Stream()
+    torch.cuda.Stream = lambda *a, **k: Stream()
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.synchronize = lambda *a, **k: None  # dist_checkpointing syncs before writing
     torch.Tensor.cuda = lambda self, *a, **k: self
@@ -92,9 +92,11 @@ def make_optimizer(model, sc):
                                        seed=7)
 
 
-def train(model, opt, start, steps, split_batch=False):
+def train(model, opt, start, steps, split_batch=False, poison_at=None):
     """``split_batch``: a global batch of 6 sequences, each data-parallel rank taking its own slice (so DP=1, 2
-    and 3 see the same data per step); otherwise every rank sees the same 2 sequences."""
+    and 3 see the same data per step); otherwise every rank sees the same 2 sequences. ``poison_at``: the step at
+    which the word embedding's gradient on the last rank gets one NaN before the data-parallel sum (the embedding is
+    Megatron's Adam's, not SARA's); ``train`` then returns whether each step reported an update."""
     from megatron.core import parallel_state
 
     losses = []
@@ -109,9 +111,15 @@ def train(model, opt, start, steps, split_batch=False):
         model.zero_grad_buffer()
         loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).mean()
         loss.backward()
+        if step == poison_at and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+            embedding = next(p for n, p in model.named_parameters() if n.endswith("word_embeddings.weight"))
+            embedding.main_grad.view(-1)[3] = float("nan")  # before the data-parallel sum, which spreads it
         if parallel_state.get_data_parallel_world_size() > 1:
             model.finish_grad_sync()
         ok, _, _ = opt.step()
+        if poison_at is not None:
+            losses.append(ok)
+            continue
         assert ok
         losses.append(loss.item())
     return losses
@@ -205,86 +213,93 @@ def load_checkpoint(model, opt, saved, ckpt_dir):
     opt.load_state_dict(state["optimizer"])
 
 
-def main(spec_path):
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b or (a != a and b != b)
+
+
+def run_scenario(sc, ckpt_dir):
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    warnings.filterwarnings("ignore")
-    spec = json.load(open(spec_path))
-    install_cpu_shims()
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=spec["tp"])
-    results = []
-    for index, sc in enumerate(spec["scenarios"]):
-        ckpt_dir = os.path.join(spec["ckpt_dir"], str(index))
+    try:
+        model = build(bf16=sc.get("bf16", False), ddp_sharded=sc.get("ddp_sharded", False))
+        opt = make_optimizer(model, sc)
+    except Exception as exc:  # refusals are reported, not fatal
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    kinds = [type(o).__name__ + ":" + type(o.optimizer).__name__ for o in opt.chained_optimizers]
+    split = sc.get("split_batch", False)
+    if sc.get("mode") == "save":  # torch_dist checkpoint for another run (another TP or DP size) to load
+        train(model, opt, 0, sc["steps"], split_batch=split)
+        save_checkpoint(model, opt, sc["ckpt"])
+        return {"saved": True, "sara": sara_states(opt)}
+    elif sc.get("mode") == "continue":  # load such a checkpoint and train on to sc["steps"]
         try:
-            model = build(bf16=sc.get("bf16", False), ddp_sharded=sc.get("ddp_sharded", False))
-            opt = make_optimizer(model, sc)
-        except Exception as exc:  # refusals are reported, not fatal
-            results.append({"error": f"{type(exc).__name__}: {exc}"})
-            continue
-        kinds = [type(o).__name__ + ":" + type(o.optimizer).__name__ for o in opt.chained_optimizers]
-        split = sc.get("split_batch", False)
-        if sc.get("mode") == "save":  # torch_dist checkpoint for another run (another TP or DP size) to load
-            train(model, opt, 0, sc["steps"], split_batch=split)
-            save_checkpoint(model, opt, sc["ckpt"])
-            results.append({"saved": True, "sara": sara_states(opt)})
-        elif sc.get("mode") == "continue":  # load such a checkpoint and train on to sc["steps"]
-            try:
-                load_checkpoint(model, opt, None, sc["ckpt"])
-            except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
-                results.append({"error": f"{type(exc).__name__}: {exc}"})
-                continue
-            loaded = sara_states(opt)
-            train(model, opt, sc["resume_at"], sc["steps"], split_batch=split)
-            results.append({"weights": full_weights(model), "kinds": kinds, "sara": loaded})
-        elif sc.get("mode") == "load":
-            try:
-                load_checkpoint(model, opt, None, sc["ckpt"])
-                results.append({"error": None})
-            except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
-                results.append({"error": f"{type(exc).__name__}: {exc}"})
-        elif sc.get("resume_at"):
-            torch_dist = sc.get("format") == "torch_dist"
-            train(model, opt, 0, sc["resume_at"], split_batch=split)
-            saved = save_checkpoint(model, opt, ckpt_dir if torch_dist else None)
-            straight = train(model, opt, sc["resume_at"], sc["steps"], split_batch=split)
-            straight_weights = full_weights(model)
-            model = build(bf16=sc.get("bf16", False))
-            opt = make_optimizer(model, sc)
-            load_checkpoint(model, opt, saved, ckpt_dir if torch_dist else None)
-            resumed = train(model, opt, sc["resume_at"], sc["steps"], split_batch=split)
-            names = {id(p): n.removeprefix("module.") for n, p in model.module.named_parameters()}
-            every = [None] * dist.get_world_size()
-            dist.all_gather_object(every, optimizer_bytes(opt, names))
-            results.append({"straight": straight, "resumed": resumed, "kinds": kinds, "bytes": every,
-                            "same_weights": all(torch.equal(w, straight_weights[n])
-                                                for n, w in full_weights(model).items()),
-                             "files": sorted(os.listdir(ckpt_dir)) if torch_dist else None})
-        elif sc.get("split_batch"):  # invariance to TP x DP: the final weights at TP=1 layout, bytes per rank
-            from sara_ds.integrations.megatron import sara_state
+            load_checkpoint(model, opt, None, sc["ckpt"])
+        except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        loaded = sara_states(opt)
+        train(model, opt, sc["resume_at"], sc["steps"], split_batch=split)
+        return {"weights": full_weights(model), "kinds": kinds, "sara": loaded}
+    elif sc.get("mode") == "load":
+        try:
+            load_checkpoint(model, opt, None, sc["ckpt"])
+            return {"error": None}
+        except BaseException as exc:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+            return {"error": f"{type(exc).__name__}: {exc}"}
+    elif sc.get("resume_at"):
+        torch_dist = sc.get("format") == "torch_dist"
+        train(model, opt, 0, sc["resume_at"], split_batch=split)
+        saved = save_checkpoint(model, opt, ckpt_dir if torch_dist else None)
+        straight = train(model, opt, sc["resume_at"], sc["steps"], split_batch=split)
+        straight_weights = full_weights(model)
+        model = build(bf16=sc.get("bf16", False))
+        opt = make_optimizer(model, sc)
+        load_checkpoint(model, opt, saved, ckpt_dir if torch_dist else None)
+        resumed = train(model, opt, sc["resume_at"], sc["steps"], split_batch=split)
+        names = {id(p): n.removeprefix("module.") for n, p in model.module.named_parameters()}
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, optimizer_bytes(opt, names))
+        return {"straight": straight, "resumed": resumed, "kinds": kinds, "bytes": every,
+                "same_weights": all(torch.equal(w, straight_weights[n]) for n, w in full_weights(model).items()),
+                "files": sorted(os.listdir(ckpt_dir)) if torch_dist else None}
+    elif "poison_at" in sc:  # a NaN in a gradient outside SARA's part of the chain
+        from sara_ds.integrations.megatron import sara_state
 
-            train(model, opt, 0, sc["steps"], split_batch=True)
-            names = {id(p): n.removeprefix("module.") for n, p in model.module.named_parameters()}
-            counts = [None] * dist.get_world_size()
-            dist.all_gather_object(counts, (sara_state(opt).refresh_counts()["refreshes"],
-                                            optimizer_bytes(opt, names)))
-            results.append({"weights": full_weights(model), "kinds": kinds,
-                            "projected": sorted(sara_state(opt).param_names),
-                            "refreshes": sum(c[0] for c in counts), "bytes": [c[1] for c in counts],
-                            "owner": getattr(opt, "owner_of", None)})
-        else:
-            from sara_ds.integrations.megatron import sara_state
+        train(model, opt, 0, sc["poison_at"], split_batch=True)
+        before = (full_weights(model), sara_states(opt))
+        updated = train(model, opt, sc["poison_at"], sc["poison_at"] + 1, split_batch=True, poison_at=sc["poison_at"])
+        after = (full_weights(model), sara_states(opt))
+        return {"updated": updated, "weights_kept": all(torch.equal(w, after[0][n]) for n, w in before[0].items()),
+                "sara_kept": _same(before[1], after[1]),
+                "finite": all(bool(torch.isfinite(w).all()) for w in after[0].values()), "kinds": kinds,
+                "refreshes": sara_state(opt).refresh_counts()["refreshes"]}
+    elif sc.get("split_batch"):  # invariance to TP x DP: the final weights at TP=1 layout, bytes per rank
+        from sara_ds.integrations.megatron import sara_state
 
-            sara = sara_state(opt)
-            losses = train(model, opt, 0, sc["steps"])
-            results.append({"losses": losses, "kinds": kinds, "refreshes": sara.refresh_counts()["refreshes"],
-                            "projected": sorted(sara.param_names[i] for i, _ in sara.matrix_states())})
-    if dist.get_rank() == 0:
-        torch.save(results, spec["out"])
-    dist.barrier()
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+        train(model, opt, 0, sc["steps"], split_batch=True)
+        names = {id(p): n.removeprefix("module.") for n, p in model.module.named_parameters()}
+        counts = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, (sara_state(opt).refresh_counts()["refreshes"],
+                                        optimizer_bytes(opt, names)))
+        return {"weights": full_weights(model), "kinds": kinds, "projected": sorted(sara_state(opt).param_names),
+                "refreshes": sum(c[0] for c in counts), "bytes": [c[1] for c in counts],
+                "owner": getattr(opt, "owner_of", None)}
+    else:
+        from sara_ds.integrations.megatron import sara_state
+
+        sara = sara_state(opt)
+        losses = train(model, opt, 0, sc["steps"])
+        return {"losses": losses, "kinds": kinds, "refreshes": sara.refresh_counts()["refreshes"],
+                "projected": sorted(sara.param_names[i] for i, _ in sara.matrix_states())}
+
+
+def main(spec_path):
+    tp, index = json.load(open(spec_path))["tp"], iter(range(10**6))
+    serve(spec_path, lambda sc, spec: run_scenario(sc, os.path.join(spec["ckpt_dir"], str(next(index)))), tp=tp,
+          before=install_cpu_shims)
 
 
 if __name__ == "__main__":

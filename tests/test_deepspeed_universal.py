@@ -108,11 +108,31 @@ def test_resume_at_another_data_parallel_size_matches_one_process_and_never_drop
     os.rename(name.format(1), name.format(0))
     os.rename(name.format("tmp"), name.format(1))
     swap = dict(regular, name="swapped", load_from=swapped)
+    # an engine built otherwise than the one that saved: every stage refuses, listing the difference
+    changed = [dict(name=f"changed-z{stage}", params=dict(_params(preset), **change), zero=_zero(stage),
+                    load_from=_saved(root, 2, stage, preset), load_tag="final", resume_step=BEFORE, expect_error=True,
+                    expected=expected)
+               for stage, preset, change, expected in (
+                   (0, "sara", dict(rank=3), "rank saved 4, now 3"),
+                   (1, "sara_fira", dict(preset="sara"), "residual saved 'fira', now None"),
+                   (2, "sara_fira", dict(update_proj_gap=50), "update_proj_gap saved 3, now 50"),
+                   (3, "sara_fira", dict(rank=5), "rank saved 4, now 5"))]
+    # a file cut short (a save a lost node left half-written): named before DeepSpeed reads anything
+    damaged = os.path.join(root, "damaged")
+    shutil.copytree(_saved(root, 2, 2, "sara_fira"), damaged)
+    shard = os.path.join(damaged, "final", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    changed.append(dict(regular, name="truncated", load_from=damaged, expected=f"{shard} is damaged"))
+    # a ZeRO-2 checkpoint at ZeRO-0: the optimizer state is in files stage 0 does not read
+    changed.append(dict(name="z2-into-z0", params=_params("sara_fira"), zero={"stage": 0},
+                        load_from=_saved(root, 2, 2, "sara_fira"), load_tag="final", resume_step=BEFORE,
+                        expect_error=True, expected="there is no optimizer state to load (None)"))
     refusals, refused_with = _never_dropped(root, os.path.join(_saved(root, 2, 2, "sara_fira"), "final"))
     results = {3: run_scenarios(3, _resumes(3, root) + _saves(3, root))}
     before.update({sc["saves"]: res for sc, res in zip(_saves(3, root), results[3][len(_resumes(3, root)):])})
     _convert_all(3, root)
-    results[2] = run_scenarios(2, _resumes(2, root) + [swap])
+    results[2] = run_scenarios(2, _resumes(2, root) + [swap] + changed)
     results[1] = run_scenarios(1, _resumes(1, root) + [stage0, regular] + refusals)
     print(f"\nsave after {BEFORE} steps at DP=A, ds_to_universal, {AFTER} more steps at DP=B (fp32, refreshes every "
           f"{GAP} steps): max |resumed - one process|")
@@ -144,7 +164,10 @@ def test_resume_at_another_data_parallel_size_matches_one_process_and_never_drop
             assert held and all(n == {1 if sc["preset"] == "osd" else 4} for n in held.values()), (sc["name"], held)
     assert control is not None and worst <= control  # at stage 3 DeepSpeed asks no better than its own AdamW
     print(f"  worst {worst:.2e}")
-    refused = {"regular-2-to-1": results[1][-1 - len(refusals)], "swapped": results[2][-1]}
+    refused = {"regular-2-to-1": results[1][-1 - len(refusals)], "swapped": results[2][-1 - len(changed)]}
+    for sc, res in zip(changed, results[2][-len(changed):]):
+        print(f"  {sc['name']}: {res.get('error', 'NO ERROR')[:200]}")
+        assert sc["expected"] in res.get("error", ""), (sc["name"], res)
     for label, res in refused.items():
         print(f"  {label}: {res.get('error', 'NO ERROR')[:300]}")
     for res in results[1][-len(refusals):]:
@@ -199,6 +222,7 @@ def _never_dropped(root, tag):
         torch.save(changed, os.path.join(bad, "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
         with pytest.raises(RuntimeError, match=expected):
             deepspeed_universal.convert(bad, os.path.join(root, f"bad-{kind}-out"))
+    _killed_conversion_keeps_the_previous_one(root, tag)
     # DeepSpeed's output for a plain universal folder (the sidecar removed) and an engine that never loads
     deepspeed_universal.convert(tag, os.path.join(root, "u", "universal"))
     os.remove(os.path.join(root, "u", "universal", deepspeed_universal.SIDECAR))
@@ -213,3 +237,31 @@ def _never_dropped(root, tag):
     expected = {"no-sidecar": "optimizer_state.pt is missing", "never-loaded": "no universal checkpoint has been loaded",
                 "stage-0": "load_universal=true is supported at zero_optimization.stage 1, 2 and 3"}
     return scenarios, expected
+
+
+def _killed_conversion_keeps_the_previous_one(root, tag):
+    """A conversion killed part-way (os._exit after its 5th file) leaves every file it had written whole, the one it
+    was writing under a temporary name, and ``latest_universal`` naming the previous conversion, which loads."""
+    import subprocess
+    import sys
+
+    from launch_utils import base_env
+
+    first = os.path.join(root, "kill", "first")
+    deepspeed_universal.convert(tag, first)
+    script = (f"import os, sys; from sara_ds import checkpoints; from sara_ds.integrations import deepspeed_universal; "
+              f"real, calls = checkpoints.atomic_save, []\n"
+              f"def dying(obj, path):\n    calls.append(path)\n    if len(calls) == 5:\n"
+              f"        import torch; torch.save(obj, path + '.tmp.partial'); os._exit(9)\n    real(obj, path)\n"
+              f"checkpoints.atomic_save = dying\n"
+              f"deepspeed_universal.convert({tag!r}, {os.path.join(root, 'kill', 'second')!r})")
+    proc = subprocess.run([sys.executable, "-c", script], env=base_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stdout + proc.stderr
+    with open(os.path.join(root, "kill", "latest_universal")) as f:
+        assert f.read() == "first"
+    written = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(root, "kill", "second")) for f in files]
+    assert len([p for p in written if p.endswith(".pt")]) == 4 and any(".tmp" in p for p in written), written
+    for path in (p for p in written if p.endswith(".pt")):
+        torch.load(path, weights_only=False)  # every file under its final name is whole
+    assert deepspeed_universal.collect_state(tag) is not None and os.path.isfile(
+        os.path.join(first, deepspeed_universal.SIDECAR))

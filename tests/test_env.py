@@ -24,7 +24,7 @@ def test_deepspeed_launcher():
 
 
 def test_open_mpi_on_one_node_without_mpi4py_rendezvous(monkeypatch):
-    monkeypatch.setattr(sara_env, "_mpi_rendezvous", lambda env, source=None: None)
+    monkeypatch.setattr(sara_env, "mpi_rendezvous", lambda env, source=None: None)
     src, e = _discover(dict(OMPI_COMM_WORLD_RANK="1", OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_LOCAL_RANK="1",
                             OMPI_COMM_WORLD_LOCAL_SIZE="2"), default_port=29611)
     assert src == "openmpi" and e == dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
@@ -32,13 +32,13 @@ def test_open_mpi_on_one_node_without_mpi4py_rendezvous(monkeypatch):
 
 
 def test_mpich_uses_rank_zero_host_from_mpi(monkeypatch):
-    monkeypatch.setattr(sara_env, "_mpi_rendezvous", lambda env, source=None: ("node7", 40111))
+    monkeypatch.setattr(sara_env, "mpi_rendezvous", lambda env, source=None: ("node7", 40111))
     src, e = _discover(dict(PMI_RANK="2", PMI_SIZE="4", MPI_LOCALRANKID="0"))
     assert src == "mpich" and e["LOCAL_RANK"] == "0" and (e["MASTER_ADDR"], e["MASTER_PORT"]) == ("node7", "40111")
 
 
 def test_srun_task(monkeypatch):
-    monkeypatch.setattr(sara_env, "_first_slurm_host", lambda env: "gpu-a01")
+    monkeypatch.setattr(sara_env, "first_slurm_host", lambda env: "gpu-a01")
     src, e = _discover(dict(SLURM_JOB_ID="12345", SLURM_STEP_ID="0", SLURM_PROCID="5", SLURM_NTASKS="8",
                             SLURM_LOCALID="1", SLURM_JOB_NODELIST="gpu-a[01-02]"))
     assert src == "slurm" and e == dict(RANK="5", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="gpu-a01",
@@ -61,6 +61,6 @@ def test_multi_task_allocation_outside_srun_is_an_error():
 
 
 def test_multi_node_mpi_without_a_way_to_find_rank_zero_is_an_error(monkeypatch):
-    monkeypatch.setattr(sara_env, "_mpi_rendezvous", lambda env, source=None: None)
+    monkeypatch.setattr(sara_env, "mpi_rendezvous", lambda env, source=None: None)
     with pytest.raises(sara_env.LaunchError, match="MASTER_ADDR is not set"):
         _discover(dict(OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_SIZE="2"))

@@ -238,3 +238,16 @@ def test_torch_dist_checkpoints_reshard_over_tp_and_dp(layouts, one_process):
                 print(f"\n{label}{'' if distributed else ' (no distributed optimizer)'}: state exact, "
                       f"max |dW| vs one process {worst:.1e} (uninterrupted at TP={stp} x DP={sdp}: {straight:.1e})")
                 assert worst <= max(2e-5, 1.01 * straight + 1e-6), label
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["replicated", "distributed"])
+def test_a_nan_outside_sara_skips_the_whole_chain_in_bf16(distributed):
+    """bf16 has no loss scaler, so megatron-core checks no gradient before its Adam steps the embeddings, norms and
+    output layer. A NaN in one rank's embedding gradient must skip the whole chain's step (SARA's and Adam's),
+    agreed by every rank: Megatron reports no update, every weight and SARA's state stay as they were."""
+    sc = dict(preset="sara", bf16=True, split_batch=True, poison_at=3, distributed_optimizer=distributed)
+    (res,) = _run(2, [sc], world=4)
+    assert "error" not in res, res.get("error")
+    assert res["kinds"][0] == "Float16OptimizerWithFloat16Params:SaraAdamW"
+    assert res["updated"] == [False] and res["weights_kept"] and res["sara_kept"] and res["finite"], res
+    assert res["refreshes"] > 0  # SARA had stepped (and refreshed) before the poisoned step

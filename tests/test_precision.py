@@ -28,7 +28,7 @@ def test_precedence_dtype_flag_then_config_then_device(has_native):
 
 def test_auto_on_a_cpu_without_native_bf16_says_why_and_how_to_force_it(monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_features", lambda: [])
-    monkeypatch.setattr(precision, "_cpu_isa", lambda: "AVX2")
+    monkeypatch.setattr(precision, "cpu_isa", lambda: "AVX2")
     cfg, dtype, msg = precision.resolve_config({"bf16": {"enabled": "auto"}}, "auto", "cpu")
     assert dtype == "fp32" and cfg["bf16"]["enabled"] is False
     assert msg == ("[sara_ds] dtype fp32: this CPU has no native bf16 (AVX2, no AMX-BF16 or AVX512-BF16); "
@@ -49,9 +49,9 @@ def test_cpu_features_from_torch_else_proc_cpuinfo(monkeypatch):
     for name in ("get_capabilities", "_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         monkeypatch.delattr(torch.cpu, name, raising=False)
         monkeypatch.delattr(torch._C._cpu, name, raising=False)
-    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(precision, "cpuinfo_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
     assert precision.cpu_bf16_features() == ["amx_bf16"]
-    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(precision, "cpuinfo_flags", lambda: {"avx2", "fma"})
     assert precision.cpu_bf16_features() == []
 
 

@@ -76,8 +76,8 @@ def test_tp_equals_one_dense_process_for_every_rule(tp):
         assert diff < LIMITS.get(sc["preset"], 1e-6), name
         if tp == 1:  # a TP group of one is the dense process, bit for bit
             assert diff == 0.0, name
-        first = res["bases_per_rank"][0]
-        for other in res["bases_per_rank"][1:]:  # every TP rank holds a bit-identical basis
+        first = res["per_rank"][0]["bases"]
+        for other in [r["bases"] for r in res["per_rank"][1:]]:  # every TP rank holds a bit-identical basis
             assert all(torch.equal(first[i], other[i]) for i in first)
         taken = 7 - ("nan_step" in sc)  # steps taken; refreshes at taken-step 0, 2, 4, 6
         assert res["counts"]["refreshes"] == 2 * (1 if sc["preset"] == "osd" else (taken + 1) // 2), name

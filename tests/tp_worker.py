@@ -3,10 +3,8 @@
 Importable without side effects: tests use ``dense_reference`` (the same training on one
 process with plain tensors) and ``TOKENS``.
 """
-import json
 import os
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +12,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import counting_dist  # noqa: E402
 import sara_ds  # noqa: E402
+from dense import dense_run  # noqa: E402
+from worker import serve  # noqa: E402
 
 HIDDEN, FFN, TOKENS = 16, 48, 6   # gradients have rank <= 6 tokens, so the sampled spectrum is well separated
 
@@ -58,15 +58,17 @@ def _opt_kwargs(sc):
 def dense_reference(sc, steps=7):
     weights = [torch.nn.Parameter(w) for w in master_weights(blocks=sc.get("blocks", 1), ffn=sc.get("ffn", FFN))]
     opt = sara_ds.OPTIMIZERS[sc.get("optimizer", "SaraAdamW")](_groups(weights, sc), **_opt_kwargs(sc))
-    for step in range(steps):
-        if step == sc.get("nan_step") and sc.get("finite_flag") != "device":
-            continue  # the TP run skips that whole step: as if it never happened
+
+    def loss_of(step, rank, world):
         x, y = batch(step)
-        opt.zero_grad()
-        F.mse_loss(_forward(x, weights), y).backward()
-        if step == sc.get("nan_step"):  # the device flag skips it too, but counts it
-            weights[0].grad[0, 0] = float("nan")
-        opt.step()
+        return F.mse_loss(_forward(x, weights), y)
+
+    def poison(step, params):  # the device flag skips that step too, but counts it
+        if step == sc.get("nan_step"):
+            params[0].grad[0, 0] = float("nan")
+
+    host_skips = sc.get("nan_step") if sc.get("finite_flag") != "device" else None  # as if it never happened
+    dense_run(weights, opt, steps, loss_of, skip=() if host_skips is None else (host_skips,), poison=poison)
     return {f"w{i + 1}": w.detach().clone() for i, w in enumerate(weights)}
 
 
@@ -124,26 +126,9 @@ def _gather(t, group):
 
 
 def main(spec_path):
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    warnings.filterwarnings("ignore")
-    spec = json.load(open(spec_path))
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
-    counter = counting_dist.install()
-    results = [run(sc, counter, sc.get("steps", 7)) for sc in spec["scenarios"]]
-    counter.enabled = False
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, [{k: r[k] for k in ("bases", "bytes_sent")} for r in results])
-    if dist.get_rank() == 0:
-        for r, *others in zip(results, *gathered):
-            r["bases_per_rank"] = [o["bases"] for o in others]
-            r["bytes_per_rank"] = [o["bytes_sent"] for o in others]
-        torch.save(results, spec["out"])
-    dist.barrier()
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    counter = []
+    serve(spec_path, lambda sc, spec: run(sc, counter[0], sc.get("steps", 7)), tp="world",
+          before=lambda: counter.append(counting_dist.install()), gather=("bases", "bytes_sent"))
 
 
 if __name__ == "__main__":

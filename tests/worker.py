@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def serve(spec_path: str, run_scenario, *, engine: str = "torch", tp: int | None = None, gather=(),
           gather_into: str = "per_rank", before=None) -> None:
     """``engine``: 'torch' (``init_process_group('gloo')``) or 'deepspeed' (``deepspeed.init_distributed``, with
-    ``prepare_cpu_launch``). ``tp``: megatron-core's tensor-parallel size (None: no model-parallel state).
+    ``prepare_cpu_launch``). ``tp``: megatron-core's tensor-parallel size ('world': every rank; None: no
+    model-parallel state).
     ``gather``: the keys of each result collected from every rank into ``result[gather_into]`` on rank 0.
     ``before``: called first, before torch.distributed starts (a CPU shim, a wire counter)."""
     import torch.distributed as dist
@@ -43,7 +44,8 @@ def serve(spec_path: str, run_scenario, *, engine: str = "torch", tp: int | None
     if tp is not None:
         from megatron.core import parallel_state
 
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=dist.get_world_size() if tp == "world" else tp)
     results = []
     for sc in spec["scenarios"]:
         try:

@@ -23,7 +23,7 @@ DTYPES = ("auto", "bf16", "fp32")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def _cpu_isa() -> str:
+def cpu_isa() -> str:
     """torch's dispatch level for this CPU: 'AVX2', 'AVX512', 'DEFAULT', ... ('unknown' if not reported)."""
     try:
         import torch
@@ -33,7 +33,7 @@ def _cpu_isa() -> str:
         return "unknown"
 
 
-def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
+def cpuinfo_flags(path: str = "/proc/cpuinfo") -> set[str]:
     try:
         with open(path) as f:
             for line in f:
@@ -71,7 +71,7 @@ def cpu_bf16_features() -> list[str]:
                 break
     if probed:
         return found
-    flags = _cpuinfo_flags()
+    flags = cpuinfo_flags()
     return [name for name in CPU_BF16_FLAGS if name in flags]
 
 
@@ -83,7 +83,7 @@ def native_bf16(device_type: str) -> tuple[bool, str]:
         found = cpu_bf16_features()
         if found:
             return True, f"this CPU has native bf16 ({', '.join(f.upper().replace('_', '-') for f in found)})"
-        return False, f"this CPU has no native bf16 ({_cpu_isa()}, no AMX-BF16 or AVX512-BF16)"
+        return False, f"this CPU has no native bf16 ({cpu_isa()}, no AMX-BF16 or AVX512-BF16)"
     if device_type == "cuda":
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
         ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -44,7 +44,7 @@ import torch
 
 import torch.distributed as dist
 
-from .. import groups
+from .. import groups, versions
 from ..config import SUBSPACE_OPTIONS
 from ..optim import OPTIMIZERS
 from ..sharding import zero
@@ -94,10 +94,13 @@ def _refuse_unsupported(engine) -> None:
         # group: the whole-step skip has to be the engine's own overflow check. Keep it on.
         why = ("DeepSpeed's ZeRO-1/2 steps each param group separately, so a non-finite gradient in one group "
                "would still move the others (half a step); the engine's own check must skip the whole step")
-        if engine.bfloat16_enabled() and not engine._config.bfloat16_config.check_grad_overflow:
+        # both switches came with DeepSpeed 0.19; before it the check always runs
+        bf16_config = getattr(engine._config, "bfloat16_config", None)
+        if engine.bfloat16_enabled() and not getattr(bf16_config, "check_grad_overflow", True):
             raise ValueError(f"sara_ds: bf16.check_grad_overflow=false is not supported: {why}. "
                              "Remove the key (its default is true).")
-        if not (engine.bfloat16_enabled() or engine.fp16_enabled()) and not engine.zero_compute_grad_norm():
+        computes_norm = getattr(engine, "zero_compute_grad_norm", lambda: True)()
+        if not (engine.bfloat16_enabled() or engine.fp16_enabled()) and not computes_norm:
             raise ValueError(f"sara_ds: zero_optimization.compute_grad_norm=false is not supported: {why} "
                              "(in fp32 that check is the invalid-norm test). Remove the key (its default is true).")
     if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 0:
@@ -164,6 +167,7 @@ class MegatronCoreMPU:
     def __init__(self):
         from megatron.core import parallel_state
 
+        versions.check("megatron-core")
         if not parallel_state.model_parallel_is_initialized():
             raise RuntimeError("sara_ds: MegatronCoreMPU needs megatron.core.parallel_state.initialize_model_parallel() "
                                "to have run first")
@@ -360,6 +364,7 @@ def _factory(cls):
                 f"sara_ds: unknown key(s) {unknown} under optimizer.params for type {cls.__name__}; "
                 f"valid keys are {sorted(allowed)}"
             )
+        versions.check("deepspeed")
         engine = _calling_engine()
         tp_group = None
         if engine is not None:
@@ -449,3 +454,30 @@ def save_checkpoint(engine, save_dir: str, tag: str, client_state: dict | None =
             os.fsync(f.fileno())
         os.replace(pending, os.path.join(save_dir, "latest"))
     dist.barrier()
+
+
+def load_checkpoint(engine, load_dir: str, tag: str | None = None, **kwargs):
+    """``engine.load_checkpoint``, after checking that every file of the checkpoint is whole.
+
+    DeepSpeed reads a truncated file (a save cut short by a lost node) with an error that names no file
+    (``OSError: [Errno 22] Invalid argument``). Each ``.pt`` file of the tag (``latest``, or
+    ``latest_universal`` under ``checkpoint.load_universal``) is opened as the zip archive torch writes, which
+    reads only its directory, and a damaged one is named before DeepSpeed reads anything."""
+    import zipfile
+
+    if tag is None:
+        latest = os.path.join(load_dir, "latest_universal" if engine.load_universal_checkpoint() else "latest")
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(f"sara_ds: {latest} is missing: no complete checkpoint in {load_dir}")
+        with open(latest) as f:
+            tag = f.read().strip()
+    folder = os.path.join(load_dir, tag)
+    for root, _dirs, files in os.walk(folder):
+        for name in sorted(f for f in files if f.endswith(".pt")):
+            path = os.path.join(root, name)
+            try:
+                zipfile.ZipFile(path).close()
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise RuntimeError(f"sara_ds: {path} is damaged ({exc}): it was cut short while being written, or "
+                                   "overwritten; resume from another checkpoint") from exc
+    return engine.load_checkpoint(load_dir, tag, **kwargs)

@@ -41,6 +41,7 @@ import shutil
 
 import torch
 
+from .. import checkpoints
 from ..optim import by_matrix_id
 from ..sharding.zero import zero3_piece
 
@@ -161,11 +162,11 @@ def collect_state(input_folder: str) -> dict | None:
             f"sara_ds: {input_folder} has several model-parallel ranks (tensor or pipeline parallel); "
             "converting sara_ds state to a universal checkpoint is supported at TP = PP = 1. Resume at the same "
             "data-parallel size from the regular checkpoint.")
-    ids, shapes = matrices_of(torch.load(models[0], map_location="cpu", weights_only=False))
+    ids, shapes = matrices_of(checkpoints.load_file(models[0], map_location="cpu", weights_only=False))
     names = {i: name for name, i in ids.items()}
     copies, groups, stage = {}, None, None
     for path in files:
-        sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        sd = checkpoints.load_file(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         stage = int(sd.get("zero_stage", 0))
         if stage == 3:
             inner = sd["optimizer_state_dict"]
@@ -201,7 +202,7 @@ def _fragments_zero12(files: list) -> dict:
     parameter's pieces in DP-rank order are the parameter."""
     pieces: dict = {}
     for path in files:
-        sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        sd = checkpoints.load_file(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         base = sd["base_optimizer_state"]
         flat_state = {} if _is_sara(base) else base["state"]
         for g, mappings in enumerate(sd["param_slice_mappings"]):
@@ -225,7 +226,7 @@ def _fragments_zero3(files: list, param_shapes: list) -> dict:
     world = len(files)
     for path in files:
         rank = _dp_rank(path)
-        sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        sd = checkpoints.load_file(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         inner = sd["optimizer_state_dict"]
         for index, shapes in enumerate(param_shapes):
             fp32 = sd["fp32_flat_groups"][index]
@@ -259,22 +260,22 @@ def _write_parameters(pieces: dict, shapes: dict, folder: str, placeholders: boo
             if key == "step":
                 if any(not _equal(p, parts[0]) for p in parts[1:]):
                     raise RuntimeError(f"sara_ds: the pieces of {name} disagree on their step count: {parts}")
-                _atomic_save(parts[0], os.path.join(out, "step.pt"))
+                checkpoints.atomic_save(parts[0], os.path.join(out, "step.pt"))
                 continue
             full = torch.cat(parts)
             if full.numel() != shape.numel():
                 raise RuntimeError(f"sara_ds: the pieces of {name}'s {key} hold {full.numel()} elements, its shape "
                                    f"{tuple(shape)} has {shape.numel()}: the checkpoint is incomplete")
-            _atomic_save({"param": full.view(shape)}, os.path.join(out, f"{key}.pt"))
+            checkpoints.atomic_save({"param": full.view(shape)}, os.path.join(out, f"{key}.pt"))
             if key == "fp32" and placeholders:
                 for flat_key in _FLAT_KEYS:
-                    _atomic_save({"param": torch.zeros(shape)}, os.path.join(out, f"{flat_key}.pt"))
+                    checkpoints.atomic_save({"param": torch.zeros(shape)}, os.path.join(out, f"{flat_key}.pt"))
 
 
 def _global_state(first_file: str, stage: int) -> dict:
     """``zero/optimizer_state.pt``: what the loader reads besides the parameters (loss scaler, clipping, the param
     groups' hyperparameters; at stage 3 also the first sub-group's ``step``), without any rank's partitions."""
-    sd = torch.load(first_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    sd = checkpoints.load_file(first_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
     if stage == 3:
         inner = sd.pop("optimizer_state_dict")
         sd.pop("fp32_flat_groups", None)
@@ -290,11 +291,6 @@ def _global_state(first_file: str, stage: int) -> dict:
     return out
 
 
-def _atomic_save(obj, path: str) -> None:
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def convert(input_folder: str, output_folder: str) -> dict:
     """A DeepSpeed ZeRO-1/2/3 checkpoint tag (``*_optim_states.pt``, ``*model_states.pt``) in DeepSpeed's universal
     layout, read from the files alone: every parameter's fp32 weight and per-element optimizer state (by position,
@@ -303,23 +299,23 @@ def convert(input_folder: str, output_folder: str) -> dict:
     optim_files = sorted(glob.glob(os.path.join(input_folder, "*_optim_states.pt")), key=_dp_rank)
     collected = collect_state(input_folder)  # checks the files, the model-parallel size and sara_ds's state
     models = _model_files(input_folder)
-    stage = int(torch.load(optim_files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    stage = int(checkpoints.load_file(optim_files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
                 .get("zero_stage", 0))
-    model_states = torch.load(models[0], map_location="cpu", weights_only=False)
+    model_states = checkpoints.load_file(models[0], map_location="cpu", weights_only=False)
     shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
     if stage == 3:
         pieces = _fragments_zero3(optim_files, model_states["param_shapes"])
     else:
         pieces = _fragments_zero12(optim_files)
     _write_parameters(pieces, shapes, output_folder, placeholders=stage == 3 and collected is not None)
-    _atomic_save(_global_state(optim_files[0], stage), os.path.join(output_folder, "zero", "optimizer_state.pt"))
+    checkpoints.atomic_save(_global_state(optim_files[0], stage), os.path.join(output_folder, "zero", "optimizer_state.pt"))
     for path in models:
         shutil.copy2(path, os.path.join(output_folder, os.path.basename(path)))
     report = {"parameters": len(pieces), "matrices": 0, "zero_stage": stage}
     if collected is not None:
         sidecar = os.path.join(output_folder, SIDECAR)
         os.makedirs(os.path.dirname(sidecar), exist_ok=True)
-        _atomic_save(collected, sidecar)
+        checkpoints.atomic_save(collected, sidecar)
         projected = sum("basis" in st for st in collected["matrices"].values())
         print(f"[sara_ds] wrote the state of {len(collected['matrices'])} parameters ({projected} projected; saved "
               f"at DP={collected['dp_size']}) to {sidecar}")
@@ -407,10 +403,14 @@ def restore_state(optimizer, sidecar: str, engine=None) -> None:
     """Give each rank the saved state of the matrices it owns in the (new) ZeRO partitions."""
     import torch.distributed as dist
 
-    saved = torch.load(sidecar, map_location="cpu", weights_only=False)
+    saved = checkpoints.load_file(sidecar, map_location="cpu", weights_only=False)
     if saved.get("format") != _FORMAT:
         raise ValueError(f"sara_ds: {sidecar} has format {saved.get('format')}, this sara_ds reads {_FORMAT}")
+    problems = checkpoints.differences(saved["param_groups"], optimizer.built, optimizer.accept_changes)
+    if problems:
+        raise ValueError(f"sara_ds: {sidecar} was written by an optimizer built otherwise:\n  " + "\n  ".join(problems))
     matrices, layout = saved["matrices"], optimizer.layout
+    checkpoints.check_states(matrices, optimizer.matrices, optimizer.param_groups, optimizer.base, sidecar)
     layout.reset()
     optimizer.banks.clear()
     optimizer.state.clear()  # and whatever DeepSpeed's stage-3 loader put there for the flat partitions

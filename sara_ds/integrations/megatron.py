@@ -42,6 +42,7 @@ import re
 
 import torch
 
+from .. import versions
 from ..optim import OPTIMIZERS
 from ..sharding.tensor_parallel import TensorParallelLayout
 
@@ -74,10 +75,9 @@ def _projected(name: str, param, include) -> bool:
 def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_gap: int = 200, scale: float = 0.25,
                                 optimizer: str = "SaraAdamW", include=MEGATRON_INCLUDE, config_overrides=None,
                                 use_gloo_process_groups: bool = True, **sara_options):
-    from megatron.core import parallel_state
-    from megatron.core.optimizer import ChainedOptimizer, _get_param_groups, get_megatron_optimizer
-    from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
+    from megatron.core.optimizer import get_megatron_optimizer
 
+    versions.check("megatron-core")
     distributed = bool(getattr(config, "use_distributed_optimizer", False))
     if distributed:
         _check_all_reduced_gradients(model_chunks)
@@ -90,7 +90,30 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
         raise ValueError("sara_ds: fp16 (OptimizerConfig.fp16=True) is not supported; use bf16")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"sara_ds: optimizer must be one of {sorted(OPTIMIZERS)}, got optimizer={optimizer!r}")
+    targets, others, names = _split_parameters(model_chunks, include)
+    with _frozen(others):
+        groups = _megatron_param_groups(model_chunks, config, config_overrides)
+    for g in groups:  # names make subspace_overlaps() readable
+        g.update(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type="std",
+                 param_names=[names[id(p)] for p in g["params"]])
+    inner, sara = _sara_side(groups, optimizer, config, build_config, sara_options)
+    with _frozen(targets):
+        rest = get_megatron_optimizer(build_config, model_chunks, config_overrides=config_overrides,
+                                      use_gloo_process_groups=use_gloo_process_groups)
+    rest = list(getattr(rest, "chained_optimizers", [rest]))
+    gated = any(getattr(getattr(chunk, "config", None), "gated_linear_unit", False) for chunk in model_chunks)
+    if not distributed:
+        from .megatron_distributed import SaraChainedOptimizer
 
+        _install_checkpointing(sara, inner, names, gated)
+        return SaraChainedOptimizer([sara] + rest)
+    from .megatron_distributed import layer_wise_optimizer
+
+    return layer_wise_optimizer(config, [sara] + rest, inner, names, gated)
+
+
+def _split_parameters(model_chunks, include) -> tuple:
+    """(the projected parameters, the rest, id -> name) of the model chunks."""
     targets, others, names = [], [], {}
     for index, chunk in enumerate(model_chunks):
         for name, p in chunk.named_parameters():
@@ -99,29 +122,28 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
                 (targets if _projected(name, p, include) else others).append(p)
     if not targets:
         raise ValueError(f"sara_ds: no 2-D parameter matched include={list(include)}; nothing would be projected")
+    return targets, others, names
 
-    def frozen(params):
-        class _Frozen:
-            def __enter__(self):
-                for p in params:
-                    p.requires_grad_(False)
 
-            def __exit__(self, *exc):
-                for p in params:
-                    p.requires_grad_(True)
-        return _Frozen()
+def _megatron_param_groups(model_chunks, config, config_overrides) -> list:
+    """megatron-core's param groups for the parameters that require grad, with the keys its LR scheduler reads
+    (max_lr, min_lr, wd_mult, ...). megatron-core builds them in its private ``_get_param_groups`` (0.16.1 and
+    0.19.2), as its own Muon builder does; no public function returns them."""
+    from megatron.core.optimizer import _get_param_groups
 
-    with frozen(others):
-        groups = _get_param_groups(model_chunks, config, config_overrides)
-    for g in groups:  # names make subspace_overlaps() readable
-        g.update(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type="std",
-                 param_names=[names[id(p)] for p in g["params"]])
-    cls = OPTIMIZERS[optimizer]
+    return _get_param_groups(model_chunks, config, config_overrides)
+
+
+def _sara_side(groups, optimizer, config, build_config, sara_options) -> tuple:
+    """The SARA optimizer over ``groups`` and Megatron's fp32 (or bf16-masters) wrapper around it."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
+
     kwargs = dict(lr=config.lr, weight_decay=config.weight_decay,
                   layout=MegatronLayout(parallel_state.get_tensor_model_parallel_group()))
     if optimizer != "SaraAdafactor":
         kwargs.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
-    inner = cls(groups, **kwargs, **sara_options)
+    inner = OPTIMIZERS[optimizer](groups, **kwargs, **sara_options)
 
     def init_state_fn(opt, config=None):  # SARA state is created on the first step; nothing to pre-allocate
         return None
@@ -130,18 +152,22 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
             else FP32Optimizer(inner, build_config, init_state_fn))
     sara.grad_stats_parallel_group = parallel_state.get_model_parallel_group()
     sara.tp_group = parallel_state.get_tensor_model_parallel_group()  # read by megatron-core's grad-norm code
+    return inner, sara
 
-    with frozen(targets):
-        rest = get_megatron_optimizer(build_config, model_chunks, config_overrides=config_overrides,
-                                      use_gloo_process_groups=use_gloo_process_groups)
-    rest = list(getattr(rest, "chained_optimizers", [rest]))
-    gated = any(getattr(getattr(chunk, "config", None), "gated_linear_unit", False) for chunk in model_chunks)
-    if not distributed:
-        _install_checkpointing(sara, inner, names, gated)
-        return ChainedOptimizer([sara] + rest)
-    from .megatron_distributed import layer_wise_optimizer
 
-    return layer_wise_optimizer(config, [sara] + rest, inner, names, gated)
+class _frozen:
+    """``requires_grad`` off for these parameters inside the block, so that a builder skips them."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
 
 
 def _check_all_reduced_gradients(model_chunks) -> None:

@@ -29,11 +29,40 @@ from megatron.core.optimizer.optimizer import ChainedOptimizer
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from .. import functional
+from ..layout import collective_device
 from ..sharding import ownership
 from .megatron_checkpoint import SaraCheckpoint, model_and_main_params
 
 
-class SaraLayerWiseOptimizer(LayerWiseDistributedOptimizer):
+class WholeStepSkip:
+    """One found-inf flag for the whole chain: a NaN or Inf in any gradient (an embedding's, under Megatron's own
+    Adam) skips every optimizer's step, as SARA skips its own. Megatron checks gradients only under a loss scaler
+    (fp16); in bf16 the rest of the chain would apply the NaN. Agreed over the gradient-statistics group (TP x PP)
+    and, where ranks own different parameters (``owner_group``), over those too."""
+
+    owner_group = None
+
+    @torch.no_grad()
+    def prepare_grads(self) -> bool:
+        found = super().prepare_grads()  # grads into the main (fp32) copies, and the loss scaler's own check
+        grads = [p.grad for opt in self.chained_optimizers for p in opt.get_parameters() if p.grad is not None]
+        nonfinite = functional.nonfinite(grads, on_device=False)
+        if bool(nonfinite):  # the 2-norms say so: tell an overflowing square from a NaN or Inf
+            nonfinite = functional.nonfinite(grads, on_device=False, exact=True)
+        flag = nonfinite.reshape(1).to(grads[0].device if grads else "cpu")
+        for group in (self.chained_optimizers[0].get_grad_stats_parallel_group(), self.owner_group):
+            if group is not None and get_pg_size(group) > 1:
+                flag = flag.to(collective_device(group))
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return found or bool(flag.max() > 0)
+
+
+class SaraChainedOptimizer(WholeStepSkip, ChainedOptimizer):
+    """megatron-core's ChainedOptimizer (SARA first, Megatron's Adam for the rest), skipping whole steps as one."""
+
+
+class SaraLayerWiseOptimizer(WholeStepSkip, LayerWiseDistributedOptimizer):
     """megatron-core's layer-wise distributed optimizer with SARA first in its chain."""
 
     def __init__(self, optimizers, config, pg_collection, sara_inner, names: dict, gated: bool):
@@ -47,7 +76,7 @@ class SaraLayerWiseOptimizer(LayerWiseDistributedOptimizer):
         self.checkpoint = SaraCheckpoint(sara_inner, self._sara_pairs_by_group, names, gated, owned_by_one_dp_rank=True)
         dp = pg_collection.dp_cp
         # a step that one owner skips on a non-finite gradient must be skipped by every owner
-        sara_inner.layout.owner_group = dp if get_pg_size(dp) > 1 else None
+        sara_inner.layout.owner_group = self.owner_group = dp if get_pg_size(dp) > 1 else None
         for model_params, mains in self._sara_pairs_by_group():
             if model_params is not mains:
                 sara_inner.layout.alias(mains, model_params)

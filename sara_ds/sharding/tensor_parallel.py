@@ -76,9 +76,9 @@ class TensorParallelContext:
         self.bytes_sent = 0
 
     # -- collectives (all byte accounting goes through here)
-    def _all_reduce(self, t: Tensor) -> Tensor:
+    def _all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
         self.bytes_sent += t.numel() * t.element_size()
-        dist.all_reduce(t, group=self.group)
+        dist.all_reduce(t, op=op, group=self.group)
         return t
 
     def _all_gather(self, t: Tensor) -> list:
@@ -89,6 +89,9 @@ class TensorParallelContext:
 
     def reduce_sum(self, t: Tensor) -> Tensor:
         return self._all_reduce(t)
+
+    def reduce_max(self, t: Tensor) -> Tensor:
+        return self._all_reduce(t, dist.ReduceOp.MAX)
 
     def rows_split(self, left: bool) -> bool:
         """A's rows are split: a left basis of a column-parallel matrix, a right one of a row-parallel one."""

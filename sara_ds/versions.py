@@ -1,0 +1,33 @@
+"""The engine releases sara_ds is tested with, and the check each integration runs when it first meets an engine.
+
+CI runs the engine suites at both ends of each range (``.ci/run``); ``pyproject.toml`` claims exactly these ranges.
+A release outside one fails at start-up, naming the installed version and the range; ``SARA_DS_UNTESTED_ENGINES=1``
+lets it run at the user's risk.
+"""
+from __future__ import annotations
+
+import os
+import re
+from importlib import metadata
+
+TESTED = {"deepspeed": ("0.16.9", "0.19.8"), "megatron-core": ("0.16.1", "0.19.2")}
+OVERRIDE = "SARA_DS_UNTESTED_ENGINES"
+
+
+def release(version: str) -> tuple:
+    """'0.19.8' -> (0, 19, 8); a local or pre-release suffix ('+cu121', 'rc1', '.dev0') is dropped."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def check(package: str, installed: str | None = None) -> str:
+    """The installed version of ``package``, if it lies in the tested range; else an error that says how to go on."""
+    version = installed if installed is not None else metadata.version(package)
+    low, high = TESTED[package]
+    if release(low) <= release(version)[:len(release(low))] <= release(high):
+        return version
+    if os.environ.get(OVERRIDE) == "1":
+        return version
+    raise RuntimeError(
+        f"sara_ds: {package} {version} is installed, but sara_ds is tested with {package} {low} to {high}. Install a "
+        f"release in that range (pip install '{package}>={low},<={high}'), or set {OVERRIDE}=1 to run this one at "
+        "your own risk.")
