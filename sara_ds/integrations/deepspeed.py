@@ -11,8 +11,8 @@ DeepSpeed has no optimizer registry: an unknown ``type`` is resolved with
     of the engine that is calling it;
   * refuses engine settings that would corrupt low-rank state
     (``zero_optimization.elastic_checkpoint``; tensor parallelism at ZeRO-3);
-  * with ``checkpoint.load_universal``, makes ``engine.load_checkpoint`` restore sara_ds's state from a
-    universal checkpoint written by ``python -m sara_ds.ds_to_universal`` (``deepspeed_universal``);
+  * with ``checkpoint.load_universal``, has the optimizer refuse to step until ``load_checkpoint`` (below) has
+    restored sara_ds's state from a universal checkpoint written by ``python -m sara_ds.ds_to_universal``;
   * adds the class to DeepSpeed's ZeRO allow-list, so no
     ``zero_allow_untested_optimizer`` is needed.
 
@@ -224,9 +224,12 @@ class DeepSpeedLayout(TensorParallelLayout):
     fp32 partition per param group (ZeRO-1/2), or one per sub-group (ZeRO-3), each rank's piece of the group's
     flattened parameters; TP-split weights over the engine's TP group (``mpu`` or AutoTP)."""
 
-    def __init__(self, tp_group=None, zero_stage: int | None = None):
+    def __init__(self, tp_group=None, zero_stage: int | None = None, universal_pending: bool = False):
         super().__init__(tp_group)
         self.zero_stage = zero_stage
+        # checkpoint.load_universal: no step before ``load_checkpoint`` has restored sara_ds's state (it would start
+        # every matrix's moments and basis afresh)
+        self.universal_pending = universal_pending
         self.partitions: dict = {}  # id(flat partition) -> zero.Partition
         self.loads = None           # ZeRO-3: optimizer state each DP rank steps so far, across sub-groups
 
@@ -234,6 +237,8 @@ class DeepSpeedLayout(TensorParallelLayout):
         return deepspeed_shape(param)
 
     def slots(self, group: dict, members: list) -> list:
+        if self.universal_pending:
+            raise RuntimeError(deepspeed_universal.NOT_LOADED)
         params = group["params"]
         if not self._flat(params):
             return super().slots(group, members)
@@ -379,9 +384,8 @@ def _factory(cls):
         param_groups = _build_groups(model_parameters, selection, engine)
         _refuse_tp_weights_without_group(param_groups, tp_group, engine)
         stage = engine.zero_optimization_stage() if engine is not None else None
-        optimizer = cls(param_groups, layout=DeepSpeedLayout(tp_group, stage), **params)
-        if engine is not None and engine.load_universal_checkpoint():
-            deepspeed_universal.guard_until_loaded(engine, optimizer)
+        layout = DeepSpeedLayout(tp_group, stage, universal_pending=engine is not None and engine.load_universal_checkpoint())
+        optimizer = cls(param_groups, layout=layout, **params)
         _allow_under_zero(cls)
         return optimizer
 
@@ -457,7 +461,9 @@ def save_checkpoint(engine, save_dir: str, tag: str, client_state: dict | None =
 
 
 def load_checkpoint(engine, load_dir: str, tag: str | None = None, **kwargs):
-    """``engine.load_checkpoint``, after checking that every file of the checkpoint is whole.
+    """``engine.load_checkpoint``, after checking that every file of the checkpoint is whole, and under
+    ``checkpoint.load_universal`` with sara_ds's state restored from the universal checkpoint's sidecar
+    (``deepspeed_universal``): the documented way to load a checkpoint into a DeepSpeed engine with sara_ds.
 
     DeepSpeed reads a truncated file (a save cut short by a lost node) with an error that names no file
     (``OSError: [Errno 22] Invalid argument``). Each ``.pt`` file of the tag (``latest``, or
@@ -480,4 +486,7 @@ def load_checkpoint(engine, load_dir: str, tag: str | None = None, **kwargs):
             except (zipfile.BadZipFile, OSError) as exc:
                 raise RuntimeError(f"sara_ds: {path} is damaged ({exc}): it was cut short while being written, or "
                                    "overwritten; resume from another checkpoint") from exc
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # under ZeRO, the optimizer it wraps
+    if engine.load_universal_checkpoint() and isinstance(getattr(optimizer, "layout", None), DeepSpeedLayout):
+        return deepspeed_universal.load_universal(engine, optimizer, load_dir, tag, **kwargs)
     return engine.load_checkpoint(load_dir, tag, **kwargs)

@@ -2,7 +2,8 @@
 the checkpoint's files alone, with sara_ds's state carried beside it.
 
     python -m sara_ds.ds_to_universal --input_folder ckpt/global_step6 --output_folder ckpt/u6
-    # then "checkpoint": {"load_universal": true} in the config, and engine.load_checkpoint("ckpt") (latest_universal)
+    # then "checkpoint": {"load_universal": true} in the config, and
+    # sara_ds.integrations.deepspeed.load_checkpoint(engine, "ckpt")   (reads ckpt/latest_universal)
 
 The universal layout is the contract, read by DeepSpeed's public loader: ``zero/<parameter>/fp32.pt`` (and one file
 per per-element optimizer state, ``{"param": tensor}``), ``zero/optimizer_state.pt`` (the global state) and the
@@ -16,9 +17,9 @@ it dies on sara_ds's per-matrix state and on any optimizer whose state is not Ad
 * for a sara_ds optimizer, every matrix's state once, in ``sara_ds/optimizer_state.pt``. A straddler's copies must
   agree bit for bit, and every matrix the optimizer ever stepped must be there, or the conversion fails.
 
-``engine.load_checkpoint`` does the rest: the optimizer factory wraps the engine's method when
-``checkpoint.load_universal`` is on, so after DeepSpeed has put the fp32 weights into the new partitions each rank
-takes the state of the matrices it now steps (``DeepSpeedLayout``). Matrix ids and the refresh generator (seed,
+``sara_ds.integrations.deepspeed.load_checkpoint(engine, dir)`` does the rest: DeepSpeed's own
+``engine.load_checkpoint`` puts the fp32 weights into the new partitions, then each rank takes the state of the
+matrices it now steps (``DeepSpeedLayout``). Matrix ids and the refresh generator (seed,
 matrix id, step // gap) do not depend on the data-parallel size, so the resumed run draws the same subspaces.
 
 At ZeRO-3 DeepSpeed's loader also reads ``exp_avg`` / ``exp_avg_sq`` files for every parameter, the ``step`` of the
@@ -27,14 +28,12 @@ converter writes zero-filled placeholders for the first two, and the restore put
 hyperparameters back and replaces what DeepSpeed put into the optimizer's state with sara_ds's.
 
 An engine built with ``load_universal`` that steps before such a load would start every moment and basis afresh;
-its optimizer refuses to step until the load has run.
+its optimizer refuses to step until the load has run. Nothing of DeepSpeed's is replaced or wrapped at run time.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
-import inspect
 import math
 import os
 import shutil
@@ -336,7 +335,7 @@ def main(argv=None) -> None:
                     "weights and any per-element optimizer state (stock AdamW's too), and a sara_ds optimizer's "
                     "per-matrix state in "
                     f"<output_folder>/{SIDECAR}. Load with \"checkpoint\": {{\"load_universal\": true}} and "
-                    "engine.load_checkpoint, at any data-parallel size.")
+                    "sara_ds.integrations.deepspeed.load_checkpoint(engine, dir), at any data-parallel size.")
     ap.add_argument("--input_folder", required=True, help="one tag of a DeepSpeed checkpoint, e.g. ckpt/global_step6")
     ap.add_argument("--output_folder", required=True, help="the universal checkpoint to write, e.g. ckpt/u6")
     for flag in ("--num_extract_workers", "--num_merge_workers"):  # DeepSpeed's command's: one process reads here
@@ -348,45 +347,28 @@ def main(argv=None) -> None:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def guard_until_loaded(engine, optimizer) -> None:
-    """``checkpoint.load_universal``: the engine's ``load_checkpoint`` also restores sara_ds's state, and the
-    optimizer refuses to step before it has (it would start every matrix's moments and basis afresh)."""
-    real_step = optimizer.step
+NOT_LOADED = ("sara_ds: checkpoint.load_universal=true, but no universal checkpoint has been loaded into this engine's "
+              "optimizer: call sara_ds.integrations.deepspeed.load_checkpoint(engine, dir) on a folder written by "
+              "`python -m sara_ds.ds_to_universal` before training (engine.load_checkpoint alone restores the weights "
+              "but not sara_ds's state), or remove checkpoint.load_universal to start afresh")
 
-    @functools.wraps(real_step)
-    def refuse(*args, **kwargs):
-        raise RuntimeError(
-            "sara_ds: checkpoint.load_universal=true, but no universal checkpoint has been loaded into this engine: "
-            "call engine.load_checkpoint(dir, tag) on a folder written by `python -m sara_ds.ds_to_universal` before "
-            "training (or remove checkpoint.load_universal to start afresh)")
 
-    optimizer.step = refuse
-    real_load = engine.load_checkpoint
-
-    signature = inspect.signature(real_load)
-
-    @functools.wraps(real_load)
-    def load_checkpoint(load_dir, tag=None, *args, **kwargs):
-        given = signature.bind(load_dir, tag, *args, **kwargs)
-        given.apply_defaults()
-        with_state = given.arguments["load_optimizer_states"] and not given.arguments["load_module_only"]
-        if tag is None:  # as DeepSpeed resolves it, to find the sidecar
-            latest = os.path.join(load_dir, "latest_universal")
-            tag = open(latest).read().strip() if os.path.isfile(latest) else None
-        folder = os.path.join(load_dir, tag) if tag is not None else None
-        if with_state and folder is not None and not os.path.isfile(os.path.join(folder, SIDECAR)):
-            raise FileNotFoundError(
-                f"sara_ds: {os.path.join(folder, SIDECAR)} is missing: this universal checkpoint was not written by "
-                "`python -m sara_ds.ds_to_universal` (DeepSpeed's own conversion cannot carry sara_ds's state), so "
-                "every low-rank moment and basis would be lost. Convert the original checkpoint with it.")
-        out = real_load(load_dir, tag, *args, **kwargs)
-        if out[0] is not None:
-            if with_state:
-                restore_state(optimizer, os.path.join(folder, SIDECAR), engine)
-            optimizer.step = real_step  # load_optimizer_states=False: a deliberate fresh start
-        return out
-
-    engine.load_checkpoint = load_checkpoint
+def load_universal(engine, optimizer, load_dir: str, tag: str | None, **kwargs):
+    """``engine.load_checkpoint`` of a universal checkpoint, then each rank takes the sara_ds state of the matrices
+    it now steps from the sidecar (``sara_ds.integrations.deepspeed.load_checkpoint`` comes here)."""
+    with_state = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
+    folder = os.path.join(load_dir, tag)
+    if with_state and not os.path.isfile(os.path.join(folder, SIDECAR)):
+        raise FileNotFoundError(
+            f"sara_ds: {os.path.join(folder, SIDECAR)} is missing: this universal checkpoint was not written by "
+            "`python -m sara_ds.ds_to_universal` (DeepSpeed's own conversion cannot carry sara_ds's state), so "
+            "every low-rank moment and basis would be lost. Convert the original checkpoint with it.")
+    out = engine.load_checkpoint(load_dir, tag, **kwargs)
+    if out[0] is not None:
+        if with_state:
+            restore_state(optimizer, os.path.join(folder, SIDECAR), engine)
+        optimizer.layout.universal_pending = False  # loaded, or a deliberate fresh start without the state
+    return out
 
 
 def _partitions(optimizer, engine) -> list:
