@@ -229,7 +229,8 @@ def run_scenario(sc, ckpt_dir):
         opt = make_optimizer(model, sc)
     except Exception as exc:  # refusals are reported, not fatal
         return {"error": f"{type(exc).__name__}: {exc}"}
-    kinds = [type(o).__name__ + ":" + type(o.optimizer).__name__ for o in opt.chained_optimizers]
+    megatron_kind = lambda o: next(c.__name__ for c in type(o).__mro__ if c.__module__.startswith("megatron."))
+    kinds = [megatron_kind(o) + ":" + type(o.optimizer).__name__ for o in opt.chained_optimizers]
     split = sc.get("split_batch", False)
     if sc.get("mode") == "save":  # torch_dist checkpoint for another run (another TP or DP size) to load
         train(model, opt, 0, sc["steps"], split_batch=split)

@@ -101,11 +101,14 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
         rest = get_megatron_optimizer(build_config, model_chunks, config_overrides=config_overrides,
                                       use_gloo_process_groups=use_gloo_process_groups)
     rest = list(getattr(rest, "chained_optimizers", [rest]))
-    gated = any(getattr(getattr(chunk, "config", None), "gated_linear_unit", False) for chunk in model_chunks)
+    gated = _gated_weights(model_chunks)
     if not distributed:
+        from .megatron_checkpoint import SaraCheckpoint, model_and_main_params
         from .megatron_distributed import SaraChainedOptimizer
 
-        _install_checkpointing(sara, inner, names, gated)
+        # torch_dist: SARA's state per matrix at its TP=1 layout, written by DP rank 0 (SARA is replicated over DP)
+        sara.sara_checkpoint = SaraCheckpoint(inner, lambda: model_and_main_params(sara, inner), names, gated,
+                                              owned_by_one_dp_rank=False)
         return SaraChainedOptimizer([sara] + rest)
     from .megatron_distributed import layer_wise_optimizer
 
@@ -125,6 +128,15 @@ def _split_parameters(model_chunks, include) -> tuple:
     return targets, others, names
 
 
+def _gated_weights(model_chunks) -> set:
+    """ids of the weights megatron-core checkpoints through ``apply_swiglu_sharded_factory``: ``linear_fc1`` of each
+    ``MLP`` with a gated linear unit, whose TP rank i holds [gate_i; up_i] (``MLP.sharded_state_dict``'s own test)."""
+    from megatron.core.transformer.mlp import MLP
+
+    return {id(m.linear_fc1.weight) for chunk in model_chunks for m in chunk.modules()
+            if isinstance(m, MLP) and m.config.gated_linear_unit}
+
+
 def _megatron_param_groups(model_chunks, config, config_overrides) -> list:
     """megatron-core's param groups for the parameters that require grad, with the keys its LR scheduler reads
     (max_lr, min_lr, wd_mult, ...). megatron-core builds them in its private ``_get_param_groups`` (0.16.1 and
@@ -137,7 +149,7 @@ def _megatron_param_groups(model_chunks, config, config_overrides) -> list:
 def _sara_side(groups, optimizer, config, build_config, sara_options) -> tuple:
     """The SARA optimizer over ``groups`` and Megatron's fp32 (or bf16-masters) wrapper around it."""
     from megatron.core import parallel_state
-    from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
+    from .megatron_checkpoint import SaraFloat16Optimizer, SaraFP32Optimizer
 
     kwargs = dict(lr=config.lr, weight_decay=config.weight_decay,
                   layout=MegatronLayout(parallel_state.get_tensor_model_parallel_group()))
@@ -148,8 +160,8 @@ def _sara_side(groups, optimizer, config, build_config, sara_options) -> tuple:
     def init_state_fn(opt, config=None):  # SARA state is created on the first step; nothing to pre-allocate
         return None
 
-    sara = (Float16OptimizerWithFloat16Params(inner, config, None, init_state_fn) if build_config.bf16
-            else FP32Optimizer(inner, build_config, init_state_fn))
+    sara = (SaraFloat16Optimizer(inner, config, None, init_state_fn) if build_config.bf16
+            else SaraFP32Optimizer(inner, build_config, init_state_fn))
     sara.grad_stats_parallel_group = parallel_state.get_model_parallel_group()
     sara.tp_group = parallel_state.get_tensor_model_parallel_group()  # read by megatron-core's grad-norm code
     return inner, sara
@@ -180,27 +192,6 @@ def _check_all_reduced_gradients(model_chunks) -> None:
                 "SARA's distributed optimizer gives each data-parallel rank whole matrices (megatron-core's "
                 "LayerWiseDistributedOptimizer), so every rank needs the all-reduced 2-D gradient; the "
                 "reduce-scattered flat buffer holds no matrix whole.")
-
-
-def _install_checkpointing(wrapped, inner, names: dict, gated: bool) -> None:
-    """torch_dist: SARA's state per matrix, at its TP=1 layout (``megatron_checkpoint``), written by DP rank 0."""
-    from .megatron_checkpoint import SaraCheckpoint, model_and_main_params
-
-    checkpoint = SaraCheckpoint(inner, lambda: model_and_main_params(wrapped, inner), names, gated,
-                                owned_by_one_dp_rank=False)
-    megatron_load = wrapped.load_state_dict
-
-    def sharded_state_dict(model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
-        return {"sara": checkpoint.sharded_state_dict(is_loading)}
-
-    def load_state_dict(state_dict):
-        if isinstance(state_dict, dict) and "sara" in state_dict:
-            return checkpoint.load_state_dict(state_dict["sara"])
-        return megatron_load(state_dict)  # a per-rank state_dict() (--ckpt-format torch)
-
-    wrapped.sharded_state_dict = sharded_state_dict
-    wrapped.load_state_dict = load_state_dict
-    wrapped.sara_checkpoint = checkpoint
 
 
 def sara_checkpoint(chained):

@@ -12,7 +12,10 @@ held as it would be at TP=1:
 * the fp32 master (bf16 models) is gathered along the parameter's own split axis.
 
 Megatron's gated fc1 keeps [gate_i; up_i] on TP rank i, while TP=1 holds
-[gate; up]; both cuts follow that layout. Only one rank writes each object (TP rank 0
+[gate; up]; both cuts follow that layout. Which weights are gated is megatron-core's own
+test (``MLP.sharded_state_dict`` applies ``apply_swiglu_sharded_factory`` to them); its
+factory itself builds ``ShardedTensor`` pieces of a parameter-shaped tensor, while SARA's
+state is stored whole per matrix, so the gate/up cut is made here. Only one rank writes each object (TP rank 0
 of a DP rank that holds the matrix), and any rank that holds the matrix at load, at
 any TP or DP size, reads it. The hyperparameters of SARA's param groups are one more
 object, written once.
@@ -23,6 +26,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 
 from ..sharding.tensor_parallel import split_axis_of_marked
 
@@ -57,8 +61,6 @@ def _cut(t: torch.Tensor, dim: int, gated: bool) -> torch.Tensor:
 def model_and_main_params(wrapped, inner) -> list:
     """(model parameters, the tensors SARA steps for them: the same ones, or fp32 masters) per SARA param group
     of ``wrapped``, Megatron's FP32Optimizer or Float16OptimizerWithFloat16Params around ``inner``."""
-    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
-
     if isinstance(wrapped, Float16OptimizerWithFloat16Params):
         return list(zip(wrapped.float16_groups, wrapped.fp32_from_float16_groups))
     return [(g["params"], g["params"]) for g in inner.param_groups]
@@ -66,9 +68,10 @@ def model_and_main_params(wrapped, inner) -> list:
 
 class SaraCheckpoint:
     """Saves and loads the SARA part of a Megatron optimizer chain. ``pairs()`` gives, per SARA param group,
-    (model parameters, the tensors SARA steps for them: the same ones, or fp32 masters)."""
+    (model parameters, the tensors SARA steps for them: the same ones, or fp32 masters). ``gated``: the ids
+    of the gated fc1 weights."""
 
-    def __init__(self, inner, pairs, names: dict, gated: bool, owned_by_one_dp_rank: bool):
+    def __init__(self, inner, pairs, names: dict, gated: set, owned_by_one_dp_rank: bool):
         self.inner, self.pairs, self.names, self.gated = inner, pairs, names, gated
         self.owned_by_one_dp_rank = owned_by_one_dp_rank
 
@@ -103,7 +106,7 @@ class SaraCheckpoint:
                 for model_params, mains in self.pairs() for p, main in zip(model_params, mains)}
 
     def _full_state(self, p, main, name) -> dict:
-        gated = self.gated and "linear_fc1" in name
+        gated = id(p) in self.gated
         own = self.inner.state.get(self.inner.layout.index_of(p), {})
         split = self._columns_split(p, own)
         state = {}
@@ -130,7 +133,7 @@ class SaraCheckpoint:
                 if name not in loaded["matrices"]:
                     raise KeyError(f"sara_ds: the checkpoint holds no SARA state for {name}")
                 obj = loaded["matrices"][name]
-                gated = self.gated and "linear_fc1" in name
+                gated = id(p) in self.gated
                 if obj["master"] is not None and main is not p:
                     main.detach().copy_(_cut(obj["master"], split_axis_of_marked(p), gated) if self._split(p)
                                         else obj["master"])
@@ -142,3 +145,26 @@ class SaraCheckpoint:
                     state[ids[-1]] = st
             groups.append(dict(saved, params=ids))
         self.inner.load_state_dict({"state": state, "param_groups": groups})
+
+
+class SaraTorchDist:
+    """SARA's place in a replicated chain (no distributed optimizer): its torch_dist state is the
+    ``SaraCheckpoint`` objects; a per-rank ``state_dict()`` (``--ckpt-format torch``) is megatron-core's."""
+
+    sara_checkpoint: SaraCheckpoint
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None, **kwargs):
+        return {"sara": self.sara_checkpoint.sharded_state_dict(is_loading)}
+
+    def load_state_dict(self, state_dict):
+        if isinstance(state_dict, dict) and "sara" in state_dict:
+            return self.sara_checkpoint.load_state_dict(state_dict["sara"])
+        return super().load_state_dict(state_dict)
+
+
+class SaraFP32Optimizer(SaraTorchDist, FP32Optimizer):
+    """megatron-core's FP32Optimizer around a SARA optimizer."""
+
+
+class SaraFloat16Optimizer(SaraTorchDist, Float16OptimizerWithFloat16Params):
+    """megatron-core's bf16 wrapper (fp32 masters) around a SARA optimizer."""

@@ -65,7 +65,7 @@ class SaraChainedOptimizer(WholeStepSkip, ChainedOptimizer):
 class SaraLayerWiseOptimizer(WholeStepSkip, LayerWiseDistributedOptimizer):
     """megatron-core's layer-wise distributed optimizer with SARA first in its chain."""
 
-    def __init__(self, optimizers, config, pg_collection, sara_inner, names: dict, gated: bool):
+    def __init__(self, optimizers, config, pg_collection, sara_inner, names: dict, gated: set):
         self.names = names  # id(model parameter) -> its name
         self.sara_inner = sara_inner
         # the bf16 wrappers made after sharding need each optimizer's state initialiser for torch_dist loads
@@ -153,23 +153,23 @@ class SaraLayerWiseOptimizer(WholeStepSkip, LayerWiseDistributedOptimizer):
         return _Swap()
 
     def _rest_sharded_state_dict(self, model_sharded_state_dict, is_loading, **kwargs):
-        """megatron-core's layer-wise post-processing of the rest's sharded state (0.16.1's
-        ``LayerWiseDistributedOptimizer.sharded_state_dict``), also for fp32, where ``FP32Optimizer``
-        returns the torch optimizer's own dict and megatron-core's version fails with KeyError 'optimizer'."""
+        """The rest of the chain through megatron-core's layer-wise checkpoint code. In fp32 that code fails in
+        megatron-core 0.16.1 to 0.19.2 (``KeyError: 'optimizer'``: it reads ``sd['optimizer']``, and
+        ``FP32Optimizer.sharded_state_dict`` returns the torch optimizer's dict itself), so there its
+        post-processing is repeated here for that dict shape; bf16 runs megatron-core's own."""
         with self._rest():
+            if self.config.bf16:
+                return LayerWiseDistributedOptimizer.sharded_state_dict(self, model_sharded_state_dict, is_loading,
+                                                                         **kwargs)
             rest = ChainedOptimizer.sharded_state_dict(self, model_sharded_state_dict, is_loading, **kwargs)
             single = len(self.chained_optimizers) == 1
         for sh_base in nested_values(rest):  # each parameter's state is written by its owner alone
             if hasattr(sh_base, "replica_id"):
                 sh_base.replica_id = (0 if isinstance(sh_base.replica_id, int) else (*sh_base.replica_id[:2], 0))
         for sd in ({1: rest} if single else rest).values():
-            if "fp32_from_fp16_params" in sd:
-                sd["fp32_from_fp16_params"] = {i: group if group else LocalNonpersistentObject(group)
-                                               for i, group in enumerate(sd["fp32_from_fp16_params"])}
-            optimizer_sd = sd.get("optimizer", sd)
-            if not optimizer_sd["state"]:
-                optimizer_sd["state"] = LocalNonpersistentObject(optimizer_sd["state"])
-            for i, group in enumerate(optimizer_sd["param_groups"]):
+            if not sd["state"]:
+                sd["state"] = LocalNonpersistentObject(sd["state"])
+            for i, group in enumerate(sd["param_groups"]):
                 # a rank that owns nothing in a group has no hyperparameters worth saving; take another's
                 local_params = group.pop("params")
                 group["params"] = bool(local_params.unwrap())
@@ -177,7 +177,7 @@ class SaraLayerWiseOptimizer(WholeStepSkip, LayerWiseDistributedOptimizer):
                 dist.all_gather_object(every, group)
                 chosen = next((g for g in every if g["params"]), group)
                 chosen["params"] = local_params
-                optimizer_sd["param_groups"][i] = chosen
+                sd["param_groups"][i] = chosen
         return rest
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
