@@ -3,7 +3,10 @@
 Analytic (``sara_ds.sharding.tensor_parallel.refresh_bytes``, checked against bytes counted in real gloo
 collectives by tests/test_tp_math.py). Per TP rank, per refresh of one matrix: the payload a rank puts into
 collectives, plus the ring-algorithm wire traffic ((t-1)/t * 2 * size for all-reduce, (t-1) * shard for
-all-gather). Steps between refreshes send nothing: the basis lies on the unsharded axis.
+all-gather). Between refreshes a basis on the unsharded axis sends nothing; one on the split axis (the default
+tp_side='same' puts a square row-parallel weight's there, e.g. linear_proj) also all-reduces R = B^T A, r x n
+elements, every step, and its refresh gathers the matrix: this script counts refreshes only, as tp_side='unsplit'
+places the bases.
 
     python benchmarks/tp_comm.py --tp 8
 """

@@ -1,9 +1,10 @@
 """What a saved optimizer state must agree on with the optimizer it is loaded into, and the files sara_ds reads and
 writes itself.
 
-``state_dict()`` records, per param group, what the optimizer was built with (``RECORDED``: the base, the rule and
-its switches, rank, gap, scale, projection type, and the members' shapes in order). ``load_state_dict`` compares:
-a difference is an error that lists every one, unless the key is one a resumed run can change safely and the
+``state_dict()`` records, per param group, what the optimizer was built with (every hyperparameter, the base, and
+the members' shapes in order). ``load_state_dict`` compares all but how a step runs (``EXECUTION``: the
+optimizer's own value stands) and what training changes (``PROGRESS``: restored): a difference is an error that
+lists every one, unless the key is one a resumed run can change safely and the
 caller accepted it (``ACCEPTABLE``; ``load_state_dict(sd, accept=("update_proj_gap",))`` or the constructor's
 ``accept_changes``): the optimizer's own value then stands. Each matrix's state is checked too: its keys are the
 base's, and its bases and moments are finite. A galore-torch ``GaLoreAdamW`` state is refused with the way to
@@ -16,15 +17,18 @@ import os
 
 import torch
 
-# The group keys a checkpoint must agree on (state made under other ones means something else)
-RECORDED = ("sara_base", "subspace", "residual", "moments_on_refresh", "rank", "update_proj_gap", "scale", "proj_type",
-            "sara_shapes")
-# ...and those it may change on request: the optimizer's value then stands (lr and decay act at once, a gap at the
+# The group keys a loaded state may differ in on request: the optimizer's value then stands (lr and decay act at once, a gap at the
 # next refresh, a scale at the next step). ``lr`` compares the lr the optimizer was built with (lr_at_start): the
 # current lr of a schedule is the checkpoint's to restore.
 ACCEPTABLE = ("lr", "update_proj_gap", "scale", "weight_decay")
-_COMPARED = RECORDED + ("lr_at_start", "weight_decay")
 GROUP_KEY = {"lr": "lr_at_start"}  # where an accepted change is compared in a param group
+# How a step runs, not what the state means: the optimizer's own value stands, whatever the checkpoint says
+# (a run resumed on other hardware may step in banks, fused or with the flag on the device).
+EXECUTION = ("foreach", "fused", "finite_flag", "in_place_min_numel")
+# What training changes: the checkpoint's value is restored (the scheduled lr, the skip count)
+PROGRESS = ("lr", "skipped_steps")
+# Every other key the optimizer was built with is compared: betas, eps, the seed, the spectra, the signs...
+_NOT_COMPARED = {"params", "sara_group"} | set(EXECUTION) | set(PROGRESS)
 
 # which base made a state, by the keys only it has (a state of another base is refused by name)
 BASE_KEYS = {"adamw": {"exp_avg", "exp_avg_sq"}, "adafactor": {"exp_avg_sq_row", "exp_avg_sq_col"},
@@ -61,8 +65,8 @@ def differences(saved_groups: list, built: list, accept=()) -> list[str]:
             found.append(f"param group {i}: {len(saved['sara_shapes'])} parameters saved, {len(now['sara_shapes'])} "
                          "now")
             continue
-        for key in _COMPARED:
-            if key in saved and key in now and key not in skipped and not _same(saved[key], now[key]):
+        for key in now:
+            if key in saved and key not in _NOT_COMPARED and key not in skipped and not _same(saved[key], now[key]):
                 found.append(f"param group {i}: {_shown(key)} saved {_value(key, saved[key])}, "
                              f"now {_value(key, now[key])}")
     return found

@@ -169,7 +169,8 @@ def _integer(key, value, where, low=1):
 
 
 def _choice(key, value, choices, where):
-    if value not in choices:
+    # by type as well as value: 1 == True, but foreach=1 is a mistake to name, not a switch to guess
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
         raise ValueError(f"sara_ds: {key} must be one of {choices}, got {key}={value!r}{where}")
 
 
@@ -209,8 +210,7 @@ def validate_group(group: dict, base: str, group_index=None, given=(), known=())
     resolve_group_switches(group, given, w)
     _check_base(group, base, w)
     _check_options(group, base, w)
-    if "rank" in group:
-        _check_projection(group, w)
+    _check_projection(group, w)  # every group: a full-rank group's subspace options would apply if it gained a rank
 
 
 def _check_base(group: dict, base: str, w: str) -> None:
@@ -244,7 +244,8 @@ def _check_options(group: dict, base: str, w: str) -> None:
 
 
 def _check_projection(group: dict, w: str) -> None:
-    _integer("rank", group["rank"], w)
+    if "rank" in group:
+        _integer("rank", group["rank"], w)
     _integer("update_proj_gap", group["update_proj_gap"], w)
     _number("scale", group["scale"], w, low=0.0, low_open=True)
     _choice("proj_type", group["proj_type"], PROJ_TYPES, w)

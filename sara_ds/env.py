@@ -146,7 +146,7 @@ def discover(default_port: int | None = None, environ=None) -> str:
                     "cannot be found (install mpi4py, or export MASTER_ADDR and MASTER_PORT)"
                 )
             host = "127.0.0.1"
-        if "SLURM_JOB_ID" in env and port is None:
+        if "SLURM_JOB_ID" in env and port is None and default_port is None:  # the caller's port wins over a guess
             port = 20000 + int(env["SLURM_JOB_ID"]) % 20000
         env.setdefault("MASTER_ADDR", host)
         env.setdefault("MASTER_PORT", str(port or default_port or 29500))

@@ -205,7 +205,8 @@ class SaraOptimizer(torch.optim.Optimizer):
                              "with load_state_dict(..., accept=[...]) or the accept_changes option.")
         state = by_matrix_id(state_dict["state"])
         checkpoints.check_states(state, self.matrices, self.param_groups, self.base)
-        keep = {"params", "sara_group", "sara_shapes", "sara_base"} | {checkpoints.GROUP_KEY.get(k, k) for k in accept}
+        keep = ({"params", "sara_group", "sara_shapes", "sara_base"} | set(checkpoints.EXECUTION)
+                | {checkpoints.GROUP_KEY.get(k, k) for k in accept})
         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             group.update({k: v for k, v in saved.items() if k not in keep and not (k == "lr" and "lr" in accept)})
             validate_group(group, self.base_name, index)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of README "On a GPU", in priority order, each under its own time limit, one log per stage.
+# The GPU checks (docs/benchmarks.md, "GPU"), in priority order, each under its own time limit, one log per stage.
 #
 #   bash scripts/gpu_checks.sh                 # on a CUDA box, from the repository root; logs in runs/gpu/
 #   LOGS=/tmp/gpu SIZES=60m,130m STAGES="tests step" bash scripts/gpu_checks.sh

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The long CPU evidence (README "Evidence"): 1500 steps of the cpu size, 3 seeds of AdamW-split, GaLore,
+# The long CPU evidence (docs/evidence.md): 1500 steps of the cpu size, 3 seeds of AdamW-split, GaLore,
 # SARA-GaLore, Fira and SARA-Fira, with an lr sweep of GaLore and SARA-GaLore at seed 0 chosen on the
-# held-out select split (0.005, 0.01, 0.02; then 0.04, added when both chose 0.02, the first grid's edge).
+# held-out select split (0.005, 0.01, 0.02 and 0.04, so that the grid brackets the choice).
 # Results go to docs/bench/long3/ (results.jsonl is committed as it grows); rerunning this script skips finished
-# runs and resumes unfinished ones from their checkpoints, so it can be stopped (Ctrl-C, SIGTERM) and continued,
-# also by a later session. Each command stays well under 90 minutes on 2 cores.
+# runs and resumes unfinished ones from their checkpoints, so it can be stopped (Ctrl-C, SIGTERM) and continued.
 #
-#   bash scripts/long_evidence.sh            # 21 runs of ~15 min, two at a time: ~2.7 h on 2 idle cores
+#   bash scripts/long_evidence.sh            # 21 runs of 1500 steps, two at a time
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/bench/long3}

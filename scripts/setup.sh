@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q -e ".[deepspeed,megatron,mpi,dev]" -e harness
+.venv/bin/python -m pip install -q -e ".[deepspeed,megatron,mpi,dev,docs]" -e harness
 # A real SLURM for the cluster tests (Debian's slurm-wlm; the tests start it on localhost themselves),
 # and Debian's Open MPI next to PyPI's mpich, so both MPI flavours are exercised.
 if ! command -v slurmctld >/dev/null 2>&1 || [ ! -x /usr/bin/mpirun ]; then

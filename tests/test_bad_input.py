@@ -56,6 +56,16 @@ def test_eps_zero_and_a_non_boolean_correct_bias_are_refused():
         sara_ds.SaraAdafactor(_groups(params), eps=0)
     with pytest.raises(ValueError, match="correct_bias must be True or False, got correct_bias='no'"):
         sara_ds.SaraAdamW(_groups(params), correct_bias="no")
+    with pytest.raises(ValueError, match=r"foreach must be one of \(None, True, False\), got foreach=1"):
+        sara_ds.SaraAdamW(_groups(params), foreach=1)  # 1 == True, but a switch given as a number is a mistake
+    with pytest.raises(ValueError, match=r"fused must be one of \(True, False\), got fused=0"):
+        sara_ds.SaraAdamW(_groups(params), fused=0)
+
+
+def test_subspace_options_are_checked_in_full_rank_groups_too():
+    params = _model()
+    with pytest.raises(ValueError, match=r"tp_side must be one of .*, got tp_side='x' \(param group 0\)"):
+        sara_ds.SaraAdamW([dict(params=params[2:], tp_side="x")])
 
 
 @pytest.mark.parametrize("typo,meant", [("update_proj_gab", "update_proj_gap"), ("rnak", "rank"), ("sacle", "scale")])
@@ -116,6 +126,10 @@ def _saved(**options):
 
 @pytest.mark.parametrize("change,expected", [
     (dict(groups=dict(rank=3)), r"param group 0: rank saved 4, now 3"),
+    (dict(options=dict(betas=(0.8, 0.9))), r"param group 0: betas saved \(0.9, 0.999\), now \(0.8, 0.9\)\n  param group 1"),
+    (dict(options=dict(seed=5)), r"param group 0: seed saved 0, now 5"),
+    (dict(options=dict(spectrum="gram")), r"param group 0: spectrum saved 'svd', now 'gram'"),
+    (dict(options=dict(eps=1e-5)), r"param group 0: eps saved 1e-06, now 1e-05"),
     (dict(groups=dict(update_proj_gap=50)), r"param group 0: update_proj_gap saved 2, now 50"),
     (dict(options=dict(preset="galore")), r"param group 0: subspace saved 'importance', now 'dominant'"),
     (dict(options=dict(preset="sara_fira")), r"param group 0: residual saved None, now 'fira'"),
@@ -128,6 +142,17 @@ def test_a_state_loaded_into_an_optimizer_built_otherwise_lists_every_difference
     opt = sara_ds.SaraAdamW(_groups(params, **change.get("groups", {})), **options)
     with pytest.raises(ValueError, match=expected):
         opt.load_state_dict(state)
+
+
+def test_how_a_step_runs_is_the_optimizers_own_and_progress_is_the_checkpoints():
+    """foreach, fused, the finite flag and the in-place threshold change how a step runs, not what the state means:
+    the optimizer built to resume keeps its own; the scheduled lr and the skip count come from the checkpoint."""
+    state = _saved(preset="sara", foreach=False, finite_flag="host")
+    state["param_groups"][0]["lr"] = 5e-3  # where a schedule had taken it
+    opt = sara_ds.SaraAdamW(_groups(_model()), lr=1e-2, preset="sara", foreach=True, finite_flag="device", fused=True)
+    opt.load_state_dict(state)
+    group = opt.param_groups[0]
+    assert (group["foreach"], group["finite_flag"], group["fused"], group["lr"]) == (True, "device", True, 5e-3)
 
 
 def test_a_new_gap_or_lr_is_accepted_on_request_and_takes_effect():
@@ -161,8 +186,9 @@ def test_a_state_in_another_parameter_order_or_of_another_base_is_refused_by_nam
         with pytest.raises(ValueError, match=f"base saved 'adamw', now '{base}'"):
             other.load_state_dict(state)
         old = dict(state, param_groups=[{k: v for k, v in g.items() if k != "sara_base"} for g in state["param_groups"]])
+        same_eps = cls(_groups(_model()), lr=1e-2, preset="sara", eps=state["param_groups"][0]["eps"])
         with pytest.raises(ValueError, match=rf"param0 lacks .* which this optimizer's {base} base keeps"):
-            other.load_state_dict(old)  # a state from before the record: its keys name its base
+            same_eps.load_state_dict(old)  # a state from before the record: its keys name its base
 
 
 def test_damaged_state_is_refused_naming_the_matrix_and_key():

@@ -45,6 +45,13 @@ def test_srun_task(monkeypatch):
                                         MASTER_PORT=str(20000 + 12345 % 20000))
 
 
+def test_an_explicit_port_wins_over_the_slurm_job_id_port(monkeypatch):
+    monkeypatch.setattr(sara_env, "first_slurm_host", lambda env: "gpu-a01")
+    src, e = _discover(dict(SLURM_JOB_ID="12345", SLURM_STEP_ID="0", SLURM_PROCID="0", SLURM_NTASKS="2",
+                            SLURM_LOCALID="0", SLURM_JOB_NODELIST="gpu-a[01-02]"), default_port=29777)
+    assert src == "slurm" and e["MASTER_PORT"] == "29777"
+
+
 def test_plain_python_is_a_single_process():
     src, e = _discover({})
     assert src == "single" and (e["RANK"], e["WORLD_SIZE"], e["LOCAL_RANK"]) == ("0", "1", "0")

@@ -2,7 +2,7 @@
 
     sara-bench --size smoke --out /tmp/smoke --docs /tmp/smoke-docs
 
-Every flag is the benchmark's own (``sara-bench -h``); this used to be ``sara-ds bench``.
+Every flag is the benchmark's own (``sara-bench -h``).
 """
 from __future__ import annotations
 
