@@ -36,6 +36,18 @@ BASE_KEYS = {"adamw": {"exp_avg", "exp_avg_sq"}, "adafactor": {"exp_avg_sq_row",
 _MAY_BE_INFINITE = {"fira_norm"}  # +inf before Fira's first step
 
 
+def is_template_step(state: dict, param_groups: list, grads: list) -> bool:
+    """torch.distributed.checkpoint's get/set_state_dict build an empty optimizer's state with one step of zero
+    gradients at lr 0: the state that step makes is a template for a load, and counts as no step and no refresh."""
+    return (not any(isinstance(k, int) for k in state) and all(g["lr"] == 0 for g in param_groups)
+            and all(not g.any() for g in grads))
+
+
+def forget_template_step(state: dict) -> None:
+    for st in (st for i, st in state.items() if isinstance(i, int)):
+        st.update({k: 0 for k in ("step", "base_step", "refreshes") if k in st})
+
+
 def accepted(keys) -> tuple:
     """The changes a load may accept, checked: ``ACCEPTABLE`` names only."""
     keys = (keys,) if isinstance(keys, str) else tuple(keys or ())
@@ -70,6 +82,27 @@ def differences(saved_groups: list, built: list, accept=()) -> list[str]:
                 found.append(f"param group {i}: {_shown(key)} saved {_value(key, saved[key])}, "
                              f"now {_value(key, now[key])}")
     return found
+
+
+def refuse_differences(saved_groups: list, built: list, accept=()) -> None:
+    problems = differences(saved_groups, built, accept)
+    if problems:
+        raise ValueError("sara_ds: the optimizer state was saved by one built otherwise:\n  " + "\n  ".join(problems)
+                         + f"\nBuild it as it was saved; a new {', '.join(ACCEPTABLE)} can be accepted "
+                         "with load_state_dict(..., accept=[...]) or the accept_changes option.")
+
+
+def restore_groups(param_groups: list, saved_groups: list, accept) -> list:
+    """Each param group with the saved values but for what it keeps: its parameters and record, how a step runs
+    (``EXECUTION``), and the accepted changes."""
+    keep = {"params", "sara_group", "sara_shapes", "sara_base"} | set(EXECUTION) | {GROUP_KEY.get(k, k) for k in accept}
+    for group, saved in zip(param_groups, saved_groups):
+        group.update({k: v for k, v in saved.items() if k not in keep and not (k == "lr" and "lr" in accept)})
+    return param_groups
+
+
+def copied(states: dict) -> dict:
+    return {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()} for i, st in states.items()}
 
 
 def _same(a, b) -> bool:

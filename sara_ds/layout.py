@@ -183,6 +183,17 @@ class Layout:
     def reset(self) -> None:
         """The engine rebuilt the tensors it hands the optimizer (a checkpoint load)."""
 
+    def adopt(self, param_groups: list) -> "Layout":
+        """The layout to step with, asked at every step and load: this one, or, where an engine sharded the parameters
+        after the optimizer was built without saying so (FSDP2's DTensors, swapped in by accelerate), its layout."""
+        if type(self) is Layout and any(type(p).__name__ == "DTensor" for g in param_groups for p in g["params"]):
+            from .integrations import fsdp2
+
+            layout = fsdp2.FSDP2Layout()
+            layout.bind(self.matrices)
+            return layout
+        return self
+
     def index_of(self, tensor: Tensor) -> int:
         """The matrix id of a parameter the optimizer was built with (or of a copy registered with ``alias``)."""
         try:
@@ -190,6 +201,15 @@ class Layout:
         except KeyError:
             raise KeyError("sara_ds: this tensor is not one of the optimizer's parameters (nor an engine's copy of "
                            "one)") from None
+
+    def export_state(self, states: dict) -> dict:
+        """Each matrix's state as ``state_dict`` hands it out (an engine whose checkpointer reshards gets its own
+        tensor types)."""
+        return states
+
+    def import_state(self, states: dict, param_groups: list, members: list) -> dict:
+        """A loaded state (``export_state``'s, perhaps resharded) as this rank keeps it."""
+        return states
 
     # -- what engines call
     def alias(self, copies: list, originals: list) -> None:

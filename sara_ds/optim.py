@@ -84,8 +84,10 @@ class SaraOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.layout = self.layout.adopt(self.param_groups)
         work = [(group, slot) for group in self.param_groups for slot in self._slots(group) if slot.grad is not None]
         grads = [slot.grad for _, slot in work]
+        template = checkpoints.is_template_step(self.state, self.param_groups, grads)
         on_device = (functional.flag_on_device(self.param_groups[0]["finite_flag"], grads)
                      and not any(self._creates_or_refreshes(g, s) for g, s in work))
         found = self._any_rank(functional.nonfinite(grads, on_device))
@@ -109,6 +111,8 @@ class SaraOptimizer(torch.optim.Optimizer):
             bank = self.banks.bank_for(states)
             functional.projected_step(slots, states, bank.state, group, self.base, keep)
         self.layout.finish()
+        if template:
+            checkpoints.forget_template_step(self.state)
         return loss
 
     def _slots(self, group) -> list:
@@ -189,7 +193,8 @@ class SaraOptimizer(torch.optim.Optimizer):
         groups = [dict(checkpoints.record({k: v for k, v in g.items() if k != "params"}, self._shapes(i),
                                           self.base_name), params=list(self.group_members[i]))
                   for i, g in enumerate(self.param_groups)]
-        return {"state": {i: st for i, st in self.state.items() if isinstance(i, int)}, "param_groups": groups}
+        states = {i: st for i, st in self.state.items() if isinstance(i, int)}
+        return {"state": self.layout.export_state(states), "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict, accept=None) -> None:
         """Refused, listing every difference, when the state was saved by an optimizer built otherwise
@@ -198,21 +203,15 @@ class SaraOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
             raise ValueError(checkpoints.not_a_state(state_dict))
         saved_groups = state_dict["param_groups"]
-        problems = checkpoints.differences(saved_groups, self.built, accept)
-        if problems:
-            raise ValueError("sara_ds: the optimizer state was saved by one built otherwise:\n  " + "\n  ".join(problems)
-                             + f"\nBuild it as it was saved; a new {', '.join(checkpoints.ACCEPTABLE)} can be accepted "
-                             "with load_state_dict(..., accept=[...]) or the accept_changes option.")
-        state = by_matrix_id(state_dict["state"])
+        checkpoints.refuse_differences(saved_groups, self.built, accept)
+        state = _keyed_by_matrix(by_matrix_id(state_dict["state"]), saved_groups, self.group_members)
+        self.layout = self.layout.adopt(self.param_groups)
+        state = self.layout.import_state(state, self.param_groups, self.group_members)
         checkpoints.check_states(state, self.matrices, self.param_groups, self.base)
-        keep = ({"params", "sara_group", "sara_shapes", "sara_base"} | set(checkpoints.EXECUTION)
-                | {checkpoints.GROUP_KEY.get(k, k) for k in accept})
-        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            group.update({k: v for k, v in saved.items() if k not in keep and not (k == "lr" and "lr" in accept)})
+        for index, group in enumerate(checkpoints.restore_groups(self.param_groups, saved_groups, accept)):
             validate_group(group, self.base_name, index)
         self.state.clear()
-        for index, st in state.items():  # copies: stepping must not write into the caller's state dict
-            self.state[index] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in st.items()}
+        self.state.update(checkpoints.copied(state))  # stepping must not write into the caller's state dict
         self.layout.reset()
         self.banks.clear()
         self._pending_skips = None
@@ -301,6 +300,18 @@ def by_matrix_id(saved_state: dict) -> dict:
         else:
             out[key] = st
     return out
+
+
+def _keyed_by_matrix(state: dict, saved_groups: list, members: list) -> dict:
+    """A state keyed by other names for the same order (torch.distributed.checkpoint's set_state_dict hands it over
+    keyed by parameter name) keyed by matrix id, position for position, as torch's own load_state_dict maps it."""
+    if all(isinstance(k, int) for k in state):
+        return state
+    order = {key: index for group, ids in zip(saved_groups, members) for key, index in zip(group["params"], ids)}
+    unknown = sorted(str(k) for k in state if k not in order)
+    if unknown:
+        raise ValueError(f"sara_ds: the loaded state holds {unknown[:3]}, which no param group of it lists")
+    return {order[k]: st for k, st in state.items()}
 
 
 def _batched(group, grad: Tensor) -> bool:

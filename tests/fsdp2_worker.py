@@ -1,0 +1,129 @@
+"""One rank of an FSDP2 test: the ds_worker model under ``fully_shard`` (each layer, then the root), trained on
+this rank's micro-batches. It records the gradients FSDP2 hands the optimizer (``full_tensor``), which ``replay``
+feeds to one process: the oracle."""
+import os
+import sys
+
+import torch
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sara_ds  # noqa: E402
+from ds_worker import SELECTION, build_model, global_batch  # noqa: E402
+from worker import serve  # noqa: E402
+
+
+def make_model(sc):
+    """The ds_worker model; with ``row_weight``, also a [1, hidden] weight (FSDP2 leaves ranks past the first
+    without a row of it), scaling the logits."""
+    model = build_model()
+    if sc.get("row_weight"):
+        model.row_gate = torch.nn.Parameter(torch.full((1, model.cfg.hidden), 0.1))
+    return model
+
+
+def loss_of(model, x, y):
+    logits = model(x)
+    if hasattr(model, "row_gate"):
+        logits = logits * (1 + model.row_gate.mean())
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def build_optimizer(sc, model):
+    params, optimizer = dict(sc["params"]), sc.get("optimizer", "SaraAdamW")
+    if optimizer in sara_ds.OPTIMIZERS:
+        selection = {k: params.pop(k) for k in list(params) if k in SELECTION}
+        return sara_ds.OPTIMIZERS[optimizer](sara_ds.param_groups(model, **selection), **params)
+    return getattr(torch.optim, optimizer)(model.parameters(), **params)
+
+
+def replay(sc, grads):
+    """One process, the same model and optimizer, fed the recorded gradients: the final weights."""
+    model = make_model(sc)
+    opt = build_optimizer(sc, model)
+    named = dict(model.named_parameters())
+    for step in grads:
+        for n, g in step.items():
+            named[n].grad = g.clone()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
+
+
+def run_scenario(sc, spec):
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = make_model(sc)
+    before = sc.get("built_before_sharding", False)
+    if before:  # accelerate's order: the optimizer first, the DTensors swapped into its groups afterwards
+        opt = build_optimizer(sc, model)
+    placement = None
+    if sc.get("shard_columns"):  # a shard_placement_fn that splits matrices by columns: refused by name
+        from torch.distributed.tensor import Shard
+
+        placement = lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % world == 0 else None  # noqa: E731
+    for layer in model.layers:
+        fully_shard(layer, shard_placement_fn=placement)
+    fully_shard(model)
+    if before:
+        named = dict(model.named_parameters())
+        for group, members in zip(opt.param_groups, opt.group_members):
+            group["params"] = [named[opt.param_names[i]] for i in members]
+    else:
+        opt = build_optimizer(sc, model)
+    if sc.get("template_only"):  # what DCP's get_state_dict makes of an optimizer that never stepped
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        _, optim_state = get_state_dict(model, opt)
+        steps = [v for st in opt.state.values() for k, v in st.items() if k in ("step", "base_step")]
+        return dict(name=sc["name"], counts=opt.refresh_counts(), steps=sorted(set(steps)),
+                    keys=sorted(optim_state["state"]), weights_moved=False, state_bytes=0, layout="", sent={})
+    if sc.get("load_from"):
+        _load(model, opt, sc["load_from"])
+    recorded = []
+    for step in range(sc.get("start", 0), sc.get("steps", 7)):
+        x, y = global_batch(step)
+        per = x.shape[0] // world
+        loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]).backward()
+        if sc.get("poison_step") == step and rank == world - 1:  # one NaN in the last rank's rows only
+            grad = dict(model.named_parameters())[sc["poison"]].grad.to_local()
+            grad.view(-1)[0] = float("nan")
+        recorded.append({n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+        opt.zero_grad()
+    if sc.get("save_to"):
+        _save(model, opt, sc["save_to"])
+    weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+    local = [t.to_local() if isinstance(t, DTensor) else t for st in opt.state.values() for t in st.values()
+             if isinstance(t, torch.Tensor)]
+    return dict(name=sc["name"], weights=weights if rank == 0 else None, grads=recorded if rank == 0 else None,
+                counts=opt.refresh_counts() if hasattr(opt, "refresh_counts") else {},
+                state_bytes=sum(t.numel() * t.element_size() for t in local),  # this rank's share
+                layout=type(getattr(opt, "layout", None)).__name__,
+                sent=opt.bytes_sent() if hasattr(opt, "bytes_sent") else {},
+                owners=dict(getattr(opt.layout, "owner", {})) if hasattr(opt, "layout") else {})
+
+
+def _save(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+
+
+def _load(model, opt, path):
+    """DCP's recipe: a template from get_state_dict (an empty optimizer takes one zero step at lr 0 to make it),
+    dcp.load into it at this world size, set_state_dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], run_scenario, gather=("counts", "state_bytes", "layout", "sent"))
