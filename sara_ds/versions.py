@@ -1,6 +1,7 @@
 """The engine releases sara_ds is tested with, and the check each integration runs when it first meets an engine.
 
-CI runs the engine suites at both ends of each range (``.ci/run``); ``pyproject.toml`` claims exactly these ranges.
+CI runs the engine suites at both ends of each range (``.ci/run``: the main suite at the newest DeepSpeed and
+megatron-core 0.16.1, ``scripts/version_legs.sh`` at the other ends); ``pyproject.toml`` claims exactly these ranges.
 A release outside one fails at start-up, naming the installed version and the range; ``SARA_DS_UNTESTED_ENGINES=1``
 lets it run at the user's risk.
 """
