@@ -79,11 +79,11 @@ class FSDP2Layout(Layout):
         out = []
         for p, i in zip(params, indices):
             matrix = self.matrices[i]
-            if isinstance(p, DTensor):
-                self._live[i] = p
-            if not isinstance(p, DTensor):
+            if not isinstance(p, DTensor):  # a parameter fully_shard left alone
                 out.append(Slot(i, p.grad, p, context=self.context(i, group)))
-            elif p.grad is None:
+                continue
+            self._live[i] = p
+            if p.grad is None:
                 continue
             elif not matrix.whole:
                 out.append(Slot(i, p.grad.to_local(), p.to_local(), fragment=True))
