@@ -69,6 +69,8 @@ def test_fsdp2_equals_one_process_fed_the_same_gradients(world):
         assert [c["skipped_steps"] for c in counts] == [skipped] * world, sc["name"]
         gather, scatter = _wire(single, world)
         sent = [r["sent"] for r in res["per_rank"]]
+        print(f"  {'':<48} bytes per step, all ranks: {gather} gathered to owners, {scatter} sent back "
+              f"(one process's state {single.state_bytes()} B)")
         assert sum(s["fsdp_gather"] for s in sent) == STEPS * gather, sc["name"]
         assert sum(s["fsdp_scatter"] for s in sent) == STEPS * scatter, sc["name"]
 
