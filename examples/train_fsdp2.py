@@ -11,6 +11,7 @@ the global batch stays ``--global_batch`` sequences, split over the ranks, so a 
 straight one would. CPU (gloo) or GPU (NCCL); ranks from torchrun, srun or mpirun (``sara_ds.env``).
 """
 import argparse
+import gc
 import math
 import os
 import sys
@@ -155,7 +156,14 @@ def main():
         print(f"[sara_ds]   weights checksum {checksum:.10e}")
         print("=" * 72, flush=True)
     dist.barrier()
+    del model, optimizer
+    gc.collect()
     dist.destroy_process_group()
+    # FSDP2's device meshes keep their gloo groups until interpreter exit, and tearing them down there can abort
+    # a finished run ("terminate called without an active exception"): everything is written, so leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

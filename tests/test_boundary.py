@@ -28,7 +28,9 @@ ALLOWED = {
     ("harness/sara_bench/precision.py", "_cpu"): "torch's CPU capability probes, where torch.cpu lacks them",
     ("harness/sara_bench/bench.py", "_processes"): "the process pool's workers, terminated on Ctrl-C",
     ("tests/ckpt_crash_worker.py", "os._exit"): "the documented exit without clean-up",
+    ("tests/fsdp2_worker.py", "os._exit"): "the documented exit without clean-up",
     ("examples/train.py", "os._exit"): "the documented exit without clean-up",
+    ("examples/train_fsdp2.py", "os._exit"): "the documented exit without clean-up",
 }
 
 

@@ -16,7 +16,7 @@ own matrices' (about S/N plus one matrix).
 
 An optimizer built before sharding (accelerate, the HF Trainer: their param groups get the DTensors afterwards)
 adopts this layout at its first step (``Layout.adopt``). HSDP meshes (Replicate, Shard) step each replica alike on the
-shard dimension. Placements other than Shard(0) on the sharding dimension (a ``shard_placement_fn`` returning
+shard dimension (untested; their checkpoints are refused). Placements other than Shard(0) on the sharding dimension (a ``shard_placement_fn`` returning
 Shard(1), FSDP x TP meshes) are refused by name.
 """
 from __future__ import annotations
@@ -132,6 +132,10 @@ class FSDP2Layout(Layout):
         if self.group is None:
             return states
         mesh = next(iter(self._live.values())).device_mesh
+        if mesh.ndim != 1:
+            raise ValueError(f"sara_ds: the optimizer state of a model sharded over the {mesh.ndim}-D mesh "
+                             f"{tuple(mesh.mesh_dim_names or range(mesh.ndim))} (HSDP) cannot be saved yet: "
+                             "sara_ds's FSDP2 checkpoints support 1-D fully_shard meshes")
         out = {}
         for i, st in states.items():
             if not self.matrices[i].whole:
