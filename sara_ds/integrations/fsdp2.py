@@ -110,8 +110,8 @@ class FSDP2Layout(Layout):
 
     def finish(self) -> None:
         """Each rank's new rows of the matrices stepped whole, from their owners."""
+        world, me = (dist.get_world_size(self.group), dist.get_rank(self.group)) if self._returns else (1, 0)
         for param, weight, owner in self._returns:
-            world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
             counts = row_counts(param.shape[0], world)
             local = param.to_local()
             mine = local.new_empty((max(counts), *param.shape[1:]))
