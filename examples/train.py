@@ -1,6 +1,10 @@
 """Pretrain the example LLaMA-style model on the bundled corpus with a SARA optimizer from a DeepSpeed config.
 
     deepspeed --num_gpus 2 examples/train.py --deepspeed_config configs/ds/sara.json
+    torchrun --nproc_per_node 2 examples/train.py --engine fsdp2 --steps 300   # PyTorch FSDP2 instead
+
+``--engine fsdp2`` runs ``examples/train_fsdp2.py``'s job (its own options: ``--engine fsdp2 --help``) with the
+same progress, evaluation, summary and checkpoint behaviour, through torch.distributed.checkpoint.
 
 Runs unchanged on CPU (gloo) and GPU (NCCL), under the deepspeed launcher,
 torchrun, mpirun or srun (ranks are discovered by ``sara_ds.env``). Progress bar
@@ -39,10 +43,18 @@ from sara_ds import env  # noqa: E402
 from sara_ds.integrations import deepspeed as sara_deepspeed  # noqa: E402
 
 
+def engine_choice() -> str:
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--engine", choices=["deepspeed", "fsdp2"], default="deepspeed")
+    return ap.parse_known_args()[0].engine
+
+
 def parse_args():
     import deepspeed
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=["deepspeed", "fsdp2"], default="deepspeed",
+                    help="deepspeed (default): this config-driven job; fsdp2: examples/train_fsdp2.py's")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     ap.add_argument("--steps", type=int, default=None,
                     help="optimizer steps (default: the scheduler's total_num_steps, else 300)")
@@ -257,4 +269,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if engine_choice() == "fsdp2":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import train_fsdp2
+
+        train_fsdp2.main()
+    else:
+        main()

@@ -38,7 +38,7 @@ stage step 150 $PY benchmarks/optimizer_step.py --device "$DEVICE" --sizes "$SIZ
 stage refresh 75 $PY benchmarks/refresh.py --device "$DEVICE" ${REFRESH_ARGS:-}
 stage train 75 $PY -m deepspeed.launcher.runner --num_gpus 1 examples/train.py --deepspeed_config configs/ds/sara.json \
   --dtype bf16 --no_progress --eval_interval 100
-stage fsdp2 60 $PY -m torch.distributed.run --nproc_per_node "${GPUS:-1}" examples/train_fsdp2.py --steps 100 \
+stage fsdp2 60 $PY -m torch.distributed.run --nproc_per_node "${GPUS:-1}" examples/train.py --engine fsdp2 --steps 100 \
   --eval_interval 50 --no_progress --save_dir "$LOGS/fsdp2_ckpt"
 stage compiled 60 $PY benchmarks/compiled_bank_step.py --device "$DEVICE" --sizes "$SIZES"
 stage step1b 150 $PY benchmarks/optimizer_step.py --device "$DEVICE" --sizes ${SIZES_1B:-1b} --repeats 10 \

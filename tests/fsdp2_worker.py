@@ -18,6 +18,8 @@ def make_model(sc):
     """The ds_worker model; with ``row_weight``, also a [1, hidden] weight (FSDP2 leaves ranks past the first
     without a row of it), scaling the logits."""
     model = build_model()
+    if sc.get("uneven_tp"):  # 5 rows: no even split over 2 TP ranks (unused by the forward)
+        model.extra = torch.nn.Linear(model.cfg.hidden, 5, bias=False)
     if sc.get("row_weight"):
         model.row_gate = torch.nn.Parameter(torch.full((1, model.cfg.hidden), 0.1))
     return model
@@ -59,14 +61,20 @@ def run_scenario(sc, spec):
     before = sc.get("built_before_sharding", False)
     if before:  # accelerate's order: the optimizer first, the DTensors swapped into its groups afterwards
         opt = build_optimizer(sc, model)
-    placement = None
+    placement, mesh, dp_rank, dp_world = None, None, rank, world
+    if sc.get("tp"):  # FSDP x TP on a 2-D mesh: Megatron's column/row split of every layer, a vocab-parallel head
+        mesh, dp_rank, dp_world = _tensor_parallel(model, sc["tp"])
+    elif sc.get("hsdp"):  # HSDP: 2 replicas, each sharded over world/2 ranks
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     if sc.get("shard_columns"):  # a shard_placement_fn that splits matrices by columns: refused by name
         from torch.distributed.tensor import Shard
 
         placement = lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % world == 0 else None  # noqa: E731
     for layer in model.layers:
-        fully_shard(layer, shard_placement_fn=placement)
-    fully_shard(model)
+        fully_shard(layer, shard_placement_fn=placement, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     if before:
         named = dict(model.named_parameters())
         for group, members in zip(opt.param_groups, opt.group_members):
@@ -85,8 +93,8 @@ def run_scenario(sc, spec):
     recorded = []
     for step in range(sc.get("start", 0), sc.get("steps", 7)):
         x, y = global_batch(step)
-        per = x.shape[0] // world
-        loss_of(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]).backward()
+        per = x.shape[0] // dp_world
+        loss_of(model, x[dp_rank * per:(dp_rank + 1) * per], y[dp_rank * per:(dp_rank + 1) * per]).backward()
         if sc.get("poison_step") == step and rank == world - 1:  # one NaN in the last rank's rows only
             grad = dict(model.named_parameters())[sc["poison"]].grad.to_local()
             grad.view(-1)[0] = float("nan")
@@ -104,6 +112,28 @@ def run_scenario(sc, spec):
                 layout=type(getattr(opt, "layout", None)).__name__,
                 sent=opt.bytes_sent() if hasattr(opt, "bytes_sent") else {},
                 owners=dict(getattr(opt.layout, "owner", {})) if hasattr(opt, "layout") else {})
+
+
+def _tensor_parallel(model, tp):
+    """parallelize_module over the "tp" dim of a (world/tp, tp) mesh; returns the mesh's "dp" dim for fully_shard,
+    and this rank's data-parallel index and size (TP peers train on the same micro-batch)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size() // tp, tp), mesh_dim_names=("dp", "tp"))
+    plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel()}
+    for layer in model.layers:
+        parallelize_module(layer, mesh["tp"], plan)
+    plan = {"lm_head": ColwiseParallel(output_layouts=Replicate())}
+    if hasattr(model, "extra"):
+        plan["extra"] = ColwiseParallel()
+    parallelize_module(model, mesh["tp"], plan)
+    dp = mesh["dp"]
+    return dp, dp.get_local_rank(), dp.size()
 
 
 def _save(model, opt, path):

@@ -1,46 +1,101 @@
-"""PyTorch FSDP2 (``fully_shard``): the layout of a model whose parameters are ``Shard(0)`` DTensors.
+"""PyTorch FSDP2 (``fully_shard``): the layout of a model whose parameters are row-sharded DTensors, alone, under
+HSDP, or on a 2-D FSDP x TP mesh (``parallelize_module`` first, then ``fully_shard`` on the data-parallel dim).
 
-FSDP2 splits every parameter by rows over its data-parallel mesh (``torch.chunk``: ceil(m/N) rows per rank, the
-last ranks fewer or none) and reduce-scatters each gradient into the same rows. No rank ever holds a whole
-gradient. This layout steps
+FSDP2 splits every parameter by rows over its shard dim (``torch.chunk``: ceil(m/N) rows per rank, the last ranks
+fewer or none) and reduce-scatters each gradient into the same rows. No rank ever holds a whole gradient. This
+layout steps
 
 * an elementwise parameter (AdamW's and Adam-mini's vectors, every matrix the base steps elementwise) on the
   rows this rank holds, with its state sharded the same way;
-* a whole matrix (a projected one, or one whose base's statistics span it) on one owner rank
+* a whole matrix (a projected one, or one whose base's statistics span it) on one owner rank of the shard group
   (``sharding.ownership``: balanced by refresh cost), which gathers the matrix's gradient and weight rows, steps
-  exactly as one process would, and sends each rank its new rows in ``finish``.
+  it, and sends each rank its new rows in ``finish``. Where tensor parallelism split the matrix (Shard(0) or
+  Shard(1) on the TP dim), the owner gathers only its TP shard, and the owners of one matrix on every TP rank step
+  it together with the TP spectra (``sharding.tensor_parallel``): only small factors cross TP ranks.
 
 Per step and whole matrix, one gather of the gradient and of the weight to the owner and one scatter back:
-3·m·n·(N-1)/N elements in all, spread over the owners. State per rank: its shards' elementwise state plus its
-own matrices' (about S/N plus one matrix).
+3·m·n·(N-1)/N elements (m x n: the TP shard) in all, spread over the owners. State per rank: its shards'
+elementwise state plus its own matrices' (about S/N plus one matrix).
 
 An optimizer built before sharding (accelerate, the HF Trainer: their param groups get the DTensors afterwards)
-adopts this layout at its first step (``Layout.adopt``). HSDP meshes (Replicate, Shard) step each replica alike on the
-shard dimension (untested; their checkpoints are refused). Placements other than Shard(0) on the sharding dimension (a ``shard_placement_fn`` returning
-Shard(1), FSDP x TP meshes) are refused by name.
+adopts this layout at its first step (``Layout.adopt``). Checkpoints go through torch.distributed.checkpoint with
+each whole matrix's state in one process's layout, so they reshard to any world size, TP size or mesh.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..layout import Layout, Slot
 from ..sharding import ownership
+from ..sharding.tensor_parallel import TensorParallelContext, from_one_process, to_one_process
 
 
-def shard_group(param: DTensor):
-    """The process group over which ``param``'s rows are split (the last mesh dim of an HSDP mesh)."""
-    mesh, placements = param.device_mesh, param.placements
-    dims = [d for d, pl in enumerate(placements) if not isinstance(pl, Replicate)]
-    if len(dims) != 1 or placements[dims[0]] != Shard(0):
+@dataclass(frozen=True)
+class Placement:
+    """Where FSDP2 (and TP) put one parameter: its mesh, the mesh dim its rows are sharded on, and the TP dim and
+    the axis TP split it along (None: not TP-split)."""
+
+    mesh: object
+    shard_dim: int
+    tp_dim: int | None
+    tp_axis: int | None
+
+    @property
+    def group(self):
+        return self.mesh.get_group(mesh_dim=self.shard_dim)
+
+    @property
+    def tp_group(self):
+        return None if self.tp_dim is None else self.mesh.get_group(mesh_dim=self.tp_dim)
+
+    def tp_local_shape(self, shape) -> tuple:
+        """The shape of this rank's TP shard of the whole parameter (what the owner steps)."""
+        if self.tp_axis is None:
+            return tuple(shape)
+        size = self.mesh.size(self.tp_dim)
+        return tuple(d // size if i == self.tp_axis else d for i, d in enumerate(shape))
+
+
+def _is_rows(placement) -> bool:
+    return isinstance(placement, Shard) and placement.dim == 0 or (
+        type(placement).__name__ == "_StridedShard" and placement.dim == 0)  # FSDP's rows of a TP shard
+
+
+def placement_of(param: DTensor) -> Placement:
+    """FSDP2 puts its dims first: [Replicate() (HSDP)], Shard(0) (a _StridedShard(0) over TP's Shard(0)), then at
+    most one TP dim placed Shard(0), Shard(1) or Replicate(). Anything else is refused by name."""
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    names = tuple(mesh.mesh_dim_names or range(mesh.ndim))
+    first = next((d for d, pl in enumerate(placements) if not isinstance(pl, Replicate)), None)
+    rest = placements[first + 1:] if first is not None else ()
+    tp = rest[0] if len(rest) == 1 else None
+    if first is None or not _is_rows(placements[first]) or len(rest) > 1 or (
+            rest and not (isinstance(tp, Replicate) or type(tp) is Shard and tp.dim in (0, 1) and param.dim() == 2)):
         raise ValueError(
-            f"sara_ds: a parameter of shape {tuple(param.shape)} is placed {tuple(placements)} on mesh "
-            f"{tuple(mesh.mesh_dim_names or range(mesh.ndim))}; the FSDP2 layout steps fully_shard's Shard(0) "
-            "(with Replicate() for HSDP) only. Leave shard_placement_fn unset, and build 2-D FSDP x TP meshes "
-            "without sara_ds until they are supported.")
-    return mesh.get_group(mesh_dim=dims[0])
+            f"sara_ds: a parameter of shape {tuple(param.shape)} is placed {placements} on mesh {names}; the FSDP2 "
+            "layout steps fully_shard's Shard(0) rows (after Replicate() for HSDP), with at most one "
+            "tensor-parallel dim after them placed Shard(0), Shard(1) or Replicate(). Leave shard_placement_fn "
+            "unset, and parallelize_module 2-D weights column- or row-wise on one TP dim.")
+    if not rest or isinstance(tp, Replicate) or mesh.size(first + 1) == 1:  # a TP dim of one rank splits nothing
+        return Placement(mesh, first, first + 1 if rest else None, None)
+    return Placement(mesh, first, first + 1, tp.dim)
+
+
+def refuse_uneven_tp(param: DTensor, where: Placement) -> None:
+    """A matrix stepped whole with the TP spectra needs equal TP shards (``tensor_parallel.refuse_uneven_split``)."""
+    size = where.mesh.size(where.tp_dim)
+    if param.shape[where.tp_axis] % size:
+        names = tuple(where.mesh.mesh_dim_names or range(where.mesh.ndim))
+        raise ValueError(
+            f"sara_ds: a parameter of shape {tuple(param.shape)} is placed {tuple(param.placements)} on mesh {names}: "
+            f"its dim {where.tp_axis} ({param.shape[where.tp_axis]}) does not divide evenly over the {size} ranks of "
+            f"{names[where.tp_dim]!r}, and sara_ds's TP spectra need equal shards to step it whole. Choose a TP size "
+            "that divides it, or leave it out of the projected group (exclude=[...]) under SaraAdamW.")
 
 
 def row_counts(rows: int, world: int) -> list[int]:
@@ -54,52 +109,78 @@ class FSDP2Layout(Layout):
         super().__init__()
         self.owner: dict = {}          # matrix id -> rank in its shard group that steps it whole
         self.group = None              # the shard group (one for every parameter of the model)
-        self._returns: list = []       # (param, full weight or None, owner) to send back in finish()
+        self.tp_group = None           # the TP group, on a 2-D FSDP x TP mesh
+        self.placement: dict = {}      # matrix id -> Placement
+        self._contexts: dict = {}      # TP contexts, one per matrix and spectrum choice
         self._live: dict = {}          # matrix id -> the DTensor parameter the engine hands over now
+        self._returns: list = []       # (param, full weight or None, owner) to send back in finish()
         self._sent = {"fsdp_gather": 0, "fsdp_scatter": 0}
 
-    def _setup(self, group) -> None:
-        self.group = group
-        world = dist.get_world_size(group)
-        items = [ownership.Item(m.param.numel(), tuple(m.shape), m.whole) for m in self.matrices]
-        for m, rank in zip(self.matrices, ownership.owners(items, world)):
-            self.owner[m.index] = rank
+    def _place(self, index: int, param) -> Placement | None:
+        """The placement of matrix ``index`` (None: a tensor fully_shard left alone), checked against the others."""
+        if not isinstance(param, DTensor):
+            return None
+        if index not in self.placement:
+            where = placement_of(param)
+            if self.group is None:
+                self.group = where.group
+                items = [ownership.Item(m.param.numel(), tuple(m.shape), m.whole) for m in self.matrices]
+                self.owner = dict(zip((m.index for m in self.matrices),
+                                      ownership.owners(items, dist.get_world_size(self.group))))
+            if where.group is not self.group:
+                raise ValueError("sara_ds: the model's parameters are sharded over different meshes; the FSDP2 "
+                                 "layout needs one fully_shard mesh for the whole model")
+            if where.tp_axis is not None and self.matrices[index].whole:
+                refuse_uneven_tp(param, where)
+            if where.tp_axis is not None:
+                if self.tp_group is not None and where.tp_group is not self.tp_group:
+                    raise ValueError("sara_ds: the model's parameters are split over different tensor-parallel "
+                                     "groups; the FSDP2 layout needs one TP dim for the whole model")
+                self.tp_group = where.tp_group
+            self.placement[index] = where
+        return self.placement[index]
+
+    def split_axis_of(self, param: Tensor):
+        where = self.placement.get(self._index_of.get(id(param)))
+        return None if where is None else where.tp_axis
+
+    def context(self, index: int, group: dict):
+        whole = super().context(index, group)
+        where = self.placement.get(index)
+        if where is None or where.tp_axis is None:
+            return whole
+        key = (index, group["tp_spectrum"], group["sketch_oversample"], group["sketch_power_iters"], whole)
+        if key not in self._contexts:
+            self._contexts[key] = TensorParallelContext(where.tp_group, where.tp_axis, *key[1:4], whole=whole)
+        return self._contexts[key]
 
     def slots(self, group: dict, members: list) -> list:
         params = group["params"]
-        for p in params:
-            if isinstance(p, DTensor):
-                rows = shard_group(p)
-                if self.group is None:
-                    self._setup(rows)
-                elif rows is not self.group:
-                    raise ValueError("sara_ds: the model's parameters are sharded over different meshes; the FSDP2 "
-                                     "layout needs one fully_shard mesh for the whole model")
         indices = [self._index_of.get(id(p), m) for p, m in zip(params, members)]  # DTensors swapped in: in order
         out = []
         for p, i in zip(params, indices):
-            matrix = self.matrices[i]
-            if not isinstance(p, DTensor):  # a parameter fully_shard left alone
+            where = self._place(i, p)
+            if where is not None:
+                self._live[i] = p
+            if where is None:  # a parameter fully_shard left alone
                 out.append(Slot(i, p.grad, p, context=self.context(i, group)))
+            elif p.grad is None:
                 continue
-            self._live[i] = p
-            if p.grad is None:
-                continue
-            elif not matrix.whole:
+            elif not self.matrices[i].whole:
                 out.append(Slot(i, p.grad.to_local(), p.to_local(), fragment=True))
             else:
-                owner = self.owner[i]
-                grad, weight = self._gather(p.grad.to_local(), p, owner), self._gather(p.to_local(), p, owner)
-                self._returns.append((p, weight, owner))
+                owner, shape = self.owner[i], where.tp_local_shape(p.shape)
+                grad, weight = self._gather(p.grad.to_local(), shape, owner), self._gather(p.to_local(), shape, owner)
+                self._returns.append((p, shape, weight, owner))
                 if weight is not None:
                     out.append(Slot(i, grad, weight, context=self.context(i, group)))
         return out
 
-    def _gather(self, local: Tensor, param: DTensor, owner: int):
-        """The whole tensor on its owner (None elsewhere), from each rank's rows."""
+    def _gather(self, local: Tensor, shape: tuple, owner: int):
+        """The whole (TP shard of the) tensor on its owner, None elsewhere, from each rank's rows."""
         world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
-        counts = row_counts(param.shape[0], world)
-        padded = local.new_zeros((max(counts), *param.shape[1:]))
+        counts = row_counts(shape[0], world)
+        padded = local.new_zeros((max(counts), *shape[1:]))
         padded[:local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(world)] if me == owner else None
         dist.gather(padded, parts, dst=dist.get_global_rank(self.group, owner), group=self.group)
@@ -108,67 +189,79 @@ class FSDP2Layout(Layout):
             return None
         return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
+    def _scatter(self, whole, out: Tensor, rows: int, owner: int) -> None:
+        """Each rank's rows of ``whole`` (held by ``owner``; None elsewhere) into ``out``."""
+        world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
+        counts = row_counts(rows, world)
+        mine = out.new_empty((max(counts), *out.shape[1:]))
+        parts = None
+        if me == owner:
+            pad = whole.new_zeros((max(counts) * world - rows, *whole.shape[1:]))
+            parts = list(torch.cat([whole, pad]).chunk(world))
+            self._sent["fsdp_scatter"] += sum(t.numel() * t.element_size() for r, t in enumerate(parts) if r != me)
+        dist.scatter(mine, parts, src=dist.get_global_rank(self.group, owner), group=self.group)
+        out.copy_(mine[:out.shape[0]])
+
     def finish(self) -> None:
         """Each rank's new rows of the matrices stepped whole, from their owners."""
-        world, me = (dist.get_world_size(self.group), dist.get_rank(self.group)) if self._returns else (1, 0)
-        for param, weight, owner in self._returns:
-            counts = row_counts(param.shape[0], world)
-            local = param.to_local()
-            mine = local.new_empty((max(counts), *param.shape[1:]))
-            parts = None
-            if me == owner:
-                parts = list(torch.cat([weight, weight.new_zeros((max(counts) * world - weight.shape[0],
-                                                                   *weight.shape[1:]))]).chunk(world))
-                self._sent["fsdp_scatter"] += sum(t.numel() * t.element_size() for r, t in enumerate(parts) if r != me)
-            dist.scatter(mine, parts, src=dist.get_global_rank(self.group, owner), group=self.group)
-            local.copy_(mine[:local.shape[0]])
+        for param, shape, weight, owner in self._returns:
+            self._scatter(weight, param.to_local(), shape[0], owner)
         self._returns = []
 
     # -- checkpoints through torch.distributed.checkpoint: every tensor a DTensor, so that DCP reshards it and no
     # rank's copy of a per-rank value is dropped as a duplicate
     def export_state(self, states: dict) -> dict:
-        """Elementwise state as DTensors sharded like its parameter; a whole matrix's state, which only its owner
-        holds, as DTensors sent row-wise from the owner to every rank (collective: every rank calls it)."""
+        """Elementwise state as DTensors placed like its parameter; a whole matrix's state, which only its owner
+        holds, in one process's layout (TP shards gathered), sent row-wise from the owner to every rank of the
+        shard group and replicated over the other mesh dims (collective: every rank calls it)."""
         if self.group is None:
             return states
-        mesh = next(iter(self._live.values())).device_mesh
-        if mesh.ndim != 1:
-            raise ValueError(f"sara_ds: the optimizer state of a model sharded over the {mesh.ndim}-D mesh "
-                             f"{tuple(mesh.mesh_dim_names or range(mesh.ndim))} (HSDP) cannot be saved yet: "
-                             "sara_ds's FSDP2 checkpoints support 1-D fully_shard meshes")
-        out = {}
+        out, mine = {}, {}
         for i, st in states.items():
             if not self.matrices[i].whole:
                 p = self._live[i]
-                out[i] = {k: DTensor.from_local(v, mesh, p.placements, shape=p.shape, stride=p.stride())
-                          if isinstance(v, torch.Tensor) and v.shape == p.to_local().shape and v.dim() else v
+                out[i] = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                          if isinstance(v, Tensor) and v.dim() and v.shape == p.to_local().shape else v
                           for k, v in st.items()}
-        mine = {i: {k: ("tensor", tuple(v.shape), str(v.dtype).removeprefix("torch.")) if isinstance(v, torch.Tensor)
-                    else ("value", v) for k, v in st.items()} for i, st in states.items() if self.matrices[i].whole}
+                continue
+            tp = self._tp_of(i)
+            mine[i] = to_one_process(st, tp) if tp is not None else st
+        specs = {i: {k: ("tensor", tuple(v.shape), str(v.dtype).removeprefix("torch.")) if isinstance(v, Tensor)
+                     else ("value", v) for k, v in st.items()} for i, st in mine.items()}
         everyone = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(everyone, mine, group=self.group)
-        me = dist.get_rank(self.group)
+        dist.all_gather_object(everyone, specs, group=self.group)
         for owner, held in enumerate(everyone):
             for i in sorted(held):
-                out[i] = {}
-                for k, spec in sorted(held[i].items()):
-                    if spec[0] == "value":
-                        out[i][k] = spec[1]
-                        continue
-                    shape, dtype = spec[1], getattr(torch, spec[2])
-                    t = states[i][k] if me == owner else torch.empty(shape, dtype=dtype, device=mesh.device_type)
-                    rows = [Shard(0)] if len(shape) and shape[0] else [Replicate()]
-                    out[i][k] = distribute_tensor(t, mesh, rows, src_data_rank=owner)
+                out[i] = {k: spec[1] if spec[0] == "value" else self._rows_from(mine.get(i, {}).get(k), spec, owner, i)
+                          for k, spec in sorted(held[i].items())}
         return out
 
+    def _rows_from(self, t, spec, owner: int, index: int) -> DTensor:
+        """A DTensor of the owner's ``t``: its rows over the shard dim, replicated over the mesh's other dims."""
+        where, shape, dtype = self.placement[index], spec[1], getattr(torch, spec[2])
+        device = where.mesh.device_type
+        placements = [Replicate()] * where.mesh.ndim
+        if len(shape) and shape[0]:
+            placements[where.shard_dim] = Shard(0)
+            world = dist.get_world_size(self.group)
+            local = torch.empty((row_counts(shape[0], world)[dist.get_rank(self.group)], *shape[1:]), dtype=dtype,
+                                device=device)
+            self._scatter(t, local, shape[0], owner)
+        else:
+            local = t if t is not None else torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(local, src=dist.get_global_rank(self.group, owner), group=self.group)
+        return DTensor.from_local(local, where.mesh, placements, shape=torch.Size(shape),
+                                  stride=torch.empty(shape, device="meta").stride())
+
     def import_state(self, states: dict, param_groups: list, members: list) -> dict:
-        """``export_state``'s form (resharded to this world size) back to this rank's: elementwise state as its
-        rows, a whole matrix's state on its owner only (collective: every rank calls it with the same keys)."""
+        """``export_state``'s form (resharded to this mesh) back to this rank's: elementwise state as its rows, a
+        whole matrix's state on its owner only, cut to its TP shard (every rank calls it with the same keys)."""
         if not any(isinstance(v, DTensor) for st in states.values() for v in st.values()):
             return {i: st for i, st in states.items() if self.owns(i) is not False}
-        if self.group is None:
-            shards = [p for g in param_groups for p in g["params"] if isinstance(p, DTensor)]
-            self._setup(shard_group(shards[0]))
+        for g, ids in zip(param_groups, members):
+            for p, i in zip(g["params"], ids):
+                if self._place(i, p) is not None:
+                    self._live[i] = p
         me, out = dist.get_rank(self.group), {}
         for i in sorted(states):
             st = states[i]
@@ -177,18 +270,24 @@ class FSDP2Layout(Layout):
                 continue
             whole = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in sorted(st.items())}
             if self.owner[i] == me:
-                out[i] = whole
+                tp = self._tp_of(i)
+                out[i] = from_one_process(whole, tp) if tp is not None else whole
         return out
+
+    def _tp_of(self, index: int):
+        """The TP context a checkpoint converts matrix ``index``'s state with (None: not TP-split)."""
+        where = self.placement.get(index)
+        return None if where is None or where.tp_axis is None else TensorParallelContext(where.tp_group, where.tp_axis)
 
     def owns(self, index: int):
         return True if not self.matrices[index].whole else (
             None if self.group is None else self.owner[index] == dist.get_rank(self.group))
 
     def step_groups(self) -> list:
-        return [] if self.group is None else [self.group]
+        return [g for g in (self.group, self.tp_group) if g is not None]
 
     def reset(self) -> None:
         self._returns = []
 
     def bytes_sent(self) -> dict:
-        return dict(self._sent)
+        return dict(self._sent, tensor_parallel=sum(c.bytes_sent for c in self._contexts.values()))

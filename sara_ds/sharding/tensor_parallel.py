@@ -81,7 +81,7 @@ class TensorParallelContext:
         dist.all_reduce(t, op=op, group=self.group)
         return t
 
-    def _all_gather(self, t: Tensor) -> list:
+    def all_gather(self, t: Tensor) -> list:
         self.bytes_sent += t.numel() * t.element_size()
         out = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(out, t.contiguous(), group=self.group)
@@ -107,7 +107,7 @@ class TensorParallelContext:
         return basis.narrow(-2, self.rank * rows, rows)
 
     def gather_rows(self, t: Tensor, left: bool) -> Tensor:
-        return torch.cat(self._all_gather(t), dim=-2) if self.rows_split(left) else t
+        return torch.cat(self.all_gather(t), dim=-2) if self.rows_split(left) else t
 
     @property
     def bank_key(self):
@@ -127,13 +127,13 @@ class TensorParallelContext:
     # -- spectra
     def spectrum(self, matrix: Tensor, left: bool, generator=None, rank: int | None = None):
         if self.rows_split(left):  # the whole matrix, and one process's spectrum of it
-            whole = torch.cat(self._all_gather(matrix), dim=self.split_axis)
+            whole = torch.cat(self.all_gather(matrix), dim=self.split_axis)
             return self.whole.spectrum(whole, left, generator, rank)
         a = (matrix if self.split_axis == 0 else matrix.mT).float()  # the split rows of A^T, stacked over ranks
         if self.method == "gram":
             return spectral.gram_eigh(a, self._all_reduce)
         if self.method == "tsqr":
-            return spectral.tsqr(a, self._all_gather)
+            return spectral.tsqr(a, self.all_gather)
         rows, n = a.shape
         k = spectral.sketch_size(n, rank, self.oversample)
         omega = spectral.sketch_test_matrix(generator, rows * self.world, k)
@@ -198,3 +198,47 @@ def refresh_bytes(method: str, local_rows: int, n: int, rank: int, oversample: i
     else:
         raise ValueError(f"sara_ds: unknown method={method!r}")
     return itemsize * (spectrum + (n * rank if root else 0))
+
+
+# -- a TP shard's state in one process's layout, and back: what a checkpoint that reshards across TP sizes stores
+
+# state entries shaped [..., columns of R]: split over TP ranks where R's columns are (the basis on the whole axis)
+SPLIT_STATE = frozenset({"exp_avg", "exp_avg_sq", "exp_avg_sq_col", "v_block"})
+
+
+def shard_state_layout(state: dict, ctx: TensorParallelContext) -> tuple[dict, bool]:
+    """How one TP rank's state of a matrix relates to one process's: {key: the dim it is cut along over the TP
+    group} (keys absent are the same on every rank), and whether the rank holds it transposed.
+
+    * projected: R's column statistics, where R's columns are split; everything else (the basis, the rank-axis
+      statistics) is whole on every rank;
+    * full-rank Adafactor puts the split axis on its columns (``functional.full_rank_step``), so a column-parallel
+      matrix's moments are held transposed, with row and column statistics swapped;
+    * full-rank Adam-mini (row-parallel only) keeps per-row blocks: split with the rows."""
+    if "basis" in state:
+        return ({k: -1 for k in SPLIT_STATE if k in state} if ctx.columns_split(state["left"]) else {}), False
+    if "exp_avg_sq_row" in state:
+        return {k: -1 for k in ("exp_avg", "exp_avg_sq_col") if k in state}, ctx.split_axis == 0
+    return {k: ctx.split_axis for k in ("exp_avg", "v_block") if k in state}, False
+
+
+def _transposed(state: dict) -> dict:
+    out = dict(state, exp_avg_sq_row=state["exp_avg_sq_col"], exp_avg_sq_col=state["exp_avg_sq_row"])
+    if "exp_avg" in state:
+        out["exp_avg"] = state["exp_avg"].mT.contiguous()
+    return out
+
+
+def to_one_process(state: dict, ctx: TensorParallelContext) -> dict:
+    """This rank's state of a TP-split matrix as one process would hold it (collective over the TP group: every
+    TP rank holding the matrix calls it, in the same matrix order)."""
+    split, transposed = shard_state_layout(state, ctx)
+    out = {k: torch.cat(ctx.all_gather(v), dim=split[k]) if k in split else v for k, v in state.items()}
+    return _transposed(out) if transposed else out
+
+
+def from_one_process(state: dict, ctx: TensorParallelContext) -> dict:
+    """``to_one_process``'s inverse: this TP rank's piece of one process's state (no communication)."""
+    split, transposed = shard_state_layout(state, ctx)
+    state = _transposed(state) if transposed else state
+    return {k: v.chunk(ctx.world, dim=split[k])[ctx.rank].clone() if k in split else v for k, v in state.items()}
