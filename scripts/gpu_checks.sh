@@ -7,7 +7,7 @@
 # Stages: the CUDA tests (no host sync in an ordinary step under set_sync_debug_mode("error"), CPU
 # agreement, bf16), the step benchmark at LLaMA-60M..350M whole-model shapes against galore-torch and
 # torch AdamW, the refresh at LLaMA-7B shapes, a bf16 DeepSpeed training run of the example model, the FSDP2
-# example over NCCL with a DCP checkpoint, the 1B step, and torch.compile / CUDA graphs on a bank's step. A stage that fails or runs out of time is
+# example over NCCL with a DCP checkpoint, the HF Trainer's FSDP2 (examples/hf_trainer_fsdp2.py), the 1B step, and torch.compile / CUDA graphs on a bank's step. A stage that fails or runs out of time is
 # reported and the next one runs.
 set -u
 LOGS=${LOGS:-runs/gpu}
@@ -18,7 +18,7 @@ mkdir -p "$LOGS"
 export PYTHONPATH=$PWD:$PWD/harness${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
-STAGES=${STAGES:-env tests step refresh train fsdp2 compiled step1b}  # the ones to run
+STAGES=${STAGES:-env tests step refresh train fsdp2 hftrainer compiled step1b}  # the ones to run
 
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$(($2 * SCALE)) start=$SECONDS rc
@@ -40,6 +40,9 @@ stage train 75 $PY -m deepspeed.launcher.runner --num_gpus 1 examples/train.py -
   --dtype bf16 --no_progress --eval_interval 100
 stage fsdp2 60 $PY -m torch.distributed.run --nproc_per_node "${GPUS:-1}" examples/train.py --engine fsdp2 --steps 100 \
   --eval_interval 50 --no_progress --save_dir "$LOGS/fsdp2_ckpt"
+# HF Trainer with accelerate's FSDP2 (fsdp_version 2): the optimizer built before sharding must end on the FSDP2 layout
+stage hftrainer 60 bash -c "$PY -m torch.distributed.run --nproc_per_node ${GPUS:-1} examples/hf_trainer_fsdp2.py \
+  --steps 50 | tee /dev/stderr | grep -q 'layout FSDP2Layout'"
 stage compiled 60 $PY benchmarks/compiled_bank_step.py --device "$DEVICE" --sizes "$SIZES"
 stage step1b 150 $PY benchmarks/optimizer_step.py --device "$DEVICE" --sizes ${SIZES_1B:-1b} --repeats 10 \
   --only "SaraAdamW sara,galore-torch GaLoreAdamW,torch AdamW fused"

@@ -148,6 +148,9 @@ def test_fsdp2_x_tp_and_hsdp_on_a_2x2_mesh_equal_one_process_fed_the_same_gradie
         assert [c["skipped_steps"] for c in counts] == [1 if "poison" in sc else 0] * 4, sc["name"]
         gather, scatter = _wire(single, 2 if sc.get("hsdp") else 4, tp)
         replicas = 2 if sc.get("hsdp") else 1
+        print(f"  {'':<48} bytes per step, all ranks: {replicas * gather} gathered to owners, {replicas * scatter} "
+              f"sent back; TP collectives {tp_bytes} over {STEPS} steps (4 refreshes); one process's state "
+              f"{single.state_bytes()} B")
         assert sum(s["fsdp_gather"] for s in sent) == STEPS * replicas * gather, sc["name"]
         assert sum(s["fsdp_scatter"] for s in sent) == STEPS * replicas * scatter, sc["name"]
         assert (tp_bytes > 0) == (tp > 1), sc["name"]  # TP spectra and sums cross the TP dim, nothing else does
