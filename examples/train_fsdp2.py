@@ -72,20 +72,12 @@ def shard(model, world: int, tp: int, device):
     mesh = None
     if tp > 1:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Replicate
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         if model.cfg.heads % tp or model.cfg.hidden % tp or model.cfg.intermediate % tp:
             raise SystemExit(f"--tp {tp} must divide --heads {model.cfg.heads}, --hidden {model.cfg.hidden} and "
                              f"the MLP width {model.cfg.intermediate}")
         grid = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-        plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(),
-                "attn.v_proj": ColwiseParallel(), "attn.o_proj": RowwiseParallel(),
-                "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-                "mlp.down_proj": RowwiseParallel()}
-        for block in model.layers:
-            parallelize_module(block, grid["tp"], plan)
-        parallelize_module(model, grid["tp"], {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+        llama.parallelize(model, grid["tp"])
         mesh = grid["dp"]
     for block in model.layers:
         fully_shard(block, mesh=mesh)

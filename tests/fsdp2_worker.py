@@ -115,23 +115,17 @@ def run_scenario(sc, spec):
 
 
 def _tensor_parallel(model, tp):
-    """parallelize_module over the "tp" dim of a (world/tp, tp) mesh; returns the mesh's "dp" dim for fully_shard,
-    and this rank's data-parallel index and size (TP peers train on the same micro-batch)."""
+    """sara_bench.llama.parallelize over the "tp" dim of a (world/tp, tp) mesh; returns the mesh's "dp" dim for
+    fully_shard, and this rank's data-parallel index and size (TP peers train on the same micro-batch)."""
     import torch.distributed as dist
+    from sara_bench import llama
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (dist.get_world_size() // tp, tp), mesh_dim_names=("dp", "tp"))
-    plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
-            "attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel()}
-    for layer in model.layers:
-        parallelize_module(layer, mesh["tp"], plan)
-    plan = {"lm_head": ColwiseParallel(output_layouts=Replicate())}
+    llama.parallelize(model, mesh["tp"])
     if hasattr(model, "extra"):
-        plan["extra"] = ColwiseParallel()
-    parallelize_module(model, mesh["tp"], plan)
+        parallelize_module(model, mesh["tp"], {"extra": ColwiseParallel()})
     dp = mesh["dp"]
     return dp, dp.get_local_rank(), dp.size()
 

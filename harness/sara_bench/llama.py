@@ -125,3 +125,19 @@ class Llama(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def parallelize(model: Llama, tp_mesh) -> None:
+    """Megatron's tensor-parallel split of the model over ``tp_mesh`` (torch's ``parallelize_module``): q, k, v,
+    gate and up column-wise, o and down row-wise (each block's attention and MLP then need one all-reduce), and a
+    vocab-parallel head whose logits are gathered. ``heads``, ``hidden`` and ``intermediate`` must divide by the
+    TP size."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel()}
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, plan)
+    parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
