@@ -113,7 +113,7 @@ class FSDP2Layout(Layout):
         self.placement: dict = {}      # matrix id -> Placement
         self._contexts: dict = {}      # TP contexts, one per matrix and spectrum choice
         self._live: dict = {}          # matrix id -> the DTensor parameter the engine hands over now
-        self._returns: list = []       # (param, full weight or None, owner) to send back in finish()
+        self._returns: list = []       # (param, its TP shard's shape, whole weight or None, owner) for finish()
         self._sent = {"fsdp_gather": 0, "fsdp_scatter": 0}
 
     def _place(self, index: int, param) -> Placement | None:
@@ -160,13 +160,13 @@ class FSDP2Layout(Layout):
         out = []
         for p, i in zip(params, indices):
             where = self._place(i, p)
-            if where is not None:
-                self._live[i] = p
             if where is None:  # a parameter fully_shard left alone
                 out.append(Slot(i, p.grad, p, context=self.context(i, group)))
-            elif p.grad is None:
                 continue
-            elif not self.matrices[i].whole:
+            self._live[i] = p
+            if p.grad is None:
+                continue
+            if not self.matrices[i].whole:
                 out.append(Slot(i, p.grad.to_local(), p.to_local(), fragment=True))
             else:
                 owner, shape = self.owner[i], where.tp_local_shape(p.shape)
