@@ -101,6 +101,9 @@ def run_scenario(sc, spec):
         recorded.append({n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
         opt.zero_grad()
+    if sc.get("peek"):  # a logging hook that looks up every parameter's state on every rank (owner or not)
+        for p in model.parameters():
+            opt.state_of(p)
     if sc.get("save_to"):
         _save(model, opt, sc["save_to"])
     weights = {n: p.full_tensor() for n, p in model.named_parameters()}

@@ -159,7 +159,8 @@ def test_fsdp2_x_tp_and_hsdp_on_a_2x2_mesh_equal_one_process_fed_the_same_gradie
     assert not over, over
 
 
-RESUMED = [dict(name="SaraAdamW/sara", params=dict(BASE, preset="sara")),
+RESUMED = [dict(name="SaraAdamW/sara, every state looked up on every rank before the save", peek=True,
+                params=dict(BASE, preset="sara")),
            dict(name="SaraAdamW/sara_fira", params=dict(BASE, preset="sara_fira")),
            dict(name="SaraAdamW/osd", params=dict(BASE, preset="osd", osd_lr=0.01)),
            dict(name="SaraAdafactor/sara", optimizer="SaraAdafactor", params=dict(BASE, preset="sara")),

@@ -5,8 +5,8 @@ FSDP2 splits every parameter by rows over its shard dim (``torch.chunk``: ceil(m
 fewer or none) and reduce-scatters each gradient into the same rows. No rank ever holds a whole gradient. This
 layout steps
 
-* an elementwise parameter (AdamW's and Adam-mini's vectors, every matrix the base steps elementwise) on the
-  rows this rank holds, with its state sharded the same way;
+* an elementwise parameter (under SaraAdamW: the vectors and every matrix it does not project) on the rows this
+  rank holds, with its state sharded the same way;
 * a whole matrix (a projected one, or one whose base's statistics span it) on one owner rank of the shard group
   (``sharding.ownership``: balanced by refresh cost), which gathers the matrix's gradient and weight rows, steps
   it, and sends each rank its new rows in ``finish``. Where tensor parallelism split the matrix (Shard(0) or
@@ -216,8 +216,10 @@ class FSDP2Layout(Layout):
         shard group and replicated over the other mesh dims (collective: every rank calls it)."""
         if self.group is None:
             return states
-        out, mine = {}, {}
+        out, mine, me = {}, {}, dist.get_rank(self.group)
         for i, st in states.items():
+            if self.matrices[i].whole and self.owner[i] != me:
+                continue  # only the owner's state is real (another rank's entry is an empty dict a lookup made)
             if not self.matrices[i].whole:
                 p = self._live[i]
                 out[i] = {k: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
