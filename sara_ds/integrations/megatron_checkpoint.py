@@ -28,12 +28,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
 
-from ..sharding.tensor_parallel import split_axis_of_marked
+from ..sharding.tensor_parallel import SPLIT_STATE, split_axis_of_marked
 
 SARA_KEY = "optimizer.sara"
-
-# state entries shaped [..., columns of R]: split over TP ranks like the matrix's split axis
-SPLIT_STATE = frozenset({"exp_avg", "exp_avg_sq", "exp_avg_sq_col", "v_block"})
 
 
 def _tp():
