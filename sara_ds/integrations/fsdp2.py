@@ -189,8 +189,9 @@ class FSDP2Layout(Layout):
             return None
         return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
-    def _scatter(self, whole, out: Tensor, rows: int, owner: int) -> None:
-        """Each rank's rows of ``whole`` (held by ``owner``; None elsewhere) into ``out``."""
+    def _scatter(self, whole, out: Tensor, rows: int, owner: int, counted: bool = True) -> None:
+        """Each rank's rows of ``whole`` (held by ``owner``; None elsewhere) into ``out``; ``counted``: a step's
+        traffic (``bytes_sent``), not a checkpoint's."""
         world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
         counts = row_counts(rows, world)
         mine = out.new_empty((max(counts), *out.shape[1:]))
@@ -198,7 +199,8 @@ class FSDP2Layout(Layout):
         if me == owner:
             pad = whole.new_zeros((max(counts) * world - rows, *whole.shape[1:]))
             parts = list(torch.cat([whole, pad]).chunk(world))
-            self._sent["fsdp_scatter"] += sum(t.numel() * t.element_size() for r, t in enumerate(parts) if r != me)
+            if counted:
+                self._sent["fsdp_scatter"] += sum(t.numel() * t.element_size() for r, t in enumerate(parts) if r != me)
         dist.scatter(mine, parts, src=dist.get_global_rank(self.group, owner), group=self.group)
         out.copy_(mine[:out.shape[0]])
 
@@ -248,7 +250,7 @@ class FSDP2Layout(Layout):
             world = dist.get_world_size(self.group)
             local = torch.empty((row_counts(shape[0], world)[dist.get_rank(self.group)], *shape[1:]), dtype=dtype,
                                 device=device)
-            self._scatter(t, local, shape[0], owner)
+            self._scatter(t, local, shape[0], owner, counted=False)
         else:
             local = t if t is not None else torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(local, src=dist.get_global_rank(self.group, owner), group=self.group)
