@@ -234,8 +234,8 @@ class SaraOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------ metrics
 
     def state_of(self, param: Tensor) -> dict:
-        """The state of the matrix ``param`` is (a tensor the optimizer was built with), kept under its id."""
-        return self.state[self.layout.index_of(param)]
+        """The state of the matrix ``param`` is (a tensor it was built with); {} where none is held here."""
+        return self.state.get(self.layout.index_of(param), {})
 
     def matrix_states(self):
         """(matrix id, state) for every projected matrix this process holds state for."""
