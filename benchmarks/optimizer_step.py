@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sara_ds
 from sara_bench.llama import PAPER_SIZES  # the harness's example model (pip install -e harness)
+from train_step import galore_adamw  # noqa: E402  (benchmarks/, beside this file)
 
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
 
@@ -119,11 +120,9 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     warnings.simplefilter("ignore")
-    try:
-        from galore_torch import GaLoreAdamW
-    except ImportError as error:  # its package also imports bitsandbytes (GaLoreAdamW8bit)
-        GaLoreAdamW = None
-        print(f"galore-torch not importable ({error}): its column is skipped (pip install galore-torch bitsandbytes)")
+    GaLoreAdamW, why = galore_adamw()
+    if GaLoreAdamW is None:
+        print(f"{why}: its column is skipped (pip install galore-torch)")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} on {where}; scope {args.scope}; T={args.gap}; "
           f"times are medians of {args.repeats} ordinary steps\n")

@@ -7,8 +7,11 @@
 # Stages: the CUDA tests (no host sync in an ordinary step under set_sync_debug_mode("error"), CPU
 # agreement, bf16), the step benchmark at LLaMA-60M..350M whole-model shapes against galore-torch and
 # torch AdamW, the refresh at LLaMA-7B shapes, a bf16 DeepSpeed training run of the example model, the FSDP2
-# example over NCCL with a DCP checkpoint, the HF Trainer's FSDP2 (examples/hf_trainer_fsdp2.py), the 1B step, and torch.compile / CUDA graphs on a bank's step. A stage that fails or runs out of time is
-# reported and the next one runs.
+# example over NCCL with a DCP checkpoint, the HF Trainer's FSDP2 (examples/hf_trainer_fsdp2.py), the 1B step,
+# torch.compile / CUDA graphs on a bank's step, whole training steps (peak memory and tokens/s, plain PyTorch
+# and DeepSpeed ZeRO-2, benchmarks/train_step.py) and one timed gpu60m run on the code corpus (CORPUS=the
+# archive of `python -m sara_bench.code_corpus pack`, unpacked into $SARA_DS_CACHE). A stage that fails or runs
+# out of time is reported and the next one runs.
 set -u
 LOGS=${LOGS:-runs/gpu}
 SIZES=${SIZES:-60m,130m,350m}
@@ -18,7 +21,7 @@ mkdir -p "$LOGS"
 export PYTHONPATH=$PWD:$PWD/harness${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
-STAGES=${STAGES:-env tests step refresh train fsdp2 hftrainer compiled step1b}  # the ones to run
+STAGES=${STAGES:-env tests step refresh train fsdp2 hftrainer compiled step1b trainstep gpu60m}  # the ones to run
 
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$(($2 * SCALE)) start=$SECONDS rc
@@ -46,3 +49,9 @@ stage hftrainer 60 bash -c "$PY -m torch.distributed.run --nproc_per_node ${GPUS
 stage compiled 60 $PY benchmarks/compiled_bank_step.py --device "$DEVICE" --sizes "$SIZES"
 stage step1b 150 $PY benchmarks/optimizer_step.py --device "$DEVICE" --sizes ${SIZES_1B:-1b} --repeats 10 \
   --only "SaraAdamW sara,galore-torch GaLoreAdamW,torch AdamW fused"
+stage trainstep ${TRAINSTEP_LIMIT:-300} $PY benchmarks/train_step.py --device "$DEVICE" --sizes ${TRAINSTEP_SIZES:-350m,1b} \
+  --steps 5 --warmup 2 --row_timeout 120
+# one gpu60m run of the evidence campaign, timed: what the whole campaign (docs/evidence.md) would take here
+stage gpu60m ${GPU60M_LIMIT:-900} bash -c "{ [ -z \"${CORPUS:-}\" ] || $PY -m sara_bench.code_corpus unpack --file \"$CORPUS\"; } && \
+  $PY -m sara_bench --size gpu60m --device $DEVICE --jobs 1 --methods SARA-GaLore --seeds 0 --lrs 1e-2 \
+  --out ${GPU60M_OUT:-$LOGS/gpu60m}"
