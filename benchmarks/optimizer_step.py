@@ -120,6 +120,7 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", message="sara_ds:")  # a refresh that fell back to another SVD driver shows
     GaLoreAdamW, why = galore_adamw()
     if GaLoreAdamW is None:
         print(f"{why}: its column is skipped (pip install galore-torch)")

@@ -9,11 +9,12 @@ GaLore-protocol size, random tokens, forward + backward + optimizer step, in one
     SaraAdamW registered through the config's ``"optimizer": {"type": "SaraAdamW"}``). galore-torch is not
     run there: ZeRO-2 hands the optimizer flat 1-D partitions, on which it projects nothing.
 
-The projected matrices are the papers' (q, k, v, o, gate, up, down) at the GaLore ranks, T=200, scale 0.25.
-Step 0 refreshes the subspaces; the ordinary-step time is the median over ``--steps`` steps after
-``--warmup``; "amortised" adds the refresh once per T. Peak memory is ``torch.cuda.max_memory_allocated``
-over the whole row (model, first step with its refresh, timed steps); "steady" is the peak over the timed
-steps alone; "state" is what the first step leaves allocated beyond the built model (the optimizer's state,
+The projected matrices are the papers' (q, k, v, o, gate, up, down) at the GaLore ranks, scale 0.25. Step 0
+refreshes the subspaces (with CUDA's warm-up, untimed); after ``--warmup`` untimed steps come ``--steps``
+timed ordinary steps (their median is "step") and then a second, timed refresh ("refresh"): the projected
+optimizers run with update_proj_gap = 1 + warmup + steps so that it falls there. "amortised" adds that refresh
+once per ``--gap`` steps (T, 200 by default), as a run with that T pays it; AdamW has none. Peak memory is ``torch.cuda.max_memory_allocated``
+over the whole row; "later" is the peak after the warm-up (the timed steps and the second refresh); "state" is what the first step leaves allocated beyond the built model (the optimizer's state,
 and under ZeRO-2 its gradient partitions as well).
 
     python benchmarks/train_step.py --device cuda --sizes 350m,1b            # on a GPU
@@ -64,12 +65,12 @@ def model_config(size):
     return llama.PAPER_SIZES[size]
 
 
-def sara_options(size, gap):
-    return dict(rank=RANKS[size], update_proj_gap=gap, scale=0.25)
+def sara_options(size, args):
+    return dict(rank=RANKS[size], update_proj_gap=1 + args.warmup + args.steps, scale=0.25)
 
 
 def build(engine, optimizer, size, args, device):
-    """(a step function taking (tokens, targets), the module holding the parameters)."""
+    """(a step function taking (tokens, targets), the module holding the parameters, the optimizer stepping them)."""
     import sara_ds
     from sara_bench import llama
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -81,7 +82,7 @@ def build(engine, optimizer, size, args, device):
         if optimizer == "torch AdamW fused":
             opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=device.type == "cuda")
         else:
-            groups = sara_ds.param_groups(model, **sara_options(size, args.gap))
+            groups = sara_ds.param_groups(model, **sara_options(size, args))
             if optimizer == "sara_ds SaraAdamW":
                 opt = sara_ds.SaraAdamW(groups, lr=LR, preset="sara")
             else:
@@ -94,7 +95,7 @@ def build(engine, optimizer, size, args, device):
             model(tokens, targets).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step, model
+        return step, model, opt
 
     import deepspeed
     config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
@@ -107,14 +108,14 @@ def build(engine, optimizer, size, args, device):
         client = torch.optim.AdamW(model.parameters(), lr=LR, fused=device.type == "cuda")
     else:
         config["optimizer"] = {"type": "SaraAdamW", "params": dict(lr=LR, preset="sara", seed=0,
-                                                                    **sara_options(size, args.gap))}
+                                                                    **sara_options(size, args))}
     engine_, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=client,
                                        config=config)
 
     def step(tokens, targets):
         engine_.backward(engine_(tokens, targets))
         engine_.step()
-    return step, engine_.module
+    return step, engine_.module, getattr(engine_.optimizer, "optimizer", engine_.optimizer)  # ZeRO's wrapped one
 
 
 def one_row(engine, optimizer, size, args):
@@ -131,17 +132,17 @@ def one_row(engine, optimizer, size, args):
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    step, model = build(engine, optimizer, size, args, device)
+    step, model, opt = build(engine, optimizer, size, args, device)
     vocab = model_config(size).vocab_size
     g = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=g, device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     times, before_timed = [], 0
     built = torch.cuda.memory_allocated() if cuda else 0
-    for i in range(1 + args.warmup + args.steps):
+    for i in range(2 + args.warmup + args.steps):
         if i == 1 + args.warmup and cuda:
             before_timed = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()  # "steady": the timed ordinary steps alone
+            torch.cuda.reset_peak_memory_stats()  # "later": after the warm-up
         sync()
         t0 = time.perf_counter()
         step(inputs, targets)
@@ -149,15 +150,16 @@ def one_row(engine, optimizer, size, args):
         times.append(time.perf_counter() - t0)
         if i == 0 and cuda:
             state = torch.cuda.memory_allocated() - built  # what the first step left allocated: the optimizer's state
-    refresh, steady = times[0], statistics.median(times[1 + args.warmup:])
-    amortised = ((args.gap - 1) * steady + refresh) / args.gap
+    steady = statistics.median(times[1 + args.warmup:-1])
+    refresh = times[-1] if optimizer != "torch AdamW fused" else None  # for AdamW, one more ordinary step
+    amortised = steady if refresh is None else ((args.gap - 1) * steady + refresh) / args.gap
     tokens_per_step = args.batch * args.seq_len
-    row = dict(engine=engine, optimizer=optimizer, size=size, params=sum(p.numel() for p in model.parameters()),
+    row = dict(engine=engine, optimizer=optimizer, stepped_by=type(opt).__name__, size=size, params=sum(p.numel() for p in model.parameters()),
                step_s=steady, refresh_s=refresh, tokens_per_s=tokens_per_step / steady,
                amortised_tokens_per_s=tokens_per_step / amortised)
     if cuda:
         steady_peak = torch.cuda.max_memory_allocated()
-        row.update(state_gib=state / 2 ** 30, peak_gib=max(before_timed, steady_peak) / 2 ** 30, steady_peak_gib=steady_peak / 2 ** 30)
+        row.update(state_gib=state / 2 ** 30, peak_gib=max(before_timed, steady_peak) / 2 ** 30, later_peak_gib=steady_peak / 2 ** 30)
     print("ROW " + json.dumps(row), flush=True)
 
 
@@ -168,7 +170,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq_len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10, help="timed ordinary steps per row")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed ordinary steps after the refresh step")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed ordinary steps after the first refresh")
     ap.add_argument("--gap", type=int, default=200, help="update_proj_gap T, for the amortised figure")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,7 +188,7 @@ def main():
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for size in args.sizes.split(","):
         print(f"\n== LLaMA-{size} (rank {RANKS[size]} on the projected matrices)", flush=True)
-        print(f"   {'engine':<7}{'optimizer':<26}{'params':>8}{'state GiB':>10}{'peak GiB':>9}{'steady':>8}{'step ms':>9}{'refresh s':>10}"
+        print(f"   {'engine':<7}{'optimizer':<26}{'params':>8}{'state GiB':>10}{'peak GiB':>9}{'later':>8}{'step ms':>9}{'refresh s':>10}"
               f"{'tok/s':>9}{'amortised':>10}{'mem/AdamW':>10}{'tok/s /AdamW':>13}", flush=True)
         adamw = {}
         for engine, optimizer in wanted:
@@ -210,11 +212,12 @@ def main():
             base = adamw.get(engine)
             mem_ratio = f"{r['peak_gib'] / base['peak_gib']:.2f}" if base and peak else "-"
             speed_ratio = f"{r['amortised_tokens_per_s'] / base['amortised_tokens_per_s']:.2f}" if base else "-"
-            steady = f"{r['steady_peak_gib']:.2f}" if peak else "-"
+            later = f"{r['later_peak_gib']:.2f}" if peak else "-"
+            refresh = "-" if r["refresh_s"] is None else f"{r['refresh_s']:.2f}"
             state = f"{r['state_gib']:.2f}" if peak else "-"
             print(f"   {engine:<7}{optimizer:<26}{r['params'] / 1e6:>7.0f}M{state:>10}"
-                  f"{(f'{peak:.2f}' if peak else '-'):>9}{steady:>8}"
-                  f"{r['step_s'] * 1e3:>9.1f}{r['refresh_s']:>10.2f}{r['tokens_per_s']:>9.0f}"
+                  f"{(f'{peak:.2f}' if peak else '-'):>9}{later:>8}"
+                  f"{r['step_s'] * 1e3:>9.1f}{refresh:>10}{r['tokens_per_s']:>9.0f}"
                   f"{r['amortised_tokens_per_s']:>10.0f}{mem_ratio:>10}{speed_ratio:>13}", flush=True)
 
 
