@@ -31,8 +31,19 @@ INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # ---------------------------------------------------------------- the step's finite flag
 
 
-def flag_on_device(finite_flag, grads: list) -> bool:
-    """``finite_flag``: 'device' / 'host' as given; None: on the device where the gradients are on a GPU."""
+def flag_on_device(finite_flag, grads: list, owners_layout: str | None = None) -> bool:
+    """``finite_flag``: 'device' / 'host' as given; None: on the device where the gradients are on a GPU.
+    ``owners_layout`` names a layout whose ranks step different matrices (FSDP2's owners): there the host decides,
+    since a rank owning no matrix due for a refresh would take the device path while its peers take the host's,
+    and a non-finite gradient at that step would leave them in different collectives."""
+    if owners_layout is not None:
+        if finite_flag == "device":
+            raise ValueError(
+                f"sara_ds: finite_flag='device' needs every rank to step every matrix, but under {owners_layout} "
+                "each whole matrix is stepped by its owner alone: a non-finite gradient at a step that refreshes on "
+                "some ranks only would leave the ranks in different collectives. Use finite_flag=None (the host "
+                "flag under this layout) or 'host'.")
+        return False
     return bool(grads) and (finite_flag == "device" or (finite_flag is None and grads[0].is_cuda))
 
 

@@ -7,6 +7,7 @@ the step counts advance (the documented difference from ``'host'``, where a skip
 never been called). A step that refreshes or creates state decides on the host in both modes.
 """
 import io
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -200,3 +201,15 @@ def test_cuda_gradients_use_the_device_flag_by_default():
     assert flag is None and not sara_ds.functional.flag_on_device(flag, [weights[0].detach()])
     if torch.cuda.is_available():
         assert sara_ds.functional.flag_on_device(flag, [weights[0].detach().cuda()])
+
+
+def test_where_owners_step_different_matrices_the_host_decides_and_the_device_flag_is_refused_by_name():
+    """FSDP2's owners: a rank with no matrix due for a refresh would take the device path beside peers on the
+    host path, and a NaN at that step would leave them in different collectives (tests/test_fsdp2.py: the run)."""
+    cuda_grads = [SimpleNamespace(is_cuda=True)]  # all the choice reads of a gradient
+    assert sara_ds.functional.flag_on_device(None, cuda_grads)
+    assert not sara_ds.functional.flag_on_device(None, cuda_grads, "FSDP2Layout")
+    assert not sara_ds.functional.flag_on_device("host", cuda_grads, "FSDP2Layout")
+    with pytest.raises(ValueError, match=r"finite_flag='device' needs every rank .* under FSDP2Layout .* Use "
+                                         r"finite_flag=None"):
+        sara_ds.functional.flag_on_device("device", cuda_grads, "FSDP2Layout")

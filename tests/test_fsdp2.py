@@ -234,6 +234,20 @@ def test_an_uneven_tensor_parallel_split_of_a_whole_matrix_is_refused_at_the_fir
     assert "error" not in stepped and stepped["counts"]["refreshes"] > 0, stepped.get("error")
 
 
+def test_the_device_finite_flag_is_refused_where_owners_step_whole_matrices_and_the_default_steps():
+    """Under FSDP2 a whole matrix is stepped by its owner alone, so the finite flag's path (chosen per rank from
+    the matrices it steps) could differ between ranks at a refresh: 'device' is refused at the first step, by
+    name; the default (None) takes the host flag there, and skips a NaN at a refresh step on every rank."""
+    scenarios = [dict(name="device flag", params=dict(BASE, preset="sara", finite_flag="device"), expect_error=True),
+                 dict(name="default flag, a NaN at a refresh step", params=dict(BASE, preset="sara"),
+                      poison="layers.2.mlp.down_proj.weight", poison_step=2, steps=4)]
+    refused, stepped = run_scenarios(2, scenarios, worker="fsdp2_worker.py", timeout=300)
+    error = refused["error"]
+    assert "finite_flag='device' needs every rank to step every matrix" in error and "FSDP2Layout" in error, error
+    assert "error" not in stepped, stepped.get("error")
+    assert [r["counts"]["skipped_steps"] for r in stepped["per_rank"]] == [1, 1], stepped.get("per_rank")
+
+
 def test_dcp_template_step_of_an_empty_optimizer_counts_as_no_step_and_no_refresh():
     scenarios = [dict(name="template", params=dict(BASE, preset="sara"), template_only=True),
                  dict(name="template adafactor", optimizer="SaraAdafactor", params=dict(BASE, preset="sara"),
