@@ -4,7 +4,9 @@ A megatron-core ``GPTModel`` (LLaMA-like: RMSNorm, SwiGLU, no biases, bf16) at T
 gloo/CPU. Each rank builds, side by side in the same processes:
 
   * SARA with the distributed optimizer (``use_distributed_optimizer=True``: whole matrices
-    per DP rank, megatron-core's layer-wise wrapper);
+    per DP rank, megatron-core's layer-wise wrapper), its gradients all-reduced;
+  * on megatron-core >= 0.19 also SARA's distributed optimizer over a reduce-scattered, shard-aligned DDP
+    buffer (``shard_aligned_layout``: "SARA + dist-opt RS");
   * Megatron's Adam with its distributed optimizer (the flat, reduce-scattered one);
   * SARA without the distributed optimizer (state and masters replicated over DP);
   * Megatron's Adam without it.
@@ -37,6 +39,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from sara_ds.optim import tensors  # noqa: E402  (every tensor in nested dicts and lists)
 
 CONFIGS = ("SARA + dist-opt", "Adam + dist-opt", "SARA", "Adam")
+RS = "SARA + dist-opt RS"  # megatron-core >= 0.19 only
 
 
 def _bytes(tensors) -> int:
@@ -59,7 +62,7 @@ def optimizer_memory(chained) -> dict:
     return {"state": _bytes(state), "masters": _bytes(masters)}
 
 
-def build_model(args, sharded_grads: bool):
+def build_model(args, name: str):
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -78,8 +81,13 @@ def build_model(args, sharded_grads: bool):
                             bias_dropout_fusion=False)
     model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                      vocab_size=args.vocab, max_sequence_length=args.seq, position_embedding_type="rope")
-    return DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=sharded_grads),
-                                   Float16Module(cfg, model))
+    module = Float16Module(cfg, model)
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=name in ("Adam + dist-opt", RS))
+    if name == RS:
+        from sara_ds.integrations.megatron_distributed import shard_aligned_layout
+
+        return DistributedDataParallel(cfg, ddp_config, module, full_param_layout=shard_aligned_layout(module, ddp_config))
+    return DistributedDataParallel(cfg, ddp_config, module)
 
 
 def build_optimizer(args, name, model):
@@ -88,7 +96,7 @@ def build_optimizer(args, name, model):
     from sara_ds.integrations.megatron import get_sara_megatron_optimizer
 
     config = OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True, clip_grad=0.0, adam_eps=1e-8,
-                             use_distributed_optimizer=name.endswith("dist-opt"))
+                             use_distributed_optimizer="dist-opt" in name)
     if name.startswith("SARA"):
         return get_sara_megatron_optimizer(config, [model], rank=args.rank, update_proj_gap=args.gap)
     return get_megatron_optimizer(config, [model])
@@ -126,9 +134,11 @@ def worker(args):
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
     dp_ranks = tuple(dist.get_process_group_ranks(parallel_state.get_data_parallel_group()))
     tp_ranks = tuple(dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group()))
+    from sara_ds.integrations.megatron_distributed import supports_shard_aligned_buffers
+
     out = {}
-    for name in CONFIGS:
-        model = build_model(args, sharded_grads=name == "Adam + dist-opt")
+    for name in CONFIGS + ((RS,) if supports_shard_aligned_buffers() else ()):
+        model = build_model(args, name)
         opt = build_optimizer(args, name, model)
         steps = {}
         for step in range(3):  # step 0 refreshes every subspace; steps 1 and 2 are ordinary
@@ -148,7 +158,9 @@ def worker(args):
                 for (op, size, nbytes), ranks in zip(counter.records, counter.groups):
                     axis = "dp" if ranks == dp_ranks else "tp" if ranks == tp_ranks else "world"
                     steps[f"{op}@{axis}"] = steps.get(f"{op}@{axis}", 0) + ring_bytes(op, size, nbytes)
-        out[name] = {"memory": optimizer_memory(opt), "comm": steps}
+        buffers = [b for chunk in [model] for b in chunk.buffers]  # the gradient buffers DDP reduces
+        out[name] = {"memory": optimizer_memory(opt), "comm": steps,
+                     "grad_buffer_bytes": sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers)}
         del model, opt
         gc.collect()
     gathered = [None] * dist.get_world_size()
@@ -243,6 +255,7 @@ def main():
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--rank", type=int, default=None, help="projection rank (default hidden/4)")
     ap.add_argument("--gap", type=int, default=200, help="subspace refresh interval T")
+    ap.add_argument("--json", default=None, help="also write every rank's measurements to this file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.rank = args.rank or args.hidden // 4
@@ -263,25 +276,30 @@ def main():
     if any(p.returncode for p in procs):
         sys.exit(f"a rank failed: {[p.returncode for p in procs]}\n{outs[0][1][-3000:]}")
     per_rank = json.loads(next(line for line in outs[0][0].splitlines() if line.startswith("RESULT "))[7:])
-    measured = {name: [rank[name]["memory"] for rank in per_rank] for name in CONFIGS}
+    configs = list(per_rank[0])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), per_rank=per_rank), f)
+    measured = {name: [rank[name]["memory"] for rank in per_rank] for name in configs}
 
     print(f"megatron-core GPTModel, hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab {args.vocab}, bf16; "
           f"SARA r={args.rank}; TP={args.tp} x DP={args.dp} (gloo), all measured in one run\n")
     print("Optimizer state + fp32 masters per rank (MiB):")
-    print(f"{'':<18}" + "".join(f"{f'rank {r}':>10}" for r in range(world)) + f"{'max':>10}{'vs Adam+DistOpt':>17}")
+    print(f"{'':<20}" + "".join(f"{f'rank {r}':>10}" for r in range(world)) + f"{'max':>10}{'vs Adam+DistOpt':>17}")
     adam_max = max(m["state"] + m["masters"] for m in measured["Adam + dist-opt"])
-    for name in CONFIGS:
+    for name in configs:
         values = [m["state"] + m["masters"] for m in measured[name]]
-        print(f"{name:<18}" + "".join(f"{v / 2**20:>10.3f}" for v in values) + f"{max(values) / 2**20:>10.3f}"
+        print(f"{name:<20}" + "".join(f"{v / 2**20:>10.3f}" for v in values) + f"{max(values) / 2**20:>10.3f}"
               f"{max(values) / adam_max:>16.3f}x")
     print("\nBytes rank 0 sends in one ordinary step (gradient reduction included), by collective and group, "
           "ring algorithm (KiB):")
-    keys = sorted({k for name in CONFIGS for k in per_rank[0][name]["comm"]})
-    print(f"{'':<18}" + "".join(f"{k:>26}" for k in keys) + f"{'total':>12}")
-    for name in CONFIGS:
+    keys = sorted({k for name in configs for k in per_rank[0][name]["comm"]})
+    print(f"{'':<20}" + "".join(f"{k:>26}" for k in keys) + f"{'total':>12}{'vs Adam+DistOpt':>17}")
+    adam_total = sum(per_rank[0]["Adam + dist-opt"]["comm"].values())
+    for name in configs:
         comm = per_rank[0][name]["comm"]
-        print(f"{name:<18}" + "".join(f"{comm.get(k, 0) / 1024:>26.1f}" for k in keys)
-              + f"{sum(comm.values()) / 1024:>12.1f}")
+        print(f"{name:<20}" + "".join(f"{comm.get(k, 0) / 1024:>26.1f}" for k in keys)
+              + f"{sum(comm.values()) / 1024:>12.1f}{sum(comm.values()) / adam_total:>16.3f}x")
     print("\nThe analytic formula against these bytes (per TP rank, summed over its DP group; the formula leaves "
           "out the 4-byte step counters torch keeps per tensor):")
     print(check_formula(args, measured))

@@ -177,10 +177,11 @@ class Layout:
         """Process groups over which this rank's gradients differ from its peers' within one step."""
         return []
 
-    def steps_every_matrix(self) -> bool:
-        """Whether every rank steps every matrix (or its part of one). Each rank chooses the finite flag's path
-        (host or device) from the matrices it steps, so only then do all ranks choose alike at a refresh."""
-        return True
+    def owners_step(self) -> Optional[str]:
+        """This layout's name where a whole matrix is stepped by its owning rank alone, else None. Each rank chooses
+        the finite flag's path (host or device) from the matrices it steps: with owners, ranks could choose
+        differently at a refresh, so the host decides."""
+        return None
 
     def finish(self) -> None:
         """After a step, taken or skipped."""

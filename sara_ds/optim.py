@@ -88,8 +88,7 @@ class SaraOptimizer(torch.optim.Optimizer):
         work = [(group, slot) for group in self.param_groups for slot in self._slots(group) if slot.grad is not None]
         grads = [slot.grad for _, slot in work]
         template = checkpoints.is_template_step(self.state, self.param_groups, grads)
-        owners = None if self.layout.steps_every_matrix() else type(self.layout).__name__
-        on_device = (functional.flag_on_device(self.param_groups[0]["finite_flag"], grads, owners)
+        on_device = (functional.flag_on_device(self.param_groups[0]["finite_flag"], grads, self.layout.owners_step())
                      and not any(self._creates_or_refreshes(g, s) for g, s in work))
         found = self._any_rank(functional.nonfinite(grads, on_device))
         if not on_device and bool(found) and bool(self._any_rank(functional.nonfinite(grads, False, exact=True))):

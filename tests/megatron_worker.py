@@ -53,7 +53,9 @@ def install_cpu_shims():
     CudaToCpu().__enter__()
 
 
-def build(tp_seed=1234, bf16=False, ddp_sharded=False):
+def build(tp_seed=1234, bf16=False, ddp_sharded=False, shard_aligned=False):
+    """``ddp_sharded``: DDP reduce-scatters into Megatron's flat layout; ``shard_aligned``: into the per-parameter
+    layout of ``shard_aligned_layout`` (megatron-core >= 0.19)."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -74,8 +76,12 @@ def build(tp_seed=1234, bf16=False, ddp_sharded=False):
         from megatron.core.transformer.module import Float16Module
 
         model = Float16Module(cfg, model)
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=ddp_sharded), model)
-    return ddp
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=ddp_sharded or shard_aligned)
+    if shard_aligned:
+        from sara_ds.integrations.megatron_distributed import shard_aligned_layout
+
+        return DistributedDataParallel(cfg, ddp_config, model, full_param_layout=shard_aligned_layout(model, ddp_config))
+    return DistributedDataParallel(cfg, ddp_config, model)
 
 
 def make_optimizer(model, sc):
@@ -225,7 +231,8 @@ def run_scenario(sc, ckpt_dir):
     import torch.distributed as dist
 
     try:
-        model = build(bf16=sc.get("bf16", False), ddp_sharded=sc.get("ddp_sharded", False))
+        model = build(bf16=sc.get("bf16", False), ddp_sharded=sc.get("ddp_sharded", False),
+                      shard_aligned=sc.get("shard_aligned", False))
         opt = make_optimizer(model, sc)
     except Exception as exc:  # refusals are reported, not fatal
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -256,7 +263,7 @@ def run_scenario(sc, ckpt_dir):
         saved = save_checkpoint(model, opt, ckpt_dir if torch_dist else None)
         straight = train(model, opt, sc["resume_at"], sc["steps"], split_batch=split)
         straight_weights = full_weights(model)
-        model = build(bf16=sc.get("bf16", False))
+        model = build(bf16=sc.get("bf16", False), shard_aligned=sc.get("shard_aligned", False))
         opt = make_optimizer(model, sc)
         load_checkpoint(model, opt, saved, ckpt_dir if torch_dist else None)
         resumed = train(model, opt, sc["resume_at"], sc["steps"], split_batch=split)

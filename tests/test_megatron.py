@@ -57,12 +57,28 @@ def _invariance_scenarios(distributed):
 
 
 REFUSED = dict(preset="sara", steps=1, distributed_optimizer=True, ddp_sharded=True)
+# a reduce-scattered buffer under the replicated (not distributed) optimizer: no rank holds a whole gradient
+REFUSED_REPLICATED = dict(preset="sara", steps=1, distributed_optimizer=False, ddp_sharded=True)
+
+
+def shard_aligned_buffers() -> bool:
+    from sara_ds.integrations.megatron_distributed import supports_shard_aligned_buffers
+
+    return supports_shard_aligned_buffers()
+
+
+def _shard_aligned_scenarios():
+    """SARA's distributed optimizer over reduce-scattered, shard-aligned DDP buffers (megatron-core >= 0.19)."""
+    if not shard_aligned_buffers():
+        return []
+    return [dict(sc, steps=5, split_batch=True, distributed_optimizer=True, shard_aligned=True) for sc in EVERY_RULE]
 
 # (rule, index of its uninterrupted run in EVERY_RULE, bf16)
 RESHARD_RULES = [("sara", "SaraAdamW", 0, False), ("sara_fira", "SaraAdamW", 3, False),
                  ("sara", "SaraAdafactor", 8, False), ("sara", "SaraAdamMini", None, True)]
 # exact resume with the distributed optimizer: both formats and dtypes, and Fira's norm state
 DISTRIBUTED_CHECKPOINT_RULES = CHECKPOINT_RULES[:5]
+SHARD_ALIGNED_CHECKPOINT_RULES = [CHECKPOINT_RULES[2], CHECKPOINT_RULES[3]]  # torch_dist, fp32 and bf16
 
 
 def _reshard_scenarios(distributed=True):
@@ -107,16 +123,20 @@ class Layouts:
 
     def _parts(self, key):
         if key == (1, 1):
-            return {"invariance": _invariance_scenarios(False), "refused": [REFUSED],
+            return {"invariance": _invariance_scenarios(False), "refused": [REFUSED, REFUSED_REPLICATED],
                     "saved": self._saves(1, 1, distributed=False)}
         if key == "1x1 from 2x2":
             self.get((2, 2))
             return {"continued": self._continues((2, 2), distributed=True)}
-        parts = {"invariance": _invariance_scenarios(False) + _invariance_scenarios(True)}
+        parts = {"invariance": _invariance_scenarios(False) + _invariance_scenarios(True),
+                 "shard_aligned": _shard_aligned_scenarios()}
         if key == (2, 2):
             self.get((1, 1))
             parts["resumes"] = [dict(sc, steps=6, resume_at=3, split_batch=True, distributed_optimizer=True)
                                 for sc in DISTRIBUTED_CHECKPOINT_RULES]
+            parts["shard_aligned_resumes"] = [dict(sc, steps=6, resume_at=3, split_batch=True,
+                                                   distributed_optimizer=True, shard_aligned=True)
+                                              for sc in SHARD_ALIGNED_CHECKPOINT_RULES] if shard_aligned_buffers() else []
             parts["saved"] = self._saves(2, 2, distributed=True)
             parts["continued"] = self._continues((1, 1), distributed=False)
         if key == (1, 3):
@@ -187,8 +207,43 @@ def _assert_split_over_dp(per_rank: list, one_process: dict, tp: int, dp: int, l
 
 
 def test_distributed_optimizer_refuses_a_reduce_scattered_gradient_buffer(layouts):
-    (res,) = layouts.get((1, 1))["refused"]
+    res, replicated = layouts.get((1, 1))["refused"]
     assert "DistributedDataParallelConfig(use_distributed_optimizer=False)" in res["error"], res
+    # megatron-core >= 0.19 has the shard-aligned layout, and the message offers it
+    assert ("shard_aligned_layout" in res["error"]) == shard_aligned_buffers(), res
+    assert "OptimizerConfig.use_distributed_optimizer=False" in replicated["error"], replicated
+    assert "Set both to the same value" in replicated["error"], replicated
+
+
+@pytest.mark.parametrize("tp,dp", [(1, 2), (1, 3), (2, 2)], ids=["tp1xdp2", "tp1xdp3", "tp2xdp2"])
+def test_shard_aligned_reduce_scatter_is_invariant_to_tp_and_dp(layouts, one_process, tp, dp):
+    """The DDP buffers laid out by shard_aligned_layout and reduce-scattered: each rank steps the parameters
+    whose whole, reduced gradients its shard holds, and DDP's buffer all-gather returns them. Held to the
+    all-reduced distributed optimizer's bound against one process."""
+    if not shard_aligned_buffers():
+        pytest.skip("megatron-core < 0.19 has no per-parameter DDP buffer layout: the all-reduce design stays")
+    runs = layouts.get((tp, dp))
+    replicated = runs["invariance"][:len(EVERY_RULE)]
+    for sc, ref, rep, res in zip(EVERY_RULE, one_process, replicated, runs["shard_aligned"]):
+        label = f"{sc.get('optimizer', 'SaraAdamW')}/{sc['preset']}, shard-aligned"
+        assert "error" not in res, (label, res.get("error"))
+        assert res["kinds"][0].endswith(":" + sc.get("optimizer", "SaraAdamW"))
+        assert res["refreshes"] == ref["refreshes"] * tp, label
+        assert set(res["owner"].values()) == set(range(dp)), label
+        data_parallel, ours = _max_diff(rep, ref), _max_diff(res, ref)
+        print(f"\n{label}: TP={tp} x DP={dp}, max |dW|: replicated vs one process {data_parallel:.1e}, "
+              f"shard-aligned vs one process {ours:.1e}")
+        assert ours <= max(2e-5, 1.01 * data_parallel + 1e-6), label
+        for t in range(tp):  # every parameter's state and master held by exactly one DP rank
+            names = [n for d in range(dp) for n in res["bytes"][d * tp + t]]
+            assert len(names) == len(set(names)) and set(names) == set(ref["bytes"][0]), label
+
+
+def test_shard_aligned_checkpoints_resume_exactly(layouts):
+    if not shard_aligned_buffers():
+        pytest.skip("megatron-core < 0.19 has no per-parameter DDP buffer layout")
+    for sc, res in zip(SHARD_ALIGNED_CHECKPOINT_RULES, layouts.get((2, 2))["shard_aligned_resumes"]):
+        _assert_resumed_exactly(sc, res)
 
 
 def test_distributed_optimizer_checkpoints_resume_exactly(layouts):

@@ -290,8 +290,8 @@ class FSDP2Layout(Layout):
     def step_groups(self) -> list:
         return [g for g in (self.group, self.tp_group) if g is not None]
 
-    def steps_every_matrix(self) -> bool:
-        return not any(m.whole for m in self.matrices)  # a whole matrix is stepped by its owner alone
+    def owners_step(self):
+        return type(self).__name__ if any(m.whole for m in self.matrices) else None
 
     def reset(self) -> None:
         self._returns = []

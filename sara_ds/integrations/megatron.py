@@ -79,8 +79,8 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
 
     versions.check("megatron-core")
     distributed = bool(getattr(config, "use_distributed_optimizer", False))
+    _check_gradient_reduction(model_chunks, distributed)
     if distributed:
-        _check_all_reduced_gradients(model_chunks)
         # the builders below make plain (unsharded, fp32-wrapped) optimizers; the layer-wise wrapper shards them
         # and only then makes fp32 masters, for the owned parameters alone
         build_config = dataclasses.replace(config, use_distributed_optimizer=False, bf16=False)
@@ -112,7 +112,7 @@ def get_sara_megatron_optimizer(config, model_chunks, *, rank: int, update_proj_
         return SaraChainedOptimizer([sara] + rest)
     from .megatron_distributed import layer_wise_optimizer
 
-    return layer_wise_optimizer(config, [sara] + rest, inner, names, gated)
+    return layer_wise_optimizer(config, [sara] + rest, inner, names, gated, model_chunks)
 
 
 def _split_parameters(model_chunks, include) -> tuple:
@@ -182,16 +182,31 @@ class _frozen:
             p.requires_grad_(True)
 
 
-def _check_all_reduced_gradients(model_chunks) -> None:
+def _check_gradient_reduction(model_chunks, distributed: bool) -> None:
+    """Every rank must find the whole, reduced gradient of each matrix it steps: all-reduced buffers, or (SARA's
+    distributed optimizer on megatron-core >= 0.19) reduce-scattered ones laid out by ``shard_aligned_layout``."""
+    from .megatron_distributed import shard_aligned, supports_shard_aligned_buffers
+
     for chunk in model_chunks:
         ddp_config = getattr(chunk, "ddp_config", None)
-        if ddp_config is not None and ddp_config.use_distributed_optimizer:
+        if ddp_config is None or not ddp_config.use_distributed_optimizer:
+            continue
+        if not distributed:
             raise ValueError(
-                "sara_ds: with OptimizerConfig.use_distributed_optimizer=True, wrap the model with "
-                "DistributedDataParallelConfig(use_distributed_optimizer=False), got use_distributed_optimizer=True. "
-                "SARA's distributed optimizer gives each data-parallel rank whole matrices (megatron-core's "
-                "LayerWiseDistributedOptimizer), so every rank needs the all-reduced 2-D gradient; the "
-                "reduce-scattered flat buffer holds no matrix whole.")
+                "sara_ds: the model's DistributedDataParallelConfig(use_distributed_optimizer=True) reduce-scatters "
+                "the gradients, but OptimizerConfig.use_distributed_optimizer=False steps every matrix on every "
+                "rank, which then lacks the other ranks' part of its gradient. Set both to the same value.")
+        if shard_aligned([chunk]):
+            continue
+        fix = ("build the DDP with full_param_layout=sara_ds.integrations.megatron_distributed.shard_aligned_layout("
+               "module, ddp_config) (reduce-scattered, whole parameters per rank), or "
+               if supports_shard_aligned_buffers() else "")
+        raise ValueError(
+            f"sara_ds: with OptimizerConfig.use_distributed_optimizer=True, {fix}wrap the model with "
+            "DistributedDataParallelConfig(use_distributed_optimizer=False), got use_distributed_optimizer=True "
+            "with Megatron's flat buffer layout. SARA's distributed optimizer gives each data-parallel rank whole "
+            "matrices (megatron-core's LayerWiseDistributedOptimizer); a reduce-scatter into the flat buffer "
+            "leaves no rank a matrix's whole gradient.")
 
 
 def sara_checkpoint(chained):

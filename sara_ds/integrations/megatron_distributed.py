@@ -12,6 +12,13 @@ all-gathers the updated parameters. Two things differ from its defaults:
 * **the all-gather** pads every rank's shard to the largest one and makes one
   ``all_gather_into_tensor``: megatron-core's uneven ``all_gather`` runs on NCCL only.
 
+Gradients are all-reduced (``DistributedDataParallelConfig(use_distributed_optimizer=False)``), where
+Megatron's own distributed optimizer reduce-scatters them. megatron-core >= 0.19 can lay the DDP buffers out
+so that a reduce-scatter hands each rank the whole, reduced gradients of the parameters it owns
+(``shard_aligned_layout``, passed to ``DistributedDataParallel(..., full_param_layout=)``). There ownership
+follows that layout (its shards, packed by size) and the updated parameters return through DDP's own buffer
+all-gather: the traffic of Megatron's distributed optimizer.
+
 Checkpoints (``torch_dist``): SARA's state is saved per matrix, at its TP=1 layout
 (``megatron_checkpoint``), by the matrix's owner, so a load at another DP or TP size finds
 every matrix's state wherever it is owned now. The rest goes through megatron-core's
@@ -32,6 +39,55 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from .. import functional
 from ..layout import collective_device
 from ..sharding import ownership
+
+
+def supports_shard_aligned_buffers() -> bool:
+    """Whether this megatron-core lays DDP buffers out per parameter for the layer-wise optimizer (>= 0.19)."""
+    import inspect
+
+    from megatron.core.distributed import DistributedDataParallel
+
+    return (hasattr(LayerWiseDistributedOptimizer, "compute_full_param_layout")
+            and "full_param_layout" in inspect.signature(DistributedDataParallel.__init__).parameters)
+
+
+def shard_aligned_layout(module, ddp_config, data_parallel_size: int | None = None):
+    """The DDP buffer layout under which a reduce-scatter hands each data-parallel rank the whole, reduced
+    gradients of the parameters it owns (megatron-core >= 0.19's layer-wise layout, every trainable parameter of
+    ``module`` tagged for it). Build the model's DDP with it, then SARA's distributed optimizer::
+
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True)
+        model = DistributedDataParallel(config, ddp_config, module,
+                                        full_param_layout=shard_aligned_layout(module, ddp_config))
+    """
+    from megatron.core import parallel_state
+
+    if not supports_shard_aligned_buffers():
+        from importlib.metadata import version
+
+        raise RuntimeError(
+            f"sara_ds: megatron-core {version('megatron-core')} has no per-parameter DDP buffer layout "
+            "(DistributedDataParallel(full_param_layout=), megatron-core >= 0.19); wrap the model with "
+            "DistributedDataParallelConfig(use_distributed_optimizer=False) there: SARA's distributed optimizer "
+            "then all-reduces the gradients")
+    if not ddp_config.use_distributed_optimizer:
+        raise ValueError("sara_ds: shard_aligned_layout is for a reduce-scattered gradient buffer: set "
+                         "DistributedDataParallelConfig(use_distributed_optimizer=True), got False")
+    dp_cp = data_parallel_size or parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:  # SARA's matrices and Megatron's Adam's parameters alike: every one is owned whole
+        p.is_managed_by_layer_wise_optimizer = True
+    bucket_size = None  # DistributedDataParallel's own rule: one bucket unless gradient reduction overlaps
+    if ddp_config.overlap_grad_reduce:
+        bucket_size = ddp_config.bucket_size or max(40000000, 1000000 * parallel_state.get_data_parallel_world_size())
+    return LayerWiseDistributedOptimizer.compute_full_param_layout(params, bucket_size, dp_cp, ddp_config)
+
+
+def shard_aligned(model_chunks) -> bool:
+    """Whether every chunk's DDP reduce-scatters into shard-aligned buffers (``shard_aligned_layout``)."""
+    layouts = [getattr(chunk, "full_param_layout", None) for chunk in model_chunks]
+    return all(layout is not None and all(getattr(key, "is_managed_by_layer_wise_optimizer", False)
+                                          for key in layout.layouts) for layout in layouts)
 from .megatron_checkpoint import SaraCheckpoint, model_and_main_params
 
 
@@ -65,14 +121,17 @@ class SaraChainedOptimizer(WholeStepSkip, ChainedOptimizer):
 class SaraLayerWiseOptimizer(WholeStepSkip, LayerWiseDistributedOptimizer):
     """megatron-core's layer-wise distributed optimizer with SARA first in its chain."""
 
-    def __init__(self, optimizers, config, pg_collection, sara_inner, names: dict, gated: set):
+    def __init__(self, optimizers, config, pg_collection, sara_inner, names: dict, gated: set, model_chunks=None):
         self.names = names  # id(model parameter) -> its name
         self.sara_inner = sara_inner
         # the bf16 wrappers made after sharding need each optimizer's state initialiser for torch_dist loads
         init_state_fns = [getattr(opt, "init_state_fn", None) or _no_state for opt in optimizers]
         if config.bf16:  # megatron-core makes the bf16 wrappers itself, after sharding (>= 0.19 wants raw ones)
             optimizers = [getattr(opt, "optimizer", opt) for opt in optimizers]
-        super().__init__(optimizers, config, pg_collection, init_state_fns)
+        # with shard-aligned buffers megatron-core reads their layouts from the chunks and all-gathers the
+        # updated parameters through DDP's buffers
+        chunks = dict(model_chunks=model_chunks) if model_chunks and shard_aligned(model_chunks) else {}
+        super().__init__(optimizers, config, pg_collection, init_state_fns, **chunks)
         self.checkpoint = SaraCheckpoint(sara_inner, self._sara_pairs_by_group, names, gated, owned_by_one_dp_rank=True)
         dp = pg_collection.dp_cp
         # a step that one owner skips on a non-finite gradient must be skipped by every owner
@@ -84,8 +143,6 @@ class SaraLayerWiseOptimizer(WholeStepSkip, LayerWiseDistributedOptimizer):
     # ------------------------------------------------------------ ownership
 
     def shard_params(self, optimizers, full_param_layouts=None):
-        # full_param_layouts (megatron-core >= 0.19): DDP buffers packed by whole parameter; not used here, since
-        # ownership follows refresh cost and the gradients are all-reduced
         dp = self.pg_collection.dp_cp
         size = get_pg_size(dp)
         groups = [g for opt in optimizers for g in opt.param_groups]
@@ -95,18 +152,24 @@ class SaraLayerWiseOptimizer(WholeStepSkip, LayerWiseDistributedOptimizer):
         self.dp_cp_params_list = self.expt_dp_params_list = None
         members = [(p, gi) for gi, g in enumerate(groups) for p in g["params"]]
         items = [ownership.Item(p.numel(), tuple(p.shape), "rank" in groups[gi] and p.dim() == 2) for p, gi in members]
-        owner = ownership.owners(items, size)
+        if full_param_layouts is not None:  # shard-aligned buffers: a parameter's owner is the shard it lies in
+            super().shard_params(optimizers, full_param_layouts)
+            where = {id(p): r for r, params in enumerate(self.dp_cp_params_list or [[p for p, _ in members]])
+                     for p in params}
+            owner, rule = [where[id(p)] for p, _ in members], "the reduce-scattered buffer's shards, packed by size"
+        else:
+            owner, rule = ownership.owners(items, size), "SARA's matrices balanced by refresh cost, the rest by size"
         self.owner_of = {self.names[id(p)]: o for (p, _), o in zip(members, owner)}
         if dist.get_rank() == 0:
             print(f"sara_ds: distributed optimizer, {len(members)} parameters over {size} data-parallel ranks "
-                  f"(whole parameters; SARA's matrices balanced by refresh cost, the rest by size)\n"
-                  + ownership.balance_table(items, owner, size), flush=True)
+                  f"(whole parameters; {rule})\n" + ownership.balance_table(items, owner, size), flush=True)
         if size == 1:
             return
-        me = get_pg_rank(dp)
-        self.dp_cp_params_list = [[p for (p, _), o in zip(members, owner) if o == r] for r in range(size)]
-        for gi, g in enumerate(groups):
-            g["params"] = [p for (p, g_index), o in zip(members, owner) if g_index == gi and o == me]
+        if full_param_layouts is None:
+            me = get_pg_rank(dp)
+            self.dp_cp_params_list = [[p for (p, _), o in zip(members, owner) if o == r] for r in range(size)]
+            for gi, g in enumerate(groups):
+                g["params"] = [p for (p, g_index), o in zip(members, owner) if g_index == gi and o == me]
         sara = self.sara_inner
         sara.layout.owned = {sara.layout.index_of(p) for g in sara.param_groups for p in g["params"]}
 
@@ -197,6 +260,6 @@ def _no_state(optimizer, config=None):
     return None
 
 
-def layer_wise_optimizer(config, optimizers, sara_inner, names, gated) -> SaraLayerWiseOptimizer:
+def layer_wise_optimizer(config, optimizers, sara_inner, names, gated, model_chunks=None) -> SaraLayerWiseOptimizer:
     return SaraLayerWiseOptimizer(optimizers, config, ProcessGroupCollection.use_mpu_process_groups(), sara_inner,
-                                  names, gated)
+                                  names, gated, model_chunks)
