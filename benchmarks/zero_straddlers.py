@@ -40,6 +40,30 @@ def holders(numels, dp: int) -> list:
     return out
 
 
+def pieces(numels, dp: int) -> list:
+    """For each parameter of one flattened param group, {DP rank: how many of its elements that rank's partition
+    holds}, cut as ``holders`` cuts it."""
+    total = sum(numels)
+    alignment = 2 * dp
+    partition = -(-total // alignment) * alignment // dp
+    out, start = [], 0
+    for n in numels:
+        end = start + n
+        out.append({k: min(end, (k + 1) * partition) - max(start, k * partition)
+                    for k in (range(start // partition, (end - 1) // partition + 1) if n else ())})
+        start = end
+    return out
+
+
+def exchange_bytes(shapes, dp: int) -> int:
+    """Bytes the straddlers' exchange sends per step, all ranks together: every holder that does not step a
+    straddler sends the stepper its fp32 gradient and weight pieces and takes its new weight piece back, 12 bytes
+    per element the stepper does not hold."""
+    numels = [s[0] * s[1] for s in shapes]
+    return sum(12 * (n - own[k]) for n, own, k in zip(numels, pieces(numels, dp), steppers(shapes, dp))
+               if len(own) > 1)
+
+
 def steppers(shapes, dp: int) -> list:
     """The DP rank that steps each matrix of one param group: its holder, or for a straddler the one sara_ds picks."""
     held = holders([s[0] * s[1] for s in shapes], dp)
@@ -72,7 +96,7 @@ def straddler_cost(shapes, dp: int, rank: int) -> dict:
     for k, r, u in zip(steppers(shapes, dp), refresh, update):
         one_refresh[k] += r
         one_update[k] += u
-    return dict(dp=dp, matrices=len(shapes), straddlers=len(straddlers),
+    return dict(dp=dp, matrices=len(shapes), straddlers=len(straddlers), exchange=exchange_bytes(shapes, dp) / dp,
                 stepper_refresh=max(one_refresh) / (sum(refresh) / dp),
                 stepper_update=max(one_update) / (sum(update) / dp),
                 extra_refresh=sum((len(h) - 1) * r for h, r in zip(held, refresh)) / sum(refresh),
@@ -92,15 +116,19 @@ def main():
     shapes = llama_matrices(args.hidden, args.ffn, args.layers)
     print(f"LLaMA hidden {args.hidden}, ffn {args.ffn}, {args.layers} layers: {len(shapes)} projected matrices in one "
           f"param group, r = {args.rank}; ZeRO-1/2 partitions as DeepSpeed cuts them\n")
-    print("every holder steps a straddler (before) | one stepper per straddler (now: no redundant work)")
+    print("every holder steps a straddler (before) | one stepper per straddler (now: no redundant work), and the "
+          "bytes its exchange sends per rank per step against ZeRO-2's own (bf16 gradient reduce-scatter and "
+          "parameter all-gather of the projected matrices, ring algorithm)")
     print(f"{'DP':>4}{'straddlers':>12}{'redundant refresh':>19}{'redundant update':>18}"
           f"{'busiest rank: refresh':>23}{'update':>8} |{'busiest rank: refresh':>23}{'update':>8}"
-          "   (busiest: its work over the mean rank's)")
+          f"{'exchange MB':>13}{'of ZeRO-2':>10}   (busiest: its work over the mean rank's)")
     for dp in (int(x) for x in args.dp.split(",")):
         c = straddler_cost(shapes, dp, args.rank)
+        own = 2 * 2 * sum(m * n for m, n in shapes) * (dp - 1) / dp
         print(f"{dp:>4}{c['straddlers']:>12}{c['extra_refresh']:>18.1%}{c['extra_update']:>18.1%}"
               f"{c['busiest_refresh']:>22.2f}x{c['busiest_update']:>7.2f}x |"
-              f"{c['stepper_refresh']:>22.2f}x{c['stepper_update']:>7.2f}x")
+              f"{c['stepper_refresh']:>22.2f}x{c['stepper_update']:>7.2f}x"
+              f"{c['exchange'] / 1e6:>13.1f}{c['exchange'] / own:>10.2%}")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,14 @@ def test_zero_equals_single_process_for_every_rule(world, stage):
         for i in r["matrices"]:
             actual.setdefault(i, set()).add(k)
     assert actual == expected and straddling, (actual, expected, straddling)
+    # traffic: the straddlers' exchange, 12 bytes per element a stepper does not hold, each of the 7 steps
+    # (benchmarks/zero_straddlers.py's exchange_bytes), is what the ranks sent
+    from zero_straddlers import exchange_bytes
+
+    per_step = sum(exchange_bytes([tuple(q.shape) for q in g["params"]], world)
+                   for g in reference.param_groups if "rank" in g)
+    for sc, res in zip(scenarios, results):
+        assert sum(r["exchange_bytes"] for r in res["ranks"]) == 7 * per_step > 0, (sc["name"], per_step)
     # memory: each rank holds 1/N of the single process's optimizer state, give or take the largest matrix's state
     (sara,) = [res for sc, res in zip(scenarios, results) if sc["name"].startswith("sara-")]
     single = reference_weights("SaraAdamW", _preset_params("sara"))[1]

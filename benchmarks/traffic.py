@@ -1,0 +1,140 @@
+"""Bytes each rank sends per ordinary step, and memory per GPU, stock Adam against SARA, at LLaMA-7B and 70B.
+
+Analytic, from the shapes (no engine), ring algorithm, bf16 weights and gradients, fp32 masters and state:
+
+* **ZeRO-2** (DP ranks): the engine reduce-scatters the bf16 gradients and all-gathers the bf16 parameters,
+  4 P (N-1)/N bytes. SARA adds its straddlers' exchange (``zero_straddlers.exchange_bytes``: 12 bytes per
+  element a straddler's stepper does not hold), averaged over the ranks.
+* **ZeRO-3**: the engine all-gathers the parameters twice and reduce-scatters the gradients, 6 P (N-1)/N.
+  SARA adds its whole-matrix exchange (``zero3_traffic.whole_matrix``).
+* **Megatron, TP = 8** (P_t: the parameters of one TP rank): Adam with its distributed optimizer
+  reduce-scatters the gradients and all-gathers the parameters, 4 P_t (N-1)/N. SARA's distributed optimizer
+  all-reduces the gradients instead, 6 P_t (N-1)/N, or, over shard-aligned buffers (megatron-core >= 0.19), sends
+  what Adam sends plus the padding that keeps every parameter whole in one shard. With the basis on the split
+  axis (tp_side='same', the default: the row-parallel ``linear_proj``) SARA also all-reduces R (h x r, fp32) over
+  TP every step for the matrices a rank owns.
+
+Which counted bytes check each model (real runs on CPU at 2 and 3 ranks):
+
+* ZeRO-2's straddler exchange: tests/test_deepspeed.py::test_zero_equals_single_process_for_every_rule;
+* ZeRO-3's whole-matrix exchange: tests/test_deepspeed.py::test_zero3_equals_single_process_for_every_rule_and_base;
+* Megatron's gradient and parameter traffic: tests/test_megatron_traffic.py (the counted bytes of each
+  collective equal the ring algorithm's count for that run's buffer); the TP sums: the ``all_reduce@tp`` column
+  of benchmarks/megatron_memory.py at TP 2 x DP 2 (131072 B = 4 layers x 4 h r / DP at hidden 256, r 64).
+
+The engines' own figures (stock Adam's columns) are the ring algorithm's count and are not measured here.
+
+    python benchmarks/traffic.py                # LLaMA-7B and 70B, DP 8 and 64
+"""
+import argparse
+import os
+import sys
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..")]
+from megatron_memory import llama_matrices, per_gpu_bytes  # noqa: E402
+from zero3_traffic import whole_matrix  # noqa: E402
+from zero_straddlers import exchange_bytes  # noqa: E402
+
+MODELS = {"LLaMA-7B": dict(h=4096, ffn=11008, layers=32, heads=32, kv_heads=32, vocab=32000, r=1024),
+          "LLaMA-70B": dict(h=8192, ffn=28672, layers=80, heads=64, kv_heads=8, vocab=32000, r=2048)}
+TP = 8
+
+
+def whole_model(cfg):
+    """(projected (rows, cols) in parameter order, every parameter's count) at TP = 1, Hugging Face's layout."""
+    h, head = cfg["h"], cfg["h"] // cfg["heads"]
+    kv = cfg["kv_heads"] * head
+    block = [(h, h), (kv, h), (kv, h), (h, h), (cfg["ffn"], h), (cfg["ffn"], h), (h, cfg["ffn"])]
+    projected = block * cfg["layers"]
+    params = sum(m * n for m, n in projected) + cfg["layers"] * 2 * h + 2 * cfg["vocab"] * h + h
+    return projected, params
+
+
+def sara_state(projected, params, r):
+    """SARA's fp32 state: r (min + 2 max) per projected matrix (basis and moments), Adam's 8 B for the rest."""
+    low_rank = sum(4 * min(r, m, n) * (min(m, n) + 2 * max(m, n)) for m, n in projected)
+    return low_rank + 8 * (params - sum(m * n for m, n in projected))
+
+
+def zero_rows(cfg, dp):
+    projected, p = whole_model(cfg)
+    r = cfg["r"]
+    states = {"Adam": 8 * p, "SARA": sara_state(projected, p, r)}
+    memory = {(z, name): (2 * p + (2 * p + 4 * p + s) / dp) if z == 2 else (8 * p + s) / dp
+              for z in (2, 3) for name, s in states.items()}
+    zero2, zero3 = 4 * p * (dp - 1) / dp, 6 * p * (dp - 1) / dp
+    return [("ZeRO-2", f"{dp}", zero2, zero2 + exchange_bytes(projected, dp) / dp, memory[2, "Adam"], memory[2, "SARA"]),
+            ("ZeRO-3", f"{dp}", zero3, zero3 + sum(whole_matrix(m, n, dp) for m, n in projected),
+             memory[3, "Adam"], memory[3, "SARA"])]
+
+
+def megatron_rows(cfg, dp, padding=None):
+    r = cfg["r"]
+    model = {k: v for k, v in cfg.items() if k != "r"}
+    mats = llama_matrices(**model, tp=TP)
+    p_t = sum(m * n for m, n, _, _ in mats)
+    adam = 4 * p_t * (dp - 1) / dp
+    tp_sums = cfg["layers"] * 2 * (TP - 1) / TP * 4 * cfg["h"] * r / dp  # linear_proj's R, by its owner
+    adam_memory = per_gpu_bytes(mats, r, dp, "Adam", True)[0]
+    sara_memory = per_gpu_bytes(mats, r, dp, "SARA", True)[0]
+    rows = [("Megatron DistOpt, all-reduced", f"{TP}x{dp}", adam, 6 * p_t * (dp - 1) / dp + tp_sums, adam_memory,
+             sara_memory)]
+    aligned = None if padding is None else adam * (1 + padding) + tp_sums
+    rows.append(("Megatron DistOpt, shard-aligned", f"{TP}x{dp}", adam, aligned, adam_memory, sara_memory))
+    return rows
+
+
+def shard_aligned_padding(cfg, dp):
+    """Padding of megatron-core's shard-aligned layout over the TP-local parameters, as a fraction of Megatron's
+    flat layout's buffer (one bucket, no overlapped reduction); None without megatron-core >= 0.19."""
+    warnings.simplefilter("ignore")  # megatron-core's import-time notices (no Transformer Engine, no rank)
+    try:
+        import torch
+        from megatron.core.distributed import DistributedDataParallelConfig
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        from sara_ds.integrations.megatron_distributed import LayerWiseDistributedOptimizer, supports_shard_aligned_buffers
+    except ImportError:
+        return None
+    if not supports_shard_aligned_buffers():
+        return None
+    model = {k: v for k, v in cfg.items() if k != "r"}
+    shapes = [(m, n) if n > 1 else (m,) for m, n, _, _ in llama_matrices(**model, tp=TP)]
+    params = [torch.nn.Parameter(torch.empty(s, device="meta", dtype=torch.bfloat16)) for s in shapes]
+    config = DistributedDataParallelConfig(use_distributed_optimizer=True)
+    sizes = []
+    for compute in (LayerWiseDistributedOptimizer.compute_full_param_layout, DistributedOptimizer.compute_full_param_layout):
+        for p in params:
+            p.is_managed_by_layer_wise_optimizer = compute is LayerWiseDistributedOptimizer.compute_full_param_layout
+        layout = compute(params, None, dp, config)
+        sizes.append(sum(end - start for lay in layout.layouts.values() for start, end in lay.bucket_indices))
+    return sizes[0] / sizes[1] - 1
+
+
+def table(dps=(8, 64)) -> str:
+    lines = ["Bytes each rank sends per ordinary step (GB, ring algorithm) and memory per GPU (GiB: bf16 weights and "
+             "gradients, fp32 masters, optimizer state), stock Adam against SARA (r = hidden/4, T = 200)",
+             f"{'model':<10} {'mode':<32} {'DP':>6} {'Adam GB':>9} {'SARA GB':>9} {'SARA/Adam':>10} "
+             f"{'Adam GiB':>9} {'SARA GiB':>9} {'SARA/Adam':>10}"]
+    for label, cfg in MODELS.items():
+        for dp in dps:
+            padding = shard_aligned_padding(cfg, dp)
+            for mode, where, adam, sara, adam_mem, sara_mem in zero_rows(cfg, dp) + megatron_rows(cfg, dp, padding):
+                traffic = (f"{'-':>9} {'-':>10}" if sara is None  # megatron-core < 0.19 cannot lay the buffers out
+                           else f"{sara / 1e9:>9.2f} {sara / adam:>9.3f}x")
+                lines.append(f"{label:<10} {mode:<32} {where:>6} {adam / 1e9:>9.2f} {traffic} "
+                             f"{adam_mem / 2**30:>9.2f} {sara_mem / 2**30:>9.2f} {sara_mem / adam_mem:>9.3f}x")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dp", default="8,64")
+    args = ap.parse_args()
+    print(table([int(d) for d in args.dp.split(",")]))
+
+
+if __name__ == "__main__":
+    main()
