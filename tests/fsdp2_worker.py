@@ -22,6 +22,8 @@ def make_model(sc):
         model.extra = torch.nn.Linear(model.cfg.hidden, 5, bias=False)
     if sc.get("row_weight"):
         model.row_gate = torch.nn.Parameter(torch.full((1, model.cfg.hidden), 0.1))
+    if sc.get("tp_bias"):  # under TP: column-parallel, its 1-D bias Shard(0) over "tp"
+        model.biased = torch.nn.Linear(model.cfg.hidden, 8, bias=True)
     return model
 
 
@@ -29,6 +31,8 @@ def loss_of(model, x, y):
     logits = model(x)
     if hasattr(model, "row_gate"):
         logits = logits * (1 + model.row_gate.mean())
+    if hasattr(model, "biased"):  # its output whole on every TP rank (output_layouts=Replicate())
+        logits = logits * (1 + 0.01 * model.biased(torch.ones(1, model.cfg.hidden)).pow(2).mean())
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
@@ -126,9 +130,14 @@ def _tensor_parallel(model, tp):
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (dist.get_world_size() // tp, tp), mesh_dim_names=("dp", "tp"))
-    llama.parallelize(model, mesh["tp"])
+    tp_mesh = mesh["tp"]
+    llama.parallelize(model, tp_mesh)
     if hasattr(model, "extra"):
-        parallelize_module(model, mesh["tp"], {"extra": ColwiseParallel()})
+        parallelize_module(model, tp_mesh, {"extra": ColwiseParallel()})
+    if hasattr(model, "biased"):
+        from torch.distributed.tensor import Replicate
+
+        parallelize_module(model, tp_mesh, {"biased": ColwiseParallel(output_layouts=Replicate())})
     dp = mesh["dp"]
     return dp, dp.get_local_rank(), dp.size()
 

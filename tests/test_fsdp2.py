@@ -99,6 +99,7 @@ MESH_2D = ([dict(name=f"SaraAdamW/{p}", tp=2, params=dict(BASE, preset=p, **({"o
                    built_before_sharding=True),
               dict(name="SaraAdamW/sara_fira, a NaN in one rank's rows", tp=2, params=dict(BASE, preset="sara_fira"),
                    poison="layers.2.mlp.down_proj.weight", poison_step=3),
+              dict(name="SaraAdamW/sara, a column-parallel bias", tp=2, tp_bias=True, params=dict(BASE, preset="sara")),
               dict(name="SaraAdamW/sara, HSDP (2 replicas x 2 shards)", hsdp=True, params=dict(BASE, preset="sara")),
               dict(name="torch AdamW on FSDP x TP (the harness's control)", tp=2, optimizer="AdamW",
                    params=dict(lr=0.01))])
@@ -227,11 +228,15 @@ def test_an_uneven_tensor_parallel_split_of_a_whole_matrix_is_refused_at_the_fir
     scenarios = [dict(name="Adafactor, 5 rows over 2 TP ranks", tp=2, optimizer="SaraAdafactor", uneven_tp=True,
                       params=dict(BASE, preset="sara"), expect_error=True),
                  dict(name="SaraAdamW, 5 rows over 2 TP ranks", tp=2, uneven_tp=True, steps=2,
-                      params=dict(BASE, preset="sara"))]
-    refused, stepped = run_scenarios(4, scenarios, worker="fsdp2_worker.py", timeout=300)
+                      params=dict(BASE, preset="sara")),
+                 # a column-parallel 1-D bias that a base steps whole: refused by name (SaraAdamW steps it: MESH_2D)
+                 dict(name="Adam-mini, a column-parallel bias", tp=2, tp_bias=True, optimizer="SaraAdamMini",
+                      params=dict(BASE, preset="sara"), expect_error=True)]
+    refused, stepped, bias = run_scenarios(4, scenarios, worker="fsdp2_worker.py", timeout=300)
     error = refused["error"]
     assert "shape (5, 16)" in error and "('dp', 'tp')" in error and "over the 2 ranks of 'tp'" in error, error
     assert "error" not in stepped and stepped["counts"]["refreshes"] > 0, stepped.get("error")
+    assert "(8,) parameter biased.bias is split by tensor parallelism" in bias["error"], bias["error"]
 
 
 def test_the_device_finite_flag_is_refused_where_owners_step_whole_matrices_and_the_default_steps():

@@ -74,13 +74,15 @@ def placement_of(param: DTensor) -> Placement:
     first = next((d for d, pl in enumerate(placements) if not isinstance(pl, Replicate)), None)
     rest = placements[first + 1:] if first is not None else ()
     tp = rest[0] if len(rest) == 1 else None
+    tp_split = type(tp) is Shard and (tp.dim in (0, 1) and param.dim() == 2 or tp.dim == 0 and param.dim() == 1)
     if first is None or not _is_rows(placements[first]) or len(rest) > 1 or (
-            rest and not (isinstance(tp, Replicate) or type(tp) is Shard and tp.dim in (0, 1) and param.dim() == 2)):
+            rest and not (isinstance(tp, Replicate) or tp_split)):
         raise ValueError(
             f"sara_ds: a parameter of shape {tuple(param.shape)} is placed {placements} on mesh {names}; the FSDP2 "
             "layout steps fully_shard's Shard(0) rows (after Replicate() for HSDP), with at most one "
             "tensor-parallel dim after them placed Shard(0), Shard(1) or Replicate(). Leave shard_placement_fn "
-            "unset, and parallelize_module 2-D weights column- or row-wise on one TP dim.")
+            "unset, and parallelize_module 2-D weights (and column-parallel biases) column- or row-wise on one "
+            "TP dim.")
     if not rest or isinstance(tp, Replicate) or mesh.size(first + 1) == 1:  # a TP dim of one rank splits nothing
         return Placement(mesh, first, first + 1 if rest else None, None)
     return Placement(mesh, first, first + 1, tp.dim)
@@ -96,6 +98,10 @@ def refuse_uneven_tp(param: DTensor, where: Placement) -> None:
             f"its dim {where.tp_axis} ({param.shape[where.tp_axis]}) does not divide evenly over the {size} ranks of "
             f"{names[where.tp_dim]!r}, and sara_ds's TP spectra need equal shards to step it whole. Choose a TP size "
             "that divides it, or leave it out of the projected group (exclude=[...]) under SaraAdamW.")
+
+
+def _same_ranks(group, other) -> bool:
+    return group is other or dist.get_process_group_ranks(group) == dist.get_process_group_ranks(other)
 
 
 def row_counts(rows: int, world: int) -> list[int]:
@@ -127,13 +133,22 @@ class FSDP2Layout(Layout):
                 items = [ownership.Item(m.param.numel(), tuple(m.shape), m.whole) for m in self.matrices]
                 self.owner = dict(zip((m.index for m in self.matrices),
                                       ownership.owners(items, dist.get_world_size(self.group))))
-            if where.group is not self.group:
-                raise ValueError("sara_ds: the model's parameters are sharded over different meshes; the FSDP2 "
-                                 "layout needs one fully_shard mesh for the whole model")
+            if not _same_ranks(where.group, self.group):  # equal meshes made twice hold distinct groups
+                raise ValueError(
+                    f"sara_ds: the model's parameters are sharded over different meshes ({self.matrices[index].name} "
+                    f"over ranks {dist.get_process_group_ranks(where.group)} of {param.device_mesh}, the first "
+                    f"parameter over ranks {dist.get_process_group_ranks(self.group)}); the FSDP2 layout needs one "
+                    "fully_shard mesh for the whole model")
             if where.tp_axis is not None and self.matrices[index].whole:
+                if param.dim() != 2:  # the TP spectra and sums are written for matrices
+                    raise ValueError(
+                        f"sara_ds: the {tuple(param.shape)} parameter {self.matrices[index].name} is split by tensor "
+                        f"parallelism ({tuple(param.placements)}) and this optimizer steps it whole (its statistics "
+                        "span it); the FSDP2 layout steps a TP-split tensor whole only when it is 2-D. Under "
+                        "SaraAdamW it is stepped elementwise; or leave it unsplit (Replicate()) on the TP dim.")
                 refuse_uneven_tp(param, where)
             if where.tp_axis is not None:
-                if self.tp_group is not None and where.tp_group is not self.tp_group:
+                if self.tp_group is not None and not _same_ranks(where.tp_group, self.tp_group):
                     raise ValueError("sara_ds: the model's parameters are split over different tensor-parallel "
                                      "groups; the FSDP2 layout needs one TP dim for the whole model")
                 self.tp_group = where.tp_group
