@@ -94,8 +94,9 @@ def shard_aligned_padding(cfg, dp):
         import torch
         from megatron.core.distributed import DistributedDataParallelConfig
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+        from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
 
-        from sara_ds.integrations.megatron_distributed import LayerWiseDistributedOptimizer, supports_shard_aligned_buffers
+        from sara_ds.integrations.megatron_distributed import supports_shard_aligned_buffers
     except ImportError:
         return None
     if not supports_shard_aligned_buffers():

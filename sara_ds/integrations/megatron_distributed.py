@@ -39,6 +39,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from .. import functional
 from ..layout import collective_device
 from ..sharding import ownership
+from .megatron_checkpoint import SaraCheckpoint, model_and_main_params
 
 
 def supports_shard_aligned_buffers() -> bool:
@@ -88,7 +89,6 @@ def shard_aligned(model_chunks) -> bool:
     layouts = [getattr(chunk, "full_param_layout", None) for chunk in model_chunks]
     return all(layout is not None and all(getattr(key, "is_managed_by_layer_wise_optimizer", False)
                                           for key in layout.layouts) for layout in layouts)
-from .megatron_checkpoint import SaraCheckpoint, model_and_main_params
 
 
 class WholeStepSkip:
