@@ -40,7 +40,9 @@ def build_optimizer(sc, model):
     params, optimizer = dict(sc["params"]), sc.get("optimizer", "SaraAdamW")
     if optimizer in sara_ds.OPTIMIZERS:
         selection = {k: params.pop(k) for k in list(params) if k in SELECTION}
-        return sara_ds.OPTIMIZERS[optimizer](sara_ds.param_groups(model, **selection), **params)
+        named = dict(model.named_parameters())
+        only = [named[n] for n in sc["only"]] if "only" in sc else None  # the optimizer's parameters, if not all
+        return sara_ds.OPTIMIZERS[optimizer](sara_ds.param_groups(model, **selection, only=only), **params)
     return getattr(torch.optim, optimizer)(model.parameters(), **params)
 
 

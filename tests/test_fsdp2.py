@@ -253,6 +253,23 @@ def test_the_device_finite_flag_is_refused_where_owners_step_whole_matrices_and_
     assert [r["counts"]["skipped_steps"] for r in stepped["per_rank"]] == [1, 1], stepped.get("per_rank")
 
 
+def test_dcp_save_and_resume_where_a_rank_owns_no_matrix(tmp_path):
+    """SaraAdamMini steps every parameter whole. Over two parameters and three ranks one rank owns none and holds
+    no state, so DCP's get/set_state_dict make their zero-gradient template step on that rank alone, which must
+    make no collective. Saved after 3 steps and resumed on 3 ranks, the run is one process fed the same
+    gradients."""
+    sc = dict(name="Adam-mini, 2 parameters over 3 ranks", optimizer="SaraAdamMini", params=dict(BASE, preset="sara"),
+              only=["layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight"])
+    (saved,) = run_scenarios(3, [dict(sc, steps=SAVED_AT, save_to=str(tmp_path / "ckpt"))], worker="fsdp2_worker.py",
+                             timeout=300)
+    (resumed,) = run_scenarios(3, [dict(sc, start=SAVED_AT, steps=STEPS, load_from=str(tmp_path / "ckpt"))],
+                               worker="fsdp2_worker.py", timeout=300)
+    assert "error" not in saved and "error" not in resumed, (saved.get("error"), resumed.get("error"))
+    assert sorted(r["state_bytes"] > 0 for r in saved["per_rank"]) == [False, True, True]  # one rank holds nothing
+    ref, _ = replay(sc, saved["grads"] + resumed["grads"])
+    assert _max_diff(resumed["weights"], ref) <= 1e-6
+
+
 def test_dcp_template_step_of_an_empty_optimizer_counts_as_no_step_and_no_refresh():
     scenarios = [dict(name="template", params=dict(BASE, preset="sara"), template_only=True),
                  dict(name="template adafactor", optimizer="SaraAdafactor", params=dict(BASE, preset="sara"),

@@ -121,6 +121,7 @@ class FSDP2Layout(Layout):
         self._live: dict = {}          # matrix id -> the DTensor parameter the engine hands over now
         self._returns: list = []       # (param, its TP shard's shape, whole weight or None, owner) for finish()
         self._sent = {"fsdp_gather": 0, "fsdp_scatter": 0}
+        self._alone = False            # this step is DCP's template step on this rank alone: no collectives
 
     def _place(self, index: int, param) -> Placement | None:
         """The placement of matrix ``index`` (None: a tensor fully_shard left alone), checked against the others."""
@@ -169,7 +170,27 @@ class FSDP2Layout(Layout):
             self._contexts[key] = TensorParallelContext(where.tp_group, where.tp_axis, *key[1:4], whole=whole)
         return self._contexts[key]
 
+    def adopt(self, param_groups: list) -> "FSDP2Layout":
+        self._alone = self._lone_template_step(param_groups)
+        return self
+
+    def _lone_template_step(self, param_groups: list) -> bool:
+        """DCP's get/set_state_dict make a zero-gradient step at lr 0 on each rank whose optimizer holds no state,
+        and on that rank alone. Once ownership is placed, that is a rank owning no matrix (every one stepped whole
+        elsewhere: Adafactor or Adam-mini with fewer parameters than ranks); its peers are not stepping, so it
+        must make no collective."""
+        if self.group is None or not all(m.whole for m in self.matrices):
+            return False
+        me = dist.get_rank(self.group)
+        if any(self.owner[m.index] == me for m in self.matrices) or any(g["lr"] != 0 for g in param_groups):
+            return False
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for g in param_groups for p in g["params"]
+                 if p.grad is not None]  # local reads only: a DTensor's .any() would be a collective
+        return not any(bool(g.any()) for g in grads)
+
     def slots(self, group: dict, members: list) -> list:
+        if self._alone:
+            return []
         params = group["params"]
         indices = [self._index_of.get(id(p), m) for p, m in zip(params, members)]  # DTensors swapped in: in order
         out = []
@@ -223,7 +244,7 @@ class FSDP2Layout(Layout):
         """Each rank's new rows of the matrices stepped whole, from their owners."""
         for param, shape, weight, owner in self._returns:
             self._scatter(weight, param.to_local(), shape[0], owner)
-        self._returns = []
+        self._returns, self._alone = [], False
 
     # -- checkpoints through torch.distributed.checkpoint: every tensor a DTensor, so that DCP reshards it and no
     # rank's copy of a per-rank value is dropped as a duplicate
@@ -303,7 +324,7 @@ class FSDP2Layout(Layout):
             None if self.group is None else self.owner[index] == dist.get_rank(self.group))
 
     def step_groups(self) -> list:
-        return [g for g in (self.group, self.tp_group) if g is not None]
+        return [] if self._alone else [g for g in (self.group, self.tp_group) if g is not None]
 
     def owners_step(self):
         return type(self).__name__ if any(m.whole for m in self.matrices) else None
