@@ -80,7 +80,8 @@ def run_scenario(sc, spec):
         placement = lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % world == 0 else None  # noqa: E731
     for layer in model.layers:
         fully_shard(layer, shard_placement_fn=placement, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if not sc.get("root_unsharded"):  # else the root's own parameters stay plain tensors, replicated
+        fully_shard(model, mesh=mesh)
     if before:
         named = dict(model.named_parameters())
         for group, members in zip(opt.param_groups, opt.group_members):
@@ -104,7 +105,12 @@ def run_scenario(sc, spec):
         if sc.get("poison_step") == step and rank == world - 1:  # one NaN in the last rank's rows only
             grad = dict(model.named_parameters())[sc["poison"]].grad.to_local()
             grad.view(-1)[0] = float("nan")
-        recorded.append({n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None})
+        for p in model.parameters():  # plain parameters: averaged as a replicating wrapper (DDP, replicate) would
+            if p.grad is not None and not isinstance(p.grad, DTensor):
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        recorded.append({n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
+                         for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
         opt.zero_grad()
     if sc.get("peek"):  # a logging hook that looks up every parameter's state on every rank (owner or not)
@@ -112,7 +118,7 @@ def run_scenario(sc, spec):
             opt.state_of(p)
     if sc.get("save_to"):
         _save(model, opt, sc["save_to"])
-    weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+    weights = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach().clone() for n, p in model.named_parameters()}
     local = [t.to_local() if isinstance(t, DTensor) else t for st in opt.state.values() for t in st.values()
              if isinstance(t, torch.Tensor)]
     return dict(name=sc["name"], weights=weights if rank == 0 else None, grads=recorded if rank == 0 else None,

@@ -270,6 +270,23 @@ def test_dcp_save_and_resume_where_a_rank_owns_no_matrix(tmp_path):
     assert _max_diff(resumed["weights"], ref) <= 1e-6
 
 
+@pytest.mark.parametrize("optimizer", ["SaraAdamW", "SaraAdamMini"])
+def test_parameters_fully_shard_left_plain_are_stepped_saved_and_resumed(tmp_path, optimizer):
+    """Only the blocks fully_shard-ed: the root's embedding, norm and head stay plain tensors on every rank, their
+    gradients averaged as a replicating wrapper would. Every rank steps them (SaraAdamMini: whole), and DCP saves
+    and loads their state as plain tensors. Saved after 3 steps on 2 ranks and resumed on 2, the run is one
+    process fed the same gradients."""
+    sc = dict(name=f"{optimizer}, the root left plain", optimizer=optimizer, params=dict(BASE, preset="sara"),
+              root_unsharded=True)
+    (saved,) = run_scenarios(2, [dict(sc, steps=SAVED_AT, save_to=str(tmp_path / "ckpt"))], worker="fsdp2_worker.py",
+                             timeout=300)
+    (resumed,) = run_scenarios(2, [dict(sc, start=SAVED_AT, steps=STEPS, load_from=str(tmp_path / "ckpt"))],
+                               worker="fsdp2_worker.py", timeout=300)
+    assert "error" not in saved and "error" not in resumed, (saved.get("error"), resumed.get("error"))
+    ref, _ = replay(sc, saved["grads"] + resumed["grads"])
+    assert _max_diff(resumed["weights"], ref) <= 1e-6
+
+
 def test_dcp_template_step_of_an_empty_optimizer_counts_as_no_step_and_no_refresh():
     scenarios = [dict(name="template", params=dict(BASE, preset="sara"), template_only=True),
                  dict(name="template adafactor", optimizer="SaraAdafactor", params=dict(BASE, preset="sara"),

@@ -122,10 +122,12 @@ class FSDP2Layout(Layout):
         self._returns: list = []       # (param, its TP shard's shape, whole weight or None, owner) for finish()
         self._sent = {"fsdp_gather": 0, "fsdp_scatter": 0}
         self._alone = False            # this step is DCP's template step on this rank alone: no collectives
+        self.plain: set = set()        # matrix ids fully_shard left as plain tensors: every rank steps them
 
     def _place(self, index: int, param) -> Placement | None:
         """The placement of matrix ``index`` (None: a tensor fully_shard left alone), checked against the others."""
         if not isinstance(param, DTensor):
+            self.plain.add(index)
             return None
         if index not in self.placement:
             where = placement_of(param)
@@ -256,6 +258,9 @@ class FSDP2Layout(Layout):
             return states
         out, mine, me = {}, {}, dist.get_rank(self.group)
         for i, st in states.items():
+            if i in self.plain:  # the same on every rank (a replicating wrapper reduces its gradient)
+                out[i] = st
+                continue
             if self.matrices[i].whole and self.owner[i] != me:
                 continue  # only the owner's state is real (another rank's entry is an empty dict a lookup made)
             if not self.matrices[i].whole:
@@ -296,16 +301,16 @@ class FSDP2Layout(Layout):
     def import_state(self, states: dict, param_groups: list, members: list) -> dict:
         """``export_state``'s form (resharded to this mesh) back to this rank's: elementwise state as its rows, a
         whole matrix's state on its owner only, cut to its TP shard (every rank calls it with the same keys)."""
-        if not any(isinstance(v, DTensor) for st in states.values() for v in st.values()):
-            return {i: st for i, st in states.items() if self.owns(i) is not False}
         for g, ids in zip(param_groups, members):
             for p, i in zip(g["params"], ids):
                 if self._place(i, p) is not None:
                     self._live[i] = p
+        if not any(isinstance(v, DTensor) for st in states.values() for v in st.values()):
+            return {i: st for i, st in states.items() if self.owns(i) is not False}
         me, out = dist.get_rank(self.group), {}
         for i in sorted(states):
             st = states[i]
-            if not self.matrices[i].whole:
+            if i in self.plain or not self.matrices[i].whole:
                 out[i] = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in st.items()}
                 continue
             whole = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in sorted(st.items())}
@@ -320,7 +325,7 @@ class FSDP2Layout(Layout):
         return None if where is None or where.tp_axis is None else TensorParallelContext(where.tp_group, where.tp_axis)
 
     def owns(self, index: int):
-        return True if not self.matrices[index].whole else (
+        return True if not self.matrices[index].whole or index in self.plain else (
             None if self.group is None else self.owner[index] == dist.get_rank(self.group))
 
     def step_groups(self) -> list:
