@@ -137,7 +137,8 @@ def worker(args):
     from sara_ds.integrations.megatron_distributed import supports_shard_aligned_buffers
 
     out = {}
-    for name in CONFIGS + ((RS,) if supports_shard_aligned_buffers() else ()):
+    wanted = args.configs.split(",") if args.configs else CONFIGS
+    for name in [n for n in CONFIGS if n in wanted] + ([RS] if supports_shard_aligned_buffers() else []):
         model = build_model(args, name)
         opt = build_optimizer(args, name, model)
         steps = {}
@@ -209,7 +210,7 @@ def per_gpu_bytes(mats, r, dp, method, distributed):
 def check_formula(args, measured) -> str:
     mats = llama_matrices(args.hidden, args.ffn, args.layers, args.hidden // 64, args.hidden // 64, args.vocab, args.tp)
     lines = []
-    for name in CONFIGS:
+    for name in (n for n in CONFIGS if n in measured):
         method = name.split()[0]
         _, opt = per_gpu_bytes(mats, args.rank, 1, method, False)
         # per TP rank, summed over its DP group; distributed runs hold each byte once, replicated ones DP times
@@ -256,6 +257,8 @@ def main():
     ap.add_argument("--rank", type=int, default=None, help="projection rank (default hidden/4)")
     ap.add_argument("--gap", type=int, default=200, help="subspace refresh interval T")
     ap.add_argument("--json", default=None, help="also write every rank's measurements to this file")
+    ap.add_argument("--configs", default=None, help=f"comma-separated subset of {', '.join(CONFIGS)} (default: all; "
+                    f"'{RS}' runs wherever megatron-core supports it)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.rank = args.rank or args.hidden // 4

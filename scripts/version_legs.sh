@@ -41,7 +41,7 @@ for leg in $LEGS; do
     megatron)
       echo "=== version leg: megatron-core $MC_NEWEST (the newest tested) with --ignore-requires-python, the Megatron suites"
       venv mc-newest "numpy<2.5" "--ignore-requires-python megatron-core==$MC_NEWEST psutil" triton
-      .venv-mc-newest/bin/python -m pytest -q -p no:cacheprovider tests/test_megatron.py tests/test_tensor_parallel.py \
+      .venv-mc-newest/bin/python -m pytest -q -p no:cacheprovider tests/test_megatron.py tests/test_megatron_traffic.py tests/test_tensor_parallel.py \
         tests/test_megatron_launch.py ;;
     *) echo "unknown leg $leg" >&2; exit 2 ;;
   esac

@@ -21,7 +21,7 @@ def test_sara_dist_opt_sends_what_adam_dist_opt_sends_where_buffers_are_shard_al
 
     out = tmp_path / "m.json"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "megatron_memory.py"), "--tp", "1",
-                           "--dp", str(dp), "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                           "--dp", str(dp), "--configs", "SARA + dist-opt,Adam + dist-opt", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     print(done.stdout)
     rank0 = json.load(open(out))["per_rank"][0]
