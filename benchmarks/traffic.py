@@ -34,7 +34,7 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 from megatron_memory import llama_matrices, per_gpu_bytes  # noqa: E402
-from zero3_traffic import whole_matrix  # noqa: E402
+from zero3_traffic import matrices, whole_matrix  # noqa: E402
 from zero_straddlers import exchange_bytes  # noqa: E402
 
 MODELS = {"LLaMA-7B": dict(h=4096, ffn=11008, layers=32, heads=32, kv_heads=32, vocab=32000, r=1024),
@@ -44,12 +44,7 @@ TP = 8
 
 def whole_model(cfg):
     """(projected (rows, cols) in parameter order, every parameter's count) at TP = 1, Hugging Face's layout."""
-    h, head = cfg["h"], cfg["h"] // cfg["heads"]
-    kv = cfg["kv_heads"] * head
-    block = [(h, h), (kv, h), (kv, h), (h, h), (cfg["ffn"], h), (cfg["ffn"], h), (h, cfg["ffn"])]
-    projected = block * cfg["layers"]
-    params = sum(m * n for m, n in projected) + cfg["layers"] * 2 * h + 2 * cfg["vocab"] * h + h
-    return projected, params
+    return matrices(cfg["h"], cfg["ffn"], cfg["layers"], cfg["vocab"], kv=cfg["kv_heads"] * cfg["h"] // cfg["heads"])
 
 
 def sara_state(projected, params, r):

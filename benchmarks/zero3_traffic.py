@@ -22,9 +22,12 @@ import argparse
 LLAMA_7B = dict(hidden=4096, intermediate=11008, layers=32, vocab=32000)
 
 
-def matrices(hidden, intermediate, layers, vocab):
-    """(rows, cols) of every projected matrix, and the total parameter count."""
-    per_layer = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
+def matrices(hidden, intermediate, layers, vocab, kv=None):
+    """(rows, cols) of every projected matrix in Hugging Face's order (q, k, v, o, gate, up, down per layer), and the
+    total parameter count; ``kv``: the k and v projections' rows under grouped-query attention (default hidden)."""
+    kv = kv or hidden
+    per_layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (intermediate, hidden),
+                 (intermediate, hidden), (hidden, intermediate)]
     params = layers * (sum(m * n for m, n in per_layer) + 2 * hidden) + 2 * vocab * hidden + hidden
     return per_layer * layers, params
 
