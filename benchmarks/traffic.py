@@ -6,7 +6,11 @@ Analytic, from the shapes (no engine), ring algorithm, bf16 weights and gradient
   4 P (N-1)/N bytes. SARA adds its straddlers' exchange (``zero_straddlers.exchange_bytes``: 12 bytes per
   element a straddler's stepper does not hold), averaged over the ranks.
 * **ZeRO-3**: the engine all-gathers the parameters twice and reduce-scatters the gradients, 6 P (N-1)/N.
-  SARA adds its whole-matrix exchange (``zero3_traffic.whole_matrix``).
+  SARA adds the row blocks' partial rows each step and their refreshes' gather and basis broadcast every T steps,
+  and the whole-matrix exchange of the matrices stepped whole (``zero3_traffic.hybrid``), for each
+  ``zero3_ownership``: 'auto' (the default: row blocks where the exchange would exceed 5% of ZeRO-3's own traffic, while the
+  optimizer state stays within AdamW's), 'rows' and
+  'whole'. A row block's basis is on every rank (``zero3_traffic.hybrid_state_bytes``).
 * **Megatron, TP = 8** (P_t: the parameters of one TP rank): Adam with its distributed optimizer
   reduce-scatters the gradients and all-gathers the parameters, 4 P_t (N-1)/N. SARA's distributed optimizer
   all-reduces the gradients instead, 6 P_t (N-1)/N, or, over shard-aligned buffers (megatron-core >= 0.19), sends
@@ -17,7 +21,8 @@ Analytic, from the shapes (no engine), ring algorithm, bf16 weights and gradient
 Which counted bytes check each model (real runs on CPU at 2 and 3 ranks):
 
 * ZeRO-2's straddler exchange: tests/test_deepspeed.py::test_zero_equals_single_process_for_every_rule;
-* ZeRO-3's whole-matrix exchange: tests/test_deepspeed.py::test_zero3_equals_single_process_for_every_rule_and_base;
+* ZeRO-3's whole-matrix exchange, the row blocks' exchange and their refreshes' collectives:
+  tests/test_deepspeed.py::test_zero3_equals_single_process_for_every_rule_and_base;
 * Megatron's gradient and parameter traffic: tests/test_megatron_traffic.py (the counted bytes of each
   collective equal the ring algorithm's count for that run's buffer); the TP sums: the ``all_reduce@tp`` column
   of benchmarks/megatron_memory.py at TP 2 x DP 2 (131072 B = 4 layers x 4 h r / DP at hidden 256, r 64).
@@ -34,12 +39,13 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 from megatron_memory import llama_matrices, per_gpu_bytes  # noqa: E402
-from zero3_traffic import matrices, whole_matrix  # noqa: E402
+from zero3_traffic import hybrid, hybrid_state_bytes, matrices  # noqa: E402
 from zero_straddlers import exchange_bytes  # noqa: E402
 
 MODELS = {"LLaMA-7B": dict(h=4096, ffn=11008, layers=32, heads=32, kv_heads=32, vocab=32000, r=1024),
           "LLaMA-70B": dict(h=8192, ffn=28672, layers=80, heads=64, kv_heads=8, vocab=32000, r=2048)}
 TP = 8
+GAP = 200  # steps between refreshes
 
 
 def whole_model(cfg):
@@ -60,9 +66,15 @@ def zero_rows(cfg, dp):
     memory = {(z, name): (2 * p + (2 * p + 4 * p + s) / dp) if z == 2 else (8 * p + s) / dp
               for z in (2, 3) for name, s in states.items()}
     zero2, zero3 = 4 * p * (dp - 1) / dp, 6 * p * (dp - 1) / dp
-    return [("ZeRO-2", f"{dp}", zero2, zero2 + exchange_bytes(projected, dp) / dp, memory[2, "Adam"], memory[2, "SARA"]),
-            ("ZeRO-3", f"{dp}", zero3, zero3 + sum(whole_matrix(m, n, dp) for m, n in projected),
-             memory[3, "Adam"], memory[3, "SARA"])]
+    others = p - sum(m * n for m, n in projected)
+    rows = [("ZeRO-2", f"{dp}", zero2, zero2 + exchange_bytes(projected, dp) / dp, memory[2, "Adam"],
+             memory[2, "SARA"])]
+    for mode, label in (("auto", "ZeRO-3, auto (default)"), ("rows", "ZeRO-3, row blocks"),
+                        ("whole", "ZeRO-3, whole matrices")):
+        sara_memory = (8 * p + 8 * others) / dp + hybrid_state_bytes(projected, dp, r, mode, p)
+        rows.append((label, f"{dp}", zero3, zero3 + hybrid(projected, dp, r, GAP, mode, p), memory[3, "Adam"],
+                     sara_memory))
+    return rows
 
 
 def megatron_rows(cfg, dp, padding=None):

@@ -175,6 +175,22 @@ def refuse_owned_elsewhere(elsewhere: list) -> None:
             "`python -m sara_ds.ds_to_universal` and load with checkpoint.load_universal=true.")
 
 
+def check_row_block(st: dict, rows, name: str) -> None:
+    """After a load: a projected matrix's state holds the rows of it this rank steps (ZeRO-3's row blocks), or all
+    of them where it steps the whole matrix."""
+    if "basis" not in st:
+        return
+    saved, stepped = st.get("row_block"), list(rows) if rows is not None else None
+    if saved != stepped:
+        def shown(block):
+            return "all its rows" if block is None else f"rows {block[0]}..{block[1] - 1} of {block[2]}"
+        raise RuntimeError(
+            f"sara_ds: the loaded state of {name} holds {shown(saved)}, but this rank steps {shown(stepped)}: the "
+            "checkpoint was written with another ZeRO-3 layout (data-parallel size, or zero3_ownership). Resume with "
+            "the layout it was saved with, or convert it with `python -m sara_ds.ds_to_universal` and load it with "
+            "checkpoint.load_universal=true.")
+
+
 def load_file(path: str, **kwargs):
     """``torch.load`` of a file sara_ds reads itself, with an error that names the file when it cannot."""
     try:

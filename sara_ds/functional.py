@@ -131,9 +131,9 @@ def refresh(slots: list, states: list, group: dict, base, generators: list) -> N
     elif ctx.batched_spectrum and grads[0].dim() == 2:
         sigma, vectors = ctx.spectrum(torch.stack(normalised(grads, ctx)), left, None, rank)
         new = [_draw(group, s, v, rank, gen) for s, v, gen in zip(to_host(sigma), vectors, generators)]
-    else:
+    else:  # a context that forms the spectrum on one rank gives None elsewhere: those take its basis
         spectra = [ctx.spectrum(g, left, gen, rank) for g, gen in zip(normalised(grads, ctx), generators)]
-        new = [_draw(group, s, v, rank, gen) for (s, v), gen in zip(spectra, generators)]
+        new = [None if sp is None else _draw(group, *sp, rank, gen) for sp, gen in zip(spectra, generators)]
     overlaps = [install_basis(s, b, g, group, base, ctx) for s, b, g in zip(states, new, grads)]
     if overlaps[0] is not None:
         for s, value in zip(states, to_host(torch.stack(overlaps)).tolist()):
@@ -174,7 +174,10 @@ def install_basis(st: dict, new: Tensor, grad: Tensor, group: dict, base, contex
     the moment policy at later ones. Returns the overlap with the old basis (0-d, on the device), or None at the
     first refresh."""
     old = st.get("basis")
-    if group["basis_signs"] == "aligned":
+    if new is None:  # drawn on another rank (``TensorParallelContext``'s 'gather'): filled by ``synchronize``
+        rows, cols = context.full_shape(grad.shape)
+        new = torch.empty((rows if st["left"] else cols, st["rank"]), dtype=torch.float32, device=grad.device)
+    elif group["basis_signs"] == "aligned":
         new = subspace.align_signs(new, old)
     new = context.synchronize(new)
     st["refreshes"] += 1

@@ -43,6 +43,10 @@ class Matrix:
     group: int          # its param group
     whole: bool         # stepped on the whole matrix (projected, or a base whose statistics span it); else elementwise
     state_numel: int    # elements of its optimizer state once stepped
+    left: Optional[bool] = None  # the side of its basis (``projector.basis_on_left``); None: not projected
+    basis_numel: int = 0         # elements of its basis (0: not projected)
+    row_blocks: bool = False     # may be stepped in ZeRO-3 row blocks (``sharding.zero``): projected, a right
+                                 # basis, and not OSD (whose basis step sums over every column, each step)
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,8 @@ class Slot:
                                      # slice, or a ZeRO straddler's gathered whole weight), shaped like ``grad``
     fragment: bool = False           # a piece of a matrix stepped piece by piece (elementwise full-rank only)
     context: object = LOCAL          # LocalContext, or sharding.tensor_parallel.TensorParallelContext
+    rows: Optional[tuple] = None     # (first row, end row, rows of the matrix): a row block of it (ZeRO-3), whose
+                                     # state holds those rows' part of the moments
 
 
 class Layout:

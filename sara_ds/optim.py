@@ -70,7 +70,10 @@ class SaraOptimizer(torch.optim.Optimizer):
         projected = "rank" in group and len(shape) >= 2
         left = projected and self._basis_on_left(param, group, self.layout.full_shape_of(param))
         numel = functional.state_numel(shape, projected, left, group, self.base)
-        return Matrix(index, name, param, shape, gi, projected or not self.base.elementwise, numel)
+        rows, cols = (shape[0], shape[1:].numel()) if projected else (0, 0)
+        basis = (rows if left else cols) * min(group["rank"], rows, cols) if projected else 0
+        return Matrix(index, name, param, shape, gi, projected or not self.base.elementwise, numel,
+                      left if projected else None, basis, projected and not left and group["subspace"] != "online_pca")
 
     def _basis_on_left(self, param: Tensor, group: dict, full_shape) -> bool:
         split = self.layout.split_axis_of(param) if group["tp_side"] == "unsplit" else None
@@ -118,6 +121,8 @@ class SaraOptimizer(torch.optim.Optimizer):
     def _slots(self, group) -> list:
         slots = self.layout.slots(group, self.group_members[group["sara_group"]])
         if self._check_ownership:
+            for slot in slots:  # the most precise refusal first: a matrix saved in row blocks, stepped otherwise
+                checkpoints.check_row_block(self.state.get(slot.index, {}), slot.rows, self.matrices[slot.index].name)
             self._refuse_state_owned_elsewhere()
             for slot in slots:  # loaded state goes where the matrix is stepped (a ZeRO-offloaded partition: the CPU)
                 st = self.state.get(slot.index, {})
@@ -153,6 +158,8 @@ class SaraOptimizer(torch.optim.Optimizer):
                 left = self._basis_on_left(self.matrices[slot.index].param, group, torch.Size(full))
                 functional.init_projected(st, local, full, left, group, slot.index, self.matrices[slot.index].name,
                                           slot.grad.device)
+                if slot.rows is not None:
+                    st["row_block"] = list(slot.rows)
             if functional.refresh_due(st, group):
                 batches.setdefault(self._batch_key(group, slot, st), (group, []))[1].append(slot)
         for group, slots in batches.values():

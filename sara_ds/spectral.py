@@ -67,8 +67,12 @@ def gesvda_or_default(tall: Tensor, svd=torch.linalg.svd) -> tuple[Tensor, Tenso
         return svd(tall, full_matrices=False)
 
 
-def tsqr(a: Tensor, all_gather=_alone) -> tuple[Tensor, Tensor]:
+def tsqr(a: Tensor, all_gather=_alone, height: int | None = None) -> tuple[Tensor, Tensor]:
+    """``height``: the rows every rank's R factor is padded to where shards differ in size (zero rows change no
+    singular value), so that they can be gathered."""
     r = torch.linalg.qr(a, mode="r").R
+    if height is not None and height > r.shape[-2]:
+        r = torch.cat([r, r.new_zeros(height - r.shape[-2], r.shape[-1])])
     _, s, vh = torch.linalg.svd(torch.cat(all_gather(r)), full_matrices=False)
     return s, vh.mT
 

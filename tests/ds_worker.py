@@ -58,7 +58,7 @@ def global_batch(step):
 def reference_weights(optimizer="SaraAdamW", params=None, steps=7, world=1, grid_grads=False, skip_step=None):
     """The same training on one process with no DeepSpeed (``dense.dense_run``): the layout-invariance oracle.
     ``world`` may be a list (one entry per step): a run resumed at another data-parallel size."""
-    params = dict(params or {})
+    params = {k: v for k, v in (params or {}).items() if k not in LAYOUT_KEYS}
     selection = {k: params.pop(k) for k in list(params) if k in ("rank", "update_proj_gap", "scale", "proj_type")}
     model = build_model(grid_grads=grid_grads)
     opt = sara_ds.OPTIMIZERS[optimizer](sara_ds.param_groups(model, **selection), **params)
@@ -80,7 +80,7 @@ def replayed_weights(optimizer, params, grads, groups="two", initial=None):
     residual stream's) is accumulated in another order than in a plain model: the gradients already differ
     in the last bits before any optimizer runs (1e-8 at one rank; DeepSpeed's own AdamW shows it too). Fed the
     same gradients, what is compared is the optimizer's layout invariance alone."""
-    params = dict(params or {})
+    params = {k: v for k, v in (params or {}).items() if k not in LAYOUT_KEYS}  # ZeRO-3's layout: not in one process
     model = build_model()
     named = dict(model.named_parameters())
     with torch.no_grad():
@@ -123,6 +123,7 @@ def ds_config(sc, world):
 
 
 SELECTION = ("rank", "update_proj_gap", "scale", "proj_type")
+LAYOUT_KEYS = ("zero3_ownership", "zero3_spectrum")
 
 
 def three_groups(model, params):
@@ -260,6 +261,9 @@ def run_scenario(sc, rank, world, tmp):
     mine = {"state_bytes": opt.state_bytes(), "straddlers": straddlers, "counts": opt.refresh_counts(),
             "exchange_bytes": opt.zero_bytes_sent(), "steppers": {i: part.rank for part in partitions.values()
                                                                   for i in part.steppers or {} if part.steps(i)},
+            "rows": {i: blocks for part in partitions.values() for i, blocks in part.rows.items()},
+            "roots": {i: root for part in partitions.values() for i, root in part.roots.items()},
+            "row_block_bytes": opt.bytes_sent().get("row_blocks", 0),
             "refreshes": {i: st["refreshes"] for i, st in opt.matrix_states()},
             "matrices": sorted(i for i, _ in opt.matrix_states()),
             "overlaps": opt.subspace_overlaps(), "type": type(opt).__name__, "wrapper": type(engine.optimizer).__name__,

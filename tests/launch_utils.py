@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "harness")  # sara_bench: example model, corpus, dtype rule
@@ -27,33 +28,75 @@ def base_env(**extra) -> dict:
     return env
 
 
-def run_ranks(script, world, args=(), timeout=300, env_extra=None):
-    """Run ``world`` copies of ``script``; return [(returncode, output)] per rank. Kills all on timeout."""
+class RanksHung(AssertionError):
+    pass
+
+
+def run_ranks(script, world, args=(), timeout=300, env_extra=None, grace=60):
+    """Run ``world`` copies of ``script``; return [(returncode, output)] per rank.
+
+    A rank that hangs is aborted (SIGABRT: with PYTHONFAULTHANDLER set, its log ends in every thread's Python
+    stack) then killed: past ``timeout``, ``grace`` seconds after a peer failed (its collectives then wait on a
+    dead rank), or when the test itself is interrupted (pytest-timeout). A hang raises RanksHung with every rank's
+    tail."""
     port = free_port()
     procs, logs = [], []
     for rank in range(world):
         log = tempfile.TemporaryFile(mode="w+")
         env = base_env(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world,
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(env_extra or {}))
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONFAULTHANDLER="1", **(env_extra or {}))
         procs.append(subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=env,
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         logs.append(log)
+
+    def tails():
+        out = []
+        for rank, (p, log) in enumerate(zip(procs, logs)):
+            log.seek(0)
+            out.append(f"rank {rank} (exit {p.returncode}):\n{log.read()[-4000:]}")
+        return "\n".join(out)
+
+    start, failed_at = time.monotonic(), None
     try:
-        for p in procs:
-            p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
+        while None in [p.poll() for p in procs]:  # every rank polled: a list, not any()'s short circuit
+            now = time.monotonic()
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                failed_at = now
+            if now - start > timeout or (failed_at is not None and now - failed_at > grace):
+                _abort(procs)
+                why = f"{timeout} s" if now - start > timeout else f"{grace} s after a peer failed"
+                raise RanksHung(f"{os.path.basename(script)}: ranks still running after {why}; "
+                                f"each rank's tail:\n{tails()}")
+            time.sleep(0.2)
+    except BaseException as exc:
+        if any(p.poll() is None for p in procs):  # interrupted from outside: stacks first, then the tails
+            _abort(procs)
+            print(f"run_ranks interrupted ({type(exc).__name__}); each rank's tail:\n{tails()}", flush=True)
         raise
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
     out = []
     for p, log in zip(procs, logs):
         log.seek(0)
         out.append((p.returncode, log.read()))
     return out
+
+
+def _abort(procs, wait=5.0):
+    """SIGABRT (faulthandler prints the Python stacks), then SIGKILL for whatever is left."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+    end = time.monotonic() + wait
+    while time.monotonic() < end and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
 
 
 def run_scenarios(world, scenarios, timeout=300, worker="ds_worker.py"):

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 import sara_ds  # noqa: E402
+from sara_ds.sharding.tensor_parallel import SPLIT_STATE  # noqa: E402
 from ds_worker import build_model, reference_weights, replayed_weights  # noqa: E402
 from launch_utils import ROOT, run_ranks, run_scenarios  # noqa: E402
 
@@ -154,11 +155,20 @@ ZERO3 = {"stage": 3, "sub_group_size": 1500, "stage3_param_persistence_threshold
 def test_zero3_equals_single_process_for_every_rule_and_base(world):
     """ZeRO-3 against one process fed the very gradients the run reduced (``ds_worker.replayed_weights``: ZeRO-3's
     module hooks change autograd's summation order, so its gradients differ from a plain model's in the last bits
-    before any optimizer runs; torch's AdamW through DeepSpeed, the control, is compared the same way)."""
+    before any optimizer runs; torch's AdamW through DeepSpeed, the control, is compared the same way).
+
+    Projected matrices with a right basis are stepped in row blocks (every rank, its rows, one shared basis whose
+    spectrum one rank forms from the gathered gradient), the others whole on one rank; ``zero3_ownership='whole'``
+    steps every one whole. The exchange and the row blocks' collectives send what ``zero3_traffic`` counts."""
     scenarios = [dict(name=f"{preset}-w{world}", params=_preset_params(preset)) for preset in sorted(sara_ds.PRESETS)]
     scenarios += [dict(name=f"{cls}-w{world}", optimizer=cls, params=_preset_params("sara"))
                   for cls in ("SaraAdafactor", "SaraAdamMini")]
     scenarios.append(dict(name=f"three-groups-w{world}", params=_preset_params("sara_fira"), three_groups=True))
+    scenarios.append(dict(name=f"whole-ownership-w{world}",
+                          params=dict(_preset_params("sara"), zero3_ownership="whole")))
+    # the row blocks' spectrum formed across the ranks (TSQR over the DP group, TP's machinery) instead of gathered
+    # to one (test_tp_math.py checks gram and the sketch on uneven row blocks)
+    scenarios.append(dict(name=f"rows-tsqr-w{world}", params=dict(_preset_params("sara"), zero3_spectrum="tsqr")))
     if world == 2:  # engine options that change where the partitions live or how they are made, not how they are cut
         scenarios += [dict(name="zero-init", params=_preset_params("sara"), zero_init=True),
                       dict(name="torch-AdamW", optimizer="AdamW",  # the oracle's control
@@ -172,6 +182,9 @@ def test_zero3_equals_single_process_for_every_rule_and_base(world):
     results = run_scenarios(world, scenarios)
     print(f"\nZeRO-3, {world} ranks, fp32, 5 steps, 3 refreshes, against one process fed the same gradients:")
     projected = {i for i, _ in reference_weights("SaraAdamW", _preset_params("sara"), steps=1)[1].matrix_states()}
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from zero3_traffic import row_block_refresh_bytes, row_exchange_bytes, whole_exchange_bytes
+
     for sc, res in zip(scenarios, results):
         assert "error" not in res, res["error"]
         ref, single = replayed_weights(sc.get("optimizer", "SaraAdamW"), sc["params"], res["grads"],
@@ -185,26 +198,53 @@ def test_zero3_equals_single_process_for_every_rule_and_base(world):
         assert all(r["wrapper"] == "DeepSpeedZeroOptimizer_Stage3" for r in res["ranks"])
         if not sara:
             continue
+        rows = res["ranks"][0]["rows"]
+        assert all(r["rows"] == rows for r in res["ranks"])  # every rank lays the row blocks out alike
+        # row blocks: every projected matrix with a right basis (none under 'whole'), each rank whole rows of it
+        right = {i for i in projected if single.state[i]["left"] is False}
+        whole = "whole" in sc["name"] or sc["params"]["preset"] == "osd"  # OSD's basis step sums over all columns
+        assert set(rows) == (set() if whole else right), (sc["name"], sorted(rows), sorted(right))
+        for i, blocks in rows.items():
+            assert blocks[0][0] == 0 and blocks[-1][1] == single.matrices[i].shape[0]
+            assert all(a[1] == b[0] and b[1] > b[0] for a, b in zip(blocks, blocks[1:]))
         held = {}
         for k, r in enumerate(res["ranks"]):
             for i, n in r["refreshes"].items():
                 held.setdefault(i, []).append((k, n))
-        # each projected matrix is stepped by exactly one rank, which refreshed it at steps 0, 2, 4 (OSD: once)
-        assert set(held) == projected and all(len(v) == 1 for v in held.values()), (sc["name"], held)
+        # each projected matrix stepped whole by one rank, in row blocks by every rank; refreshed at steps 0, 2, 4
+        # (OSD: once)
+        assert set(held) == projected, (sc["name"], held)
+        assert all([k for k, _ in v] == (list(range(world)) if i in rows else v[:1] and [v[0][0]])
+                   for i, v in held.items()), (sc["name"], held)
         assert all(n == (1 if sc["name"].startswith("osd") else 3) for v in held.values() for _, n in v), held
         assert len({k for v in held.values() for k, _ in v}) == world  # every rank steps some
-        # memory: at most 1/N of the one-process state plus the largest matrix's
+        # memory: the one process's state, with the row blocks' whole-matrix tensors (the basis, ...) on every rank
+        # and their split statistics cut among the ranks; each rank at most 1/N of that plus the largest matrix's
+        states = single.state
+        shared = sum(t.numel() * t.element_size() for i in rows for k, t in states[i].items()
+                     if isinstance(t, torch.Tensor) and k not in SPLIT_STATE)
         largest = max(sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
-                      for st in single.state.values())
-        assert all(b <= single.state_bytes() / world + largest for b in per_rank), (per_rank, largest)
-        assert sum(per_rank) == single.state_bytes() or sc["name"].startswith("offload")
-        # traffic: benchmarks/zero3_traffic.py's count of the whole-matrix exchange, 12 bytes per element a stepper
-        # does not hold (fp32 gradient and weight pieces in, new weight pieces out), is what the ranks sent
+                      for st in states.values())
+        total = single.state_bytes() + (world - 1) * shared
+        assert all(b <= total / world + largest for b in per_rank), (per_rank, largest)
+        assert sum(per_rank) == total or sc["name"].startswith("offload")
+        # traffic, counted against benchmarks/zero3_traffic.py's model: the exchange (12 bytes per element a
+        # stepper does not hold, each step), and the row blocks' refreshes (the gradient gathered to the rank that
+        # forms the spectrum, the basis broadcast back, the peak for the scaling check)
         steppers = {i: k for k, r in enumerate(res["ranks"]) for i in r["steppers"]}
-        numels = [m.shape.numel() for m in single.matrices]
-        piece = {i: -(-numels[i] // world) for i in steppers}
-        expected = 5 * sum(12 * (numels[i] - min(piece[i], numels[i] - k * piece[i])) for i, k in steppers.items())
+        shapes = {i: tuple(m.shape) for i, m in enumerate(single.matrices)}
+        expected = 5 * (sum(whole_exchange_bytes(shapes[i], world, k) for i, k in steppers.items())
+                        + sum(row_exchange_bytes(shapes[i], world) for i in rows))
         assert sum(r["exchange_bytes"] for r in res["ranks"]) == expected, sc["name"]
+        counted = sum(r["row_block_bytes"] for r in res["ranks"])
+        if not rows:
+            assert counted == 0, sc["name"]
+        elif sc["params"]["preset"] in ("sara", "galore") and sc.get("optimizer", "SaraAdamW") == "SaraAdamW" \
+                and "zero3_spectrum" not in sc["params"]:
+            # AdamW without Fira: no statistic spans R's columns, so only the refreshes communicate
+            ranks = {i: states[i]["rank"] for i in rows}
+            assert counted == 3 * sum(row_block_refresh_bytes(shapes[i], world, ranks[i]) for i in rows) > 0, \
+                (sc["name"], counted)
 
 
 def test_zero_options_and_other_bases_equal_single_process():
@@ -321,7 +361,8 @@ def test_fp16_overflow_step_leaves_weights_moments_and_bases_untouched():
             assert r["state_bytes"] == 0 and r["counts"]["refreshes"] == 0 and r["matrices"] == []
 
 
-@pytest.mark.parametrize("stage,foreach", [(1, None), (2, None), (2, True), (3, None)], ids=["z1", "z2", "z2-banks", "z3"])
+@pytest.mark.parametrize("stage,foreach", [(1, None), (2, None), (2, True), (3, None), (3, True)],
+                         ids=["z1", "z2", "z2-banks", "z3", "z3-banks"])
 def test_checkpoint_resume_is_bit_exact_across_a_refresh(stage, foreach):
     # refresh at 6 happens after the resume at 5; banks save their members' views of the stacks
     params = dict(BASE, update_proj_gap=3, preset="sara_fira", foreach=foreach)
@@ -376,11 +417,16 @@ def test_unsupported_engine_settings_are_refused_with_named_keys(tmp_path):
         dict(name="unknown-key", params=dict(params, rnak=8), expect_error=True),
         dict(name="bad-value", params=dict(params, subspace="topk"), expect_error=True),
         dict(name="bad-rank", params=dict(params, rank=0), expect_error=True),
+        dict(name="bad-ownership", params=dict(params, zero3_ownership="cols"), zero={"stage": 3}, expect_error=True),
+        dict(name="bad-row-spectrum", params=dict(params, zero3_spectrum="svd"), zero={"stage": 3}, expect_error=True),
     ]
     results = run_scenarios(1, scenarios)
     expected = {"elastic": "elastic_checkpoint=true", "nvme": "offload_optimizer.device='nvme' is not supported",
                 "no-norm": "compute_grad_norm=false", "no-overflow-check": "check_grad_overflow=false",
-                "unknown-key": "['rnak']", "bad-value": "subspace='topk'", "bad-rank": "rank=0"}
+                "unknown-key": "['rnak']", "bad-value": "subspace='topk'", "bad-rank": "rank=0",
+                "bad-ownership": "zero3_ownership must be one of ['auto', 'rows', 'whole'], got zero3_ownership='cols'",
+                "bad-row-spectrum": "zero3_spectrum must be one of ['gather', 'tsqr', 'gram', 'sketch'], got "
+                                    "zero3_spectrum='svd'"}
     for res in results:
         print(f"  {res['name']}: {res.get('error')}")
         assert expected[res["name"]] in res.get("error", ""), res

@@ -109,14 +109,16 @@ def test_resume_at_another_data_parallel_size_matches_one_process_and_never_drop
     os.rename(name.format("tmp"), name.format(1))
     swap = dict(regular, name="swapped", load_from=swapped)
     # an engine built otherwise than the one that saved: every stage refuses, listing the difference
-    changed = [dict(name=f"changed-z{stage}", params=dict(_params(preset), **change), zero=_zero(stage),
+    changed = [dict(name=f"changed-z{stage}-{'-'.join(change)}", params=dict(_params(preset), **change), zero=_zero(stage),
                     load_from=_saved(root, 2, stage, preset), load_tag="final", resume_step=BEFORE, expect_error=True,
                     expected=expected)
                for stage, preset, change, expected in (
                    (0, "sara", dict(rank=3), "rank saved 4, now 3"),
                    (1, "sara_fira", dict(preset="sara"), "residual saved 'fira', now None"),
                    (2, "sara_fira", dict(update_proj_gap=50), "update_proj_gap saved 3, now 50"),
-                   (3, "sara_fira", dict(rank=5), "rank saved 4, now 5"))]
+                   (3, "sara_fira", dict(rank=5), "rank saved 4, now 5"),
+                   # row blocks saved, whole matrices asked for: refused at the first step, by matrix and rows
+                   (3, "sara_fira", dict(zero3_ownership="whole"), "was written with another ZeRO-3 layout"))]
     # a file cut short (a save a lost node left half-written): named before DeepSpeed reads anything
     damaged = os.path.join(root, "damaged")
     shutil.copytree(_saved(root, 2, 2, "sara_fira"), damaged)
@@ -265,3 +267,27 @@ def _killed_conversion_keeps_the_previous_one(root, tag):
         torch.load(path, weights_only=False)  # every file under its final name is whole
     assert deepspeed_universal.collect_state(tag) is not None and os.path.isfile(
         os.path.join(first, deepspeed_universal.SIDECAR))
+
+
+def test_row_blocks_join_into_one_process_state_or_the_conversion_names_what_is_wrong():
+    """ZeRO-3 row blocks in a checkpoint: the split statistics (R's columns) are joined in row order, the shared
+    tensors must agree bit for bit, and the blocks must tile the rows; a cut of the joined state gives each block
+    back (what a resume at another size hands each rank)."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(6, 2, generator=g)
+    whole = dict(basis=basis, exp_avg=torch.randn(2, 10, generator=g), exp_avg_sq=torch.rand(2, 10, generator=g),
+                 step=4, left=False, rank=2)
+    cuts = [(0, 4, 10), (4, 7, 10), (7, 10, 10)]
+    blocks = [(deepspeed_universal.row_block_state(whole, cut), 0, rank) for rank, cut in enumerate(cuts)]
+    assert [st["exp_avg"].shape[-1] for st, _, _ in blocks] == [4, 3, 3]
+    merged = deepspeed_universal._merge_zero3(7, "w", (10, 6), blocks[::-1])  # any file order
+    assert "row_block" not in merged and all(torch.equal(merged[k], whole[k]) for k in ("basis", "exp_avg", "exp_avg_sq"))
+    with pytest.raises(RuntimeError, match=r"do not tile its 10 rows"):
+        deepspeed_universal._merge_zero3(7, "w", (10, 6), [blocks[0], blocks[2]])
+    with pytest.raises(RuntimeError, match=r"cover rows 0\.\.6 of 10"):
+        deepspeed_universal._merge_zero3(7, "w", (10, 6), blocks[:2])
+    other = dict(blocks[1][0], basis=basis + 1e-7)
+    with pytest.raises(RuntimeError, match=r"disagree on 'basis'"):
+        deepspeed_universal._merge_zero3(7, "w", (10, 6), [blocks[0], (other, 0, 1), blocks[2]])
+    with pytest.raises(RuntimeError, match=r"row-block state on some DP ranks and whole-matrix state on others"):
+        deepspeed_universal._merge_zero3(7, "w", (10, 6), [blocks[0], (whole, 0, 1)])

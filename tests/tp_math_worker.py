@@ -38,6 +38,21 @@ def main(out):
             basis = spec.synchronize(vecs[:, :RANK].contiguous())
             results[f"{method}-pd{pd}"] = dict(sigma=s.double(), basis=basis.double(), bytes=spec.bytes_sent,
                                               wire=list(counter.records), local_rows=local.shape[0] if pd == 0 else local.shape[1])
+    # ZeRO-3's row blocks: the rows split unevenly (one rank holds more), the basis on the whole axis; 'gather'
+    # forms the spectrum on the last rank alone
+    counts = [M // world - 3] * (world - 1) + [M - (M // world - 3) * (world - 1)]
+    start = sum(counts[:rank])
+    local = full[start:start + counts[rank]].float()
+    for method in ("tsqr", "gram", "sketch", "gather"):
+        spec = TensorParallelContext(dist.group.WORLD, 0, method, oversample=8, power_iters=2, counts=counts,
+                                     root=world - 1)
+        counter.clear()
+        spectrum = spec.spectrum(local, False, refresh_generator(0, 0, 0), RANK)
+        s, vecs = spectrum if spectrum is not None else (None, torch.empty(N, RANK))
+        basis = spec.synchronize(vecs[:, :RANK].contiguous())
+        results[f"uneven-{method}"] = dict(sigma=None if s is None else s.double(), basis=basis.double(),
+                                           bytes=spec.bytes_sent, full_shape=spec.full_shape(local.shape),
+                                           counts=counts)
     counter.enabled = False
     gathered = [None] * world
     dist.all_gather_object(gathered, results)

@@ -7,6 +7,7 @@ folder) and starts N ranks of a worker; the worker's ``main`` is one call of ``s
 error of one that expects it (``expect_error``) into a result, gathers what the test compares across ranks, saves
 rank 0's list, and shuts everything down.
 """
+import datetime
 import gc
 import json
 import os
@@ -17,6 +18,8 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+COLLECTIVE_TIMEOUT_S = 300
 
 
 def serve(spec_path: str, run_scenario, *, engine: str = "torch", tp: int | None = None, gather=(),
@@ -30,6 +33,11 @@ def serve(spec_path: str, run_scenario, *, engine: str = "torch", tp: int | None
 
     warnings.filterwarnings("ignore")
     spec = json.load(open(spec_path))
+    # Every group's collectives time out (gloo's default is 30 min): the groups a device mesh or megatron-core
+    # makes later take the module default, not the default group's.
+    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    import torch.distributed.distributed_c10d as c10d
+    c10d.default_pg_timeout = timeout
     if before is not None:
         before()
     if engine == "deepspeed":
@@ -38,9 +46,9 @@ def serve(spec_path: str, run_scenario, *, engine: str = "torch", tp: int | None
         from sara_ds.integrations import deepspeed as sara_deepspeed
 
         sara_deepspeed.prepare_cpu_launch()
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     if tp is not None:
         from megatron.core import parallel_state
 

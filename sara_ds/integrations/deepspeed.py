@@ -48,10 +48,12 @@ from .. import groups, versions
 from ..config import SUBSPACE_OPTIONS
 from ..optim import OPTIMIZERS
 from ..sharding import zero
-from ..sharding.tensor_parallel import TensorParallelLayout, split_axis_of_marked
+from ..sharding.tensor_parallel import TensorParallelContext, TensorParallelLayout, split_axis_of_marked
 from . import deepspeed_universal
 
 SELECTION_KEYS = {"rank", "update_proj_gap", "scale", "proj_type", "include", "exclude"}
+# where ZeRO-3 steps a projected matrix (``sharding.zero``): not optimizer hyperparameters, but the layout's
+ZERO3_KEYS = {"zero3_ownership": ("auto", "rows", "whole"), "zero3_spectrum": ("gather", "tsqr", "gram", "sketch")}
 
 
 def _constructor_keys(cls) -> set:
@@ -224,14 +226,25 @@ class DeepSpeedLayout(TensorParallelLayout):
     fp32 partition per param group (ZeRO-1/2), or one per sub-group (ZeRO-3), each rank's piece of the group's
     flattened parameters; TP-split weights over the engine's TP group (``mpu`` or AutoTP)."""
 
-    def __init__(self, tp_group=None, zero_stage: int | None = None, universal_pending: bool = False):
+    def __init__(self, tp_group=None, zero_stage: int | None = None, universal_pending: bool = False,
+                 zero3_ownership: str = "auto", zero3_spectrum: str = "gather"):
         super().__init__(tp_group)
+        for key, value in (("zero3_ownership", zero3_ownership), ("zero3_spectrum", zero3_spectrum)):
+            if value not in ZERO3_KEYS[key]:
+                raise ValueError(f"sara_ds: {key} must be one of {list(ZERO3_KEYS[key])}, got {key}={value!r}")
         self.zero_stage = zero_stage
         # checkpoint.load_universal: no step before ``load_checkpoint`` has restored sara_ds's state (it would start
         # every matrix's moments and basis afresh)
         self.universal_pending = universal_pending
+        # ZeRO-3: 'rows' steps each projected matrix with a right basis in row blocks (``sharding.zero``), its
+        # spectrum formed by ``zero3_spectrum``; 'whole' steps every matrix on one rank; 'auto' takes row blocks
+        # while the optimizer state stays within stock AdamW's (``zero.affordable_row_blocks``)
+        self.zero3_ownership, self.zero3_spectrum = zero3_ownership, zero3_spectrum
+        self._row_allowed = None
         self.partitions: dict = {}  # id(flat partition) -> zero.Partition
         self.loads = None           # ZeRO-3: optimizer state each DP rank steps so far, across sub-groups
+        self.refresh_loads = None   # ZeRO-3: refresh cost of the row-block spectra each DP rank forms so far
+        self._row_contexts: dict = {}
 
     def shape_of(self, param) -> torch.Size:
         return deepspeed_shape(param)
@@ -244,18 +257,26 @@ class DeepSpeedLayout(TensorParallelLayout):
             return super().slots(group, members)
         out = []
         for flat in params:
-            partition = self.partition(flat, members)
+            partition = self.partition(flat, members, group)
             if flat.grad is not None:
                 out += zero.partition_slots(flat, partition, self.matrices, lambda i: self.context(i, group))
         return out
 
-    def partition(self, flat, members: list) -> zero.Partition:
-        """This rank's piece of a flat partition, with its straddlers' steppers (built once per partition)."""
+    def partition(self, flat, members: list, group: dict) -> zero.Partition:
+        """This rank's piece of a flat partition of param group ``group``, with its straddlers' steppers and its
+        row blocks (built once per partition)."""
         partition = self.partitions.get(id(flat))
         if partition is None:
             if isinstance(getattr(flat, "ds_id", None), str):
                 partition = self._zero3_partition(flat, members)
-                self.loads = self.loads or [0] * dist.get_world_size(partition.group)
+                world = dist.get_world_size(partition.group)
+                self.loads = self.loads or [0] * world
+                self.refresh_loads = self.refresh_loads or [0] * world
+                if self._row_allowed is None:
+                    self._row_allowed = ({m.index for m in self.matrices} if self.zero3_ownership == "rows" else
+                                         zero.affordable_row_blocks(self.matrices, world)
+                                         if self.zero3_ownership == "auto" else set())
+                zero.choose_row_blocks(partition, self.matrices, self._row_allowed, self.loads, self.refresh_loads)
                 partition.steppers = zero.choose_zero3_steppers(partition, self.matrices, self.loads)
             else:
                 partition = self._zero12_partition(flat, members)
@@ -313,6 +334,19 @@ class DeepSpeedLayout(TensorParallelLayout):
                                "one sara_ds knows (deepspeed/runtime/zero/stage3.py)")
         return zero.Partition(mine, owners, group, rank, zero3=True)
 
+    def context(self, index: int, group: dict):
+        """A row block's: R's columns split over the DP group, unevenly (``sharding.zero``); else the matrix's."""
+        partition = next((p for p in self.partitions.values() if index in p.rows), None)
+        if partition is None:
+            return super().context(index, group)
+        key = (index, self.zero3_spectrum, group["sketch_oversample"], group["sketch_power_iters"],
+               super().context(index, group))
+        if key not in self._row_contexts:
+            counts = [end - first for first, end in partition.rows[index]]
+            self._row_contexts[key] = TensorParallelContext(partition.group, 0, *key[1:4], whole=key[4], counts=counts,
+                                                            root=partition.roots[index])
+        return self._row_contexts[key]
+
     def step_groups(self) -> list:
         groups = super().step_groups() + [p.group for p in self.partitions.values()]
         unique = {id(g): g for g in groups}  # None (the default group) is one group too
@@ -324,7 +358,8 @@ class DeepSpeedLayout(TensorParallelLayout):
 
     def reset(self) -> None:
         self.partitions.clear()
-        self.loads = None
+        self._row_contexts.clear()
+        self.loads = self.refresh_loads = self._row_allowed = None
 
     def owns(self, index: int):
         for partition in self.partitions.values():
@@ -335,7 +370,10 @@ class DeepSpeedLayout(TensorParallelLayout):
         return True if not self.partitions and self.zero_stage in (0, None) else None
 
     def bytes_sent(self) -> dict:
-        return dict(super().bytes_sent(), exchange=sum(p.bytes_sent for p in self.partitions.values()))
+        """'exchange': straddlers' and row blocks' pieces, point to point; 'row_blocks': the row blocks' spectra,
+        sums and bases over the DP group."""
+        return dict(super().bytes_sent(), exchange=sum(p.bytes_sent for p in self.partitions.values()),
+                    row_blocks=sum(c.bytes_sent for c in self._row_contexts.values()))
 
 
 def _build_groups(model_parameters, selection: dict, engine):
@@ -360,7 +398,7 @@ def _build_groups(model_parameters, selection: dict, engine):
 
 
 def _factory(cls):
-    allowed = _constructor_keys(cls) | SELECTION_KEYS
+    allowed = _constructor_keys(cls) | SELECTION_KEYS | set(ZERO3_KEYS)
 
     def build(model_parameters=None, **params):
         unknown = sorted(set(params) - allowed)
@@ -381,10 +419,12 @@ def _factory(cls):
                     "matrix's refresh is a collective of its TP shards' steppers, which ZeRO-3's ownership does not "
                     "line up. Use stage 1 or 2 with tensor parallelism.")
         selection = {k: params.pop(k) for k in list(params) if k in SELECTION_KEYS}
+        zero3 = {k: params.pop(k) for k in list(params) if k in ZERO3_KEYS}
         param_groups = _build_groups(model_parameters, selection, engine)
         _refuse_tp_weights_without_group(param_groups, tp_group, engine)
         stage = engine.zero_optimization_stage() if engine is not None else None
-        layout = DeepSpeedLayout(tp_group, stage, universal_pending=engine is not None and engine.load_universal_checkpoint())
+        pending = engine is not None and engine.load_universal_checkpoint()
+        layout = DeepSpeedLayout(tp_group, stage, universal_pending=pending, **zero3)
         optimizer = cls(param_groups, layout=layout, **params)
         _allow_under_zero(cls)
         return optimizer

@@ -42,6 +42,7 @@ import torch
 
 from .. import checkpoints
 from ..optim import by_matrix_id
+from ..sharding.tensor_parallel import SPLIT_STATE
 from ..sharding.zero import zero3_piece
 
 SIDECAR = os.path.join("sara_ds", "optimizer_state.pt")
@@ -126,8 +127,10 @@ def _join_pieces(index: int, name: str, shape: tuple, numel: int, copies: list) 
 
 
 def _merge_zero3(index: int, name: str, shape: tuple, copies: list) -> dict:
-    """At ZeRO-3 a matrix stepped whole has one stepper, so one copy; an elementwise base's matrix has one piece
-    per rank that holds elements of it."""
+    """At ZeRO-3 a matrix stepped whole has one stepper, so one copy; one stepped in row blocks has one block per
+    rank; an elementwise base's matrix has one piece per rank that holds elements of it."""
+    if any("row_block" in st for st, _, _ in copies):
+        return _join_row_blocks(index, name, copies)
     if len(copies) == 1:
         return copies[0][0]
     numel = 1
@@ -138,6 +141,45 @@ def _merge_zero3(index: int, name: str, shape: tuple, copies: list) -> dict:
         raise RuntimeError(f"sara_ds: matrix {index} ({name}) has state on DP ranks {[r for _, _, r in copies]} that is "
                            "neither one stepper's nor one piece per rank: the ZeRO-3 checkpoint is inconsistent")
     return merged
+
+
+def _join_row_blocks(index: int, name: str, copies: list) -> dict:
+    """One process's state of a matrix stepped in ZeRO-3 row blocks: the split statistics (R's columns, which are
+    the matrix's rows) joined in row order, everything else the same on every rank, bit for bit."""
+    if not all("row_block" in st for st, _, _ in copies):
+        raise RuntimeError(f"sara_ds: matrix {index} ({name}) has row-block state on some DP ranks and whole-matrix "
+                           f"state on others ({[r for _, _, r in copies]}): the ZeRO-3 checkpoint is inconsistent")
+    blocks = sorted(copies, key=lambda c: c[0]["row_block"][0])
+    end, total = 0, blocks[0][0]["row_block"][2]
+    for st, _, rank in blocks:
+        if st["row_block"][0] != end or st["row_block"][2] != total:
+            raise RuntimeError(f"sara_ds: the row blocks of {name} (matrix {index}) saved by DP ranks "
+                               f"{[r for _, _, r in blocks]} are {[c[0]['row_block'] for c in blocks]}: they do not "
+                               f"tile its {total} rows, so the checkpoint is incomplete")
+        end = st["row_block"][1]
+    if end != total:
+        raise RuntimeError(f"sara_ds: the row blocks of {name} (matrix {index}) cover rows 0..{end - 1} of {total}: "
+                           "the checkpoint is incomplete")
+    first = blocks[0][0]
+    merged = {}
+    for key, value in first.items():
+        if key == "row_block":
+            continue
+        if key in SPLIT_STATE:
+            merged[key] = torch.cat([st[key] for st, _, _ in blocks], dim=-1)
+        elif all(_equal(value, st[key]) for st, _, _ in blocks[1:]):
+            merged[key] = value
+        else:
+            raise RuntimeError(f"sara_ds: the row blocks of {name} (matrix {index}) disagree on {key!r}, which every "
+                               "rank holds whole: the checkpoint is inconsistent (written by ranks at different steps?)")
+    return merged
+
+
+def row_block_state(state: dict, rows: tuple) -> dict:
+    """One process's state of a matrix, cut to the rows ``(first, end, total)`` a ZeRO-3 rank steps."""
+    first, end, _ = rows
+    out = {k: v.narrow(-1, first, end - first) if k in SPLIT_STATE else v for k, v in state.items() if k != "row_block"}
+    return dict(out, row_block=list(rows))
 
 
 def _model_files(input_folder: str) -> list:
@@ -402,7 +444,7 @@ def restore_state(optimizer, sidecar: str, engine=None) -> None:
             group.update({k: v for k, v in hyper.items() if k != "params"})
     restored, partition = set(), None
     for group, flat in _partitions(optimizer, engine):
-        partition = layout.partition(flat, optimizer.group_members[group["sara_group"]])
+        partition = layout.partition(flat, optimizer.group_members[group["sara_group"]], group)
         owned = [f for f in partition.fragments if partition.steps(f.index)]
         missing = sorted(f.index for f in owned if f.index not in matrices)
         if missing and len(missing) < len(owned):
@@ -410,8 +452,11 @@ def restore_state(optimizer, sidecar: str, engine=None) -> None:
             raise RuntimeError(f"sara_ds: {sidecar} has state for some matrices of param group "
                                f"{group['sara_group']} but not for {names}: the checkpoint is incomplete")
         for f in owned if not missing else ():
-            optimizer.state[f.index] = _to_device(_piece(matrices[f.index], f, optimizer.matrices[f.index]),
-                                                  flat.device)
+            state = _piece(matrices[f.index], f, optimizer.matrices[f.index])
+            if f.index in partition.rows and "basis" in state:
+                first, end = partition.rows[f.index][partition.rank]
+                state = row_block_state(state, (first, end, optimizer.matrices[f.index].shape[0]))
+            optimizer.state[f.index] = _to_device(state, flat.device)
             restored.add(f.index)
     everyone = [None] * (dist.get_world_size(partition.group) if partition is not None else 1)
     if partition is not None and len(everyone) > 1:

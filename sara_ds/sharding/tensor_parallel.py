@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import spectral
-from ..layout import Layout, local_context
+from ..layout import Layout, collective_device, local_context
 
 # DeepSpeed's AutoTP (LinearLayer, LinearAllreduce) marks weights ``tensor_model_parallel`` and records the
 # split axis in this metadata dict rather than in Megatron's ``partition_dim`` attribute.
@@ -60,32 +60,59 @@ def refuse_uneven_split(param: Tensor, world: int) -> None:
 
 
 class TensorParallelContext:
-    """The shard context of a TP-split matrix: its spectrum, sums and basis broadcast over the TP group, and the
-    bytes this rank puts into those collectives."""
+    """The shard context of a matrix split over a group's ranks (TP shards; ZeRO-3's row blocks over the DP group):
+    its spectrum, sums and basis broadcast over the group, and the bytes this rank puts into those collectives.
+
+    ``counts``: each rank's size along ``split_axis`` where they differ (ZeRO-3's row blocks; TP splits evenly).
+    ``root``: the group rank whose basis every rank takes. ``method='gather'`` gathers the matrix to the root, which
+    forms one process's spectrum of it (the other ranks form none): exact, for the cost of one gradient per refresh."""
 
     batched_spectrum = False  # reduced across ranks one matrix at a time
 
     def __init__(self, group, split_axis: int, method: str = "tsqr", oversample: int = 8, power_iters: int = 2,
-                 whole=None):
-        if method not in spectral.TP_SPECTRA:
+                 whole=None, counts=None, root: int = 0):
+        if method not in spectral.TP_SPECTRA + ("gather",):
             raise ValueError(f"sara_ds: tp_spectrum must be one of {spectral.TP_SPECTRA}, got tp_spectrum={method!r}")
         self.group, self.split_axis, self.method = group, split_axis, method
         self.oversample, self.power_iters = oversample, power_iters
         self.whole = whole or local_context()  # the spectrum of the gathered matrix (A's rows split)
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.counts = tuple(counts) if counts is not None else None
+        self.root = root
         self.bytes_sent = 0
+        self._device = None  # where the group's collectives take tensors (``layout.collective_device``)
 
-    # -- collectives (all byte accounting goes through here)
+    def _offset(self, size: int) -> int:
+        """This rank's first index along the split axis (``size``: its own count there)."""
+        return sum(self.counts[:self.rank]) if self.counts is not None else self.rank * size
+
+    def _gather_along(self, t: Tensor, dim: int) -> Tensor:
+        """Every rank's ``t``, concatenated along ``dim`` (each rank's size there is its count)."""
+        if self.counts is None:
+            return torch.cat(self.all_gather(t), dim=dim)
+        padded = torch.zeros((*t.shape[:dim], max(self.counts), *t.shape[dim + 1:]), dtype=t.dtype, device=t.device)
+        padded.narrow(dim, 0, t.shape[dim]).copy_(t)
+        return torch.cat([p.narrow(dim, 0, c) for p, c in zip(self.all_gather(padded), self.counts)], dim=dim)
+
+    # -- collectives (all byte accounting goes through here). NCCL moves GPU tensors only: a matrix held on the
+    # CPU (a ZeRO partition offloaded there) crosses through the current GPU.
+    def _wire(self, t: Tensor) -> Tensor:
+        if self._device is None:
+            self._device = collective_device(self.group)
+        return t if t.device == self._device else t.to(self._device)
+
     def _all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
         self.bytes_sent += t.numel() * t.element_size()
-        dist.all_reduce(t, op=op, group=self.group)
-        return t
+        wire = self._wire(t)
+        dist.all_reduce(wire, op=op, group=self.group)
+        return t if wire is t else t.copy_(wire)
 
     def all_gather(self, t: Tensor) -> list:
         self.bytes_sent += t.numel() * t.element_size()
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t.contiguous(), group=self.group)
-        return out
+        wire = self._wire(t.contiguous())
+        out = [torch.empty_like(wire) for _ in range(self.world)]
+        dist.all_gather(out, wire, group=self.group)
+        return out if wire.device == t.device else [o.to(t.device) for o in out]
 
     def reduce_sum(self, t: Tensor) -> Tensor:
         return self._all_reduce(t)
@@ -103,42 +130,67 @@ class TensorParallelContext:
     def local_rows(self, basis: Tensor, left: bool) -> Tensor:
         if not self.rows_split(left):
             return basis
-        rows = basis.shape[-2] // self.world
-        return basis.narrow(-2, self.rank * rows, rows)
+        rows = self.counts[self.rank] if self.counts is not None else basis.shape[-2] // self.world
+        return basis.narrow(-2, self._offset(rows), rows)
 
     def gather_rows(self, t: Tensor, left: bool) -> Tensor:
-        return torch.cat(self.all_gather(t), dim=-2) if self.rows_split(left) else t
+        return self._gather_along(t, t.dim() - 2) if self.rows_split(left) else t
 
     @property
     def bank_key(self):
         """Shards split the same way over the same group reduce the same way: a bank of them makes one
         collective where its matrices made one each (its bytes are counted on the first member's context)."""
-        return ("tp", id(self.group), self.split_axis, self.method, self.oversample, self.power_iters, self.whole)
+        return ("tp", id(self.group), self.split_axis, self.method, self.oversample, self.power_iters, self.whole,
+                self.counts, self.root)
 
     def full_shape(self, local_shape):
         rows, cols = local_shape
-        return (rows * self.world, cols) if self.split_axis == 0 else (rows, cols * self.world)
+        split = sum(self.counts) if self.counts is not None else (rows if self.split_axis == 0 else cols) * self.world
+        return (split, cols) if self.split_axis == 0 else (rows, split)
 
     def synchronize(self, basis: Tensor) -> Tensor:
-        self.bytes_sent += basis.numel() * basis.element_size() if self.rank == 0 else 0
-        dist.broadcast(basis, src=dist.get_global_rank(self.group, 0), group=self.group)
-        return basis
+        self.bytes_sent += basis.numel() * basis.element_size() if self.rank == self.root else 0
+        wire = self._wire(basis)
+        dist.broadcast(wire, src=dist.get_global_rank(self.group, self.root), group=self.group)
+        return basis if wire is basis else basis.copy_(wire)
 
     # -- spectra
     def spectrum(self, matrix: Tensor, left: bool, generator=None, rank: int | None = None):
+        """(sigma, vectors) of the whole matrix; None on the ranks other than the root under ``method='gather'``
+        (they take the root's basis at ``synchronize``)."""
+        if self.method == "gather":
+            whole = self._gather_to_root(matrix)
+            return self.whole.spectrum(whole, left, generator, rank) if whole is not None else None
         if self.rows_split(left):  # the whole matrix, and one process's spectrum of it
-            whole = torch.cat(self.all_gather(matrix), dim=self.split_axis)
-            return self.whole.spectrum(whole, left, generator, rank)
+            return self.whole.spectrum(self._gather_along(matrix, self.split_axis), left, generator, rank)
         a = (matrix if self.split_axis == 0 else matrix.mT).float()  # the split rows of A^T, stacked over ranks
         if self.method == "gram":
             return spectral.gram_eigh(a, self._all_reduce)
         if self.method == "tsqr":
-            return spectral.tsqr(a, self.all_gather)
+            height = max(min(c, a.shape[1]) for c in self.counts) if self.counts is not None else None
+            return spectral.tsqr(a, self.all_gather, height)
         rows, n = a.shape
         k = spectral.sketch_size(n, rank, self.oversample)
-        omega = spectral.sketch_test_matrix(generator, rows * self.world, k)
-        omega = omega[self.rank * rows:(self.rank + 1) * rows].to(a)  # this rank's rows of one shared sketch
+        total = sum(self.counts) if self.counts is not None else rows * self.world
+        omega = spectral.sketch_test_matrix(generator, total, k)
+        start = self._offset(rows)
+        omega = omega[start:start + rows].to(a)  # this rank's rows of one shared sketch
         return spectral.sketch(a, omega, self.power_iters, self._all_reduce)
+
+    def _gather_to_root(self, matrix: Tensor):
+        """The whole matrix on the root (None elsewhere): each rank's piece, padded to the largest, one gather."""
+        dim = self.split_axis
+        counts = self.counts or (matrix.shape[dim],) * self.world
+        padded = matrix.new_zeros((max(counts), matrix.shape[1]) if dim == 0 else (matrix.shape[0], max(counts)))
+        padded.narrow(dim, 0, matrix.shape[dim]).copy_(matrix)
+        if self.rank != self.root:
+            self.bytes_sent += padded.numel() * padded.element_size()
+        wire = self._wire(padded)
+        pieces = [torch.empty_like(wire) for _ in range(self.world)] if self.rank == self.root else None
+        dist.gather(wire, pieces, dst=dist.get_global_rank(self.group, self.root), group=self.group)
+        if pieces is None:
+            return None
+        return torch.cat([p.narrow(dim, 0, c) for p, c in zip(pieces, counts)], dim=dim).to(matrix.device)
 
 
 class TensorParallelLayout(Layout):

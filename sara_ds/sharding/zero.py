@@ -14,6 +14,15 @@ Under ZeRO-3 every parameter is cut into ``world`` equal pieces (the last padded
 ``[r p, (r+1) p)`` of its flattened tensor, so every matrix is a straddler held by all ranks. Each matrix stepped
 whole gets one stepper, the rank holding the least optimizer state so far (``choose_zero3_steppers``):
 whole-matrix ownership, as DeepSpeed's own Muon does at stage 3, through the same exchange.
+
+Whole-matrix ownership moves 12 bytes per element a stepper does not hold, every step. So at ZeRO-3 a projected
+matrix whose basis is on the column side (a right basis: R = B^T G^T) is stepped in **row blocks** instead
+(``row_blocks``): each rank steps the rows that start in its piece, with the shared basis, and only the partial
+rows at the piece boundaries move. Its R's columns are then split over the ranks, as a tensor-parallel split of
+A's columns: the statistics that span them are summed and the refresh forms the spectrum with
+``sharding.tensor_parallel``'s context over the data-parallel group (by default gathered to one rank, chosen
+by refresh cost, so the spectrum is one process's). Left-basis matrices, whose R would be a sum over the row
+blocks every step, stay whole-matrix owned.
 """
 from __future__ import annotations
 
@@ -44,6 +53,9 @@ class Partition:
     group: object              # the DP process group
     rank: int                  # this process's rank inside ``group``
     steppers: dict = None      # straddler stepped whole -> the DP rank that steps it (``choose_steppers``)
+    rows: dict = field(default_factory=dict)   # ZeRO-3 matrix stepped in row blocks -> [(first row, end row)] per
+                                               # DP rank (``row_blocks``)
+    roots: dict = field(default_factory=dict)  # matrix stepped in row blocks -> the DP rank that forms its spectrum
     pending: list = field(default_factory=list)  # (kind, matrix id, peer, new piece, target): for ``finish``
     zero3: bool = False        # a ZeRO-3 sub-group (``build_zero3_layout``)
     wire: object = None        # where the exchange's tensors must be for the group's backend (NCCL: the GPU), if the
@@ -51,8 +63,19 @@ class Partition:
     bytes_sent: int = 0        # this rank's point-to-point bytes of the straddler exchange, so far
 
     def steps(self, index: int) -> bool:
-        """This rank steps matrix ``index`` (or its piece of it)."""
-        return self.steppers.get(index, self.rank) == self.rank
+        """This rank steps matrix ``index`` (or its piece of it, or its row block)."""
+        return index in self.rows or self.steppers.get(index, self.rank) == self.rank
+
+    def blocks(self, index: int, shape) -> list | None:
+        """(DP rank, first element, end element) of each part of matrix ``index`` stepped as one: its row blocks,
+        or the whole matrix on its stepper; None where each piece is stepped where it lies (or the matrix lies
+        whole in one partition)."""
+        if index in self.rows:
+            cols = shape.numel() // shape[0]
+            return [(r, start * cols, stop * cols) for r, (start, stop) in enumerate(self.rows[index])]
+        if index in self.steppers:
+            return [(self.steppers[index], 0, shape.numel())]
+        return None
 
     def finish(self) -> None:
         """After the step: each straddler's new weights go from its stepper back to every holder's partition."""
@@ -84,6 +107,26 @@ def zero3_piece(numel: int, world: int, rank: int) -> int:
     (DeepSpeed's ``partition_numel()``), padding excluded."""
     piece = -(-numel // world)
     return max(0, min(piece, numel - rank * piece))
+
+
+def row_blocks(rows: int, cols: int, world: int) -> list | None:
+    """The rows each of ``world`` ZeRO-3 ranks steps of a rows x cols matrix cut into pieces of
+    ``ceil(rows * cols / world)`` elements: those whose first element lies in its piece, [first, end) per rank. None
+    where some rank would have none (a row longer than a piece): such a matrix is stepped whole."""
+    piece = -(-rows * cols // world)
+    out = [(min(rows, -(-r * piece // cols)), min(rows, -(-(r + 1) * piece // cols))) for r in range(world)]
+    return out if all(end > first for first, end in out) else None
+
+
+def row_exchange_elements(rows: int, cols: int, world: int) -> list:
+    """Elements each rank holds of a matrix stepped in ``row_blocks`` but does not step (the start of a row whose
+    first element lies in the previous piece): it sends them (gradient and weight) and takes them back updated."""
+    piece = -(-rows * cols // world)
+    out = []
+    for r, (first, _) in enumerate(row_blocks(rows, cols, world)):
+        held_from, held_to = r * piece, min((r + 1) * piece, rows * cols)
+        out.append(max(0, min(first * cols, held_to) - held_from))
+    return out
 
 
 def exchange_owners(mine: list, group) -> dict:
@@ -132,12 +175,65 @@ def choose_steppers(partition: Partition, matrices: list) -> dict:
     return ownership.assign_among(straddlers, loads)
 
 
+# ``zero3_ownership='auto'`` takes row blocks until the whole-matrix exchange left is at most this share of ZeRO-3's
+# own traffic (two all-gathers of the parameters and a reduce-scatter of the gradients per step)
+AUTO_EXCHANGE_SHARE = 0.05
+
+
+def affordable_row_blocks(matrices: list, world: int) -> set:
+    """``zero3_ownership='auto'``: the matrices to step in row blocks. Each one's basis then sits on every rank
+    instead of one (world - 1 more copies), so they are taken in the order that saves the most traffic per element
+    of basis (numel / basis: the tallest against r first), while the whole-matrix exchange left is above
+    ``AUTO_EXCHANGE_SHARE`` of ZeRO-3's own traffic, and while the optimizer state summed over the ranks stays
+    within stock AdamW's (two fp32 moments per element): SARA never holds more optimizer state than the AdamW it
+    replaces, and spends its saving only where the exchange is a real cost (small data-parallel sizes)."""
+    own = 3 * sum(m.shape.numel() * m.param.element_size() for m in matrices)  # both x (world - 1) / world
+    exchanged = 12 * sum(m.shape.numel() for m in matrices if m.whole) / world
+    budget = 2 * sum(m.shape.numel() for m in matrices) - sum(m.state_numel for m in matrices)
+    chosen = set()
+    for m in sorted((m for m in matrices if m.row_blocks and m.basis_numel),
+                    key=lambda m: (-m.shape.numel() / m.basis_numel, m.index)):
+        if exchanged <= AUTO_EXCHANGE_SHARE * own:
+            break
+        extra = (world - 1) * m.basis_numel
+        if extra <= budget:
+            budget -= extra
+            exchanged -= 12 * m.shape.numel() / world
+            chosen.add(m.index)
+    return chosen
+
+
+def choose_row_blocks(partition: Partition, matrices: list, allowed: set, loads: list, refresh_loads: list) -> None:
+    """ZeRO-3: the ``allowed`` matrices that every rank can take whole rows of are stepped in ``row_blocks``
+    (``partition.rows``); each one's spectrum is formed on one rank (``partition.roots``), the least loaded by
+    refresh cost so far. ``loads`` takes each rank's share of their state, ``refresh_loads`` the spectra (both
+    carried from one sub-group to the next)."""
+    world = dist.get_world_size(partition.group)
+    items = []
+    for index, holders in sorted(partition.owners.items()):
+        m = matrices[index]
+        if world == 1 or index not in allowed or not m.row_blocks or len(holders) != world:
+            continue
+        blocks = row_blocks(m.shape[0], m.shape.numel() // m.shape[0], world)
+        if blocks is None:
+            continue
+        partition.rows[index] = blocks
+        for r, (first, end) in enumerate(blocks):
+            loads[r] += m.state_numel * (end - first) // m.shape[0]
+        items.append((index, list(range(world)), ownership.refresh_cost(m.shape)))
+    partition.roots = ownership.assign_among(items, refresh_loads)
+    for index, _, cost in items:
+        refresh_loads[partition.roots[index]] += cost
+
+
 def choose_zero3_steppers(partition: Partition, matrices: list, loads: list) -> dict:
-    """ZeRO-3: each matrix stepped whole goes to the rank that steps the least optimizer state so far, largest
-    first within a sub-group, with ``loads`` carried from one sub-group to the next (DeepSpeed steps them in the
-    same order on every rank). Greedy list scheduling: no rank ends above the mean plus one matrix's state."""
+    """ZeRO-3: each matrix stepped whole (not in row blocks) goes to the rank that steps the least optimizer state
+    so far, largest first within a sub-group, with ``loads`` carried from one sub-group to the next (DeepSpeed steps
+    them in the same order on every rank). Greedy list scheduling: no rank ends above the mean plus one matrix's
+    state."""
     items = [(index, [r for r, _, _ in holders], matrices[index].state_numel)
-             for index, holders in sorted(partition.owners.items()) if matrices[index].whole]
+             for index, holders in sorted(partition.owners.items())
+             if matrices[index].whole and index not in partition.rows]
     chosen = ownership.assign_among(items, loads)
     for index, _, cost in items:
         loads[chosen[index]] += cost
@@ -156,64 +252,80 @@ def _global(partition: Partition, r: int) -> int:
 
 
 def _gather_to_steppers(partition: Partition, flat: Tensor, matrices: list) -> dict:
-    """Full gradients and fp32 weights of the straddlers this rank steps, from their other holders; the other
-    holders' pieces of the new weights are queued on ``partition.pending`` for ``Partition.finish``."""
-    ops, pieces = [], {}
+    """The gradient and fp32 weight of each block this rank steps (``Partition.blocks``: a whole straddler, or a
+    row block), flat: a view of the partition where this rank holds all of it, else assembled from the holders'
+    pieces, point to point. Each piece held here and stepped elsewhere is sent to its stepper, and its new weight is
+    queued on ``partition.pending`` for ``Partition.finish``, as is the way back of each borrowed piece."""
+    ops, blocks = [], {}
     for f in partition.fragments:
-        stepper = partition.steppers.get(f.index)
-        if stepper is None:
+        layout = partition.blocks(f.index, matrices[f.index].shape)
+        if layout is None:
             continue
-        grad, weight = flat.grad.narrow(0, f.hp_start, f.numel), flat.narrow(0, f.hp_start, f.numel)
-        if stepper != partition.rank:
-            peer = _global(partition, stepper)
-            partition.bytes_sent += grad.numel() * grad.element_size() + weight.numel() * weight.element_size()
-            ops.append(dist.P2POp(dist.isend, partition.to_wire(grad), peer, partition.group, f.index))
-            ops.append(dist.P2POp(dist.isend, partition.to_wire(weight.detach()), peer, partition.group, f.index))
-            partition.pending.append(("recv", f.index, stepper, None, weight.detach()))
-            continue
-        parts = pieces[f.index] = [(f.lp_start, grad, weight.detach())]
-        for r, lp_start, numel in partition.owners[f.index]:
+        held_from, held_to = f.lp_start, f.lp_start + f.numel
+        grad, weight = flat.grad.narrow(0, f.hp_start, f.numel), flat.narrow(0, f.hp_start, f.numel).detach()
+        for r, start, end in layout:
+            lo, hi = max(start, held_from), min(end, held_to)
             if r == partition.rank:
-                continue
-            device = partition.wire or grad.device
-            g = torch.empty(numel, dtype=grad.dtype, device=device)
-            w = torch.empty(numel, dtype=weight.dtype, device=device)
-            parts.append((lp_start, g, w))
-            ops.append(dist.P2POp(dist.irecv, g, _global(partition, r), partition.group, f.index))
-            ops.append(dist.P2POp(dist.irecv, w, _global(partition, r), partition.group, f.index))
+                mine = blocks[f.index] = (start, end, [])
+                if lo < hi:
+                    mine[2].append((lo, grad.narrow(0, lo - held_from, hi - lo), weight.narrow(0, lo - held_from,
+                                                                                               hi - lo), None))
+                for q, q_from, numel in partition.owners[f.index]:  # the rest of the block, from its holders
+                    q_lo, q_hi = max(start, q_from), min(end, q_from + numel)
+                    if q == partition.rank or q_lo >= q_hi:
+                        continue
+                    device = partition.wire or grad.device
+                    g = torch.empty(q_hi - q_lo, dtype=grad.dtype, device=device)
+                    w = torch.empty(q_hi - q_lo, dtype=weight.dtype, device=device)
+                    mine[2].append((q_lo, g, w, q))
+                    ops.append(dist.P2POp(dist.irecv, g, _global(partition, q), partition.group, f.index))
+                    ops.append(dist.P2POp(dist.irecv, w, _global(partition, q), partition.group, f.index))
+            elif lo < hi:
+                g, w = grad.narrow(0, lo - held_from, hi - lo), weight.narrow(0, lo - held_from, hi - lo)
+                partition.bytes_sent += g.numel() * g.element_size() + w.numel() * w.element_size()
+                ops.append(dist.P2POp(dist.isend, partition.to_wire(g), _global(partition, r), partition.group,
+                                      f.index))
+                ops.append(dist.P2POp(dist.isend, partition.to_wire(w), _global(partition, r), partition.group,
+                                      f.index))
+                partition.pending.append(("recv", f.index, r, None, w))
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-    full = {}
-    for index, parts in pieces.items():
-        shape = matrices[index].shape
-        g = torch.empty(shape.numel(), dtype=parts[0][1].dtype, device=parts[0][1].device)
-        w = torch.empty(shape.numel(), dtype=parts[0][2].dtype, device=parts[0][2].device)
-        for lp_start, gp, wp in parts:
-            g.narrow(0, lp_start, gp.numel()).copy_(gp)
-            w.narrow(0, lp_start, wp.numel()).copy_(wp)
-        full[index] = (g.view(shape), w.view(shape))
-        lp_start, _, mine = parts[0]
-        partition.pending.append(("copy", index, partition.rank, w.narrow(0, lp_start, mine.numel()), mine))
-        for r, lp_start, numel in partition.owners[index]:
-            if r != partition.rank:
-                partition.pending.append(("send", index, r, w.narrow(0, lp_start, numel), None))
-    return full
+    out = {}
+    for index, (start, end, parts) in blocks.items():
+        if len(parts) == 1 and parts[0][3] is None and parts[0][1].numel() == end - start:
+            out[index] = parts[0][1], parts[0][2]  # held here whole: the partition itself, nothing moves
+            continue
+        g = torch.empty(end - start, dtype=parts[0][1].dtype, device=flat.device)
+        w = torch.empty(end - start, dtype=parts[0][2].dtype, device=flat.device)
+        for lo, gp, wp, _ in parts:
+            g.narrow(0, lo - start, gp.numel()).copy_(gp)
+            w.narrow(0, lo - start, wp.numel()).copy_(wp)
+        out[index] = g, w
+        for lo, _, wp, holder in parts:
+            new = w.narrow(0, lo - start, wp.numel())
+            partition.pending.append(("copy", index, partition.rank, new, wp) if holder is None
+                                     else ("send", index, holder, new, None))
+    return out
 
 
 def partition_slots(flat: Tensor, partition: Partition, matrices: list, context_of) -> list[Slot]:
     """The slots of the matrices this rank steps in one flat partition (whose gradient is ``flat.grad``), after the
-    exchange that brings the straddlers it steps their whole gradient and weight."""
+    exchange that brings each block it steps (a whole straddler, a row block) the pieces it lacks."""
     partition.wire = wire(partition.group, flat)
-    full = _gather_to_steppers(partition, flat, matrices)
+    blocks = _gather_to_steppers(partition, flat, matrices)
     slots = []
     for f in partition.fragments:
         if not partition.steps(f.index):
             continue
         shape, context = matrices[f.index].shape, context_of(f.index)
-        if f.index in full:  # a straddler stepped here, whole
-            grad, weight = full[f.index]
-            slots.append(Slot(f.index, grad, weight, context=context))
+        if f.index in blocks:
+            grad, weight = blocks[f.index]
+            rows = None
+            if f.index in partition.rows:
+                first, end = partition.rows[f.index][partition.rank]
+                rows, shape = (first, end, shape[0]), torch.Size((end - first, *shape[1:]))
+            slots.append(Slot(f.index, grad.view(shape), weight.view(shape), context=context, rows=rows))
             continue
         grad = flat.grad.narrow(0, f.hp_start, f.numel)
         target = flat.narrow(0, f.hp_start, f.numel)
