@@ -175,12 +175,17 @@ def refuse_owned_elsewhere(elsewhere: list) -> None:
             "`python -m sara_ds.ds_to_universal` and load with checkpoint.load_universal=true.")
 
 
-def check_row_block(st: dict, rows, name: str) -> None:
-    """After a load: a projected matrix's state holds the rows of it this rank steps (ZeRO-3's row blocks), or all
-    of them where it steps the whole matrix."""
-    if "basis" not in st:
-        return
-    saved, stepped = st.get("row_block"), list(rows) if rows is not None else None
+def check_row_blocks(state: dict, slots: list, matrices: list) -> None:
+    """After a load: each projected matrix's state holds the rows of it this rank steps (ZeRO-3's row blocks), or
+    all of them where it steps the whole matrix."""
+    for slot in slots:
+        st = state.get(slot.index, {})
+        if "basis" in st:
+            _check_row_block(st.get("row_block"), list(slot.rows) if slot.rows is not None else None,
+                             matrices[slot.index].name)
+
+
+def _check_row_block(saved, stepped, name: str) -> None:
     if saved != stepped:
         def shown(block):
             return "all its rows" if block is None else f"rows {block[0]}..{block[1] - 1} of {block[2]}"

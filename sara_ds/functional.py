@@ -93,8 +93,10 @@ def zero_unless(keep: Tensor, grads: list) -> None:
 # ---------------------------------------------------------------- refresh
 
 
-def init_projected(st: dict, local_shape, full_shape, left: bool, group: dict, index: int, name: str, device) -> None:
-    """A projected matrix's bookkeeping at its first step (its basis and moments come with the first refresh)."""
+def init_projected(st: dict, local_shape, full_shape, left: bool, group: dict, index: int, name: str, device,
+                   row_block=None) -> None:
+    """A projected matrix's bookkeeping at its first step (its basis and moments come with the first refresh).
+    ``row_block``: the (first, end, total) rows of it stepped here (a ZeRO-3 row block), kept with its state."""
     rows, cols = full_shape
     rank = group["rank"]
     if rank > min(rows, cols):
@@ -104,6 +106,8 @@ def init_projected(st: dict, local_shape, full_shape, left: bool, group: dict, i
     st.update(matrix_id=index, step=0, base_step=0, left=left, rank=rank, refreshes=0, overlap=float("nan"))
     if group["residual"] == "fira":
         st["fira_norm"] = torch.full((), float("inf"), device=device)  # on the device, as the norms it meets
+    if row_block is not None:
+        st["row_block"] = list(row_block)
 
 
 def refresh_due(st: dict, group: dict) -> bool:

@@ -67,13 +67,9 @@ class SaraOptimizer(torch.optim.Optimizer):
 
     def _matrix(self, index: int, name: str, param: Tensor, gi: int) -> Matrix:
         group, shape = self.param_groups[gi], self.layout.shape_of(param)
-        projected = "rank" in group and len(shape) >= 2
-        left = projected and self._basis_on_left(param, group, self.layout.full_shape_of(param))
-        numel = functional.state_numel(shape, projected, left, group, self.base)
-        rows, cols = (shape[0], shape[1:].numel()) if projected else (0, 0)
-        basis = (rows if left else cols) * min(group["rank"], rows, cols) if projected else 0
-        return Matrix(index, name, param, shape, gi, projected or not self.base.elementwise, numel,
-                      left if projected else None, basis, projected and not left and group["subspace"] != "online_pca")
+        full = self.layout.full_shape_of(param)
+        left = "rank" in group and len(shape) >= 2 and self._basis_on_left(param, group, full)
+        return described(index, name, param, shape, gi, group, left, self.base)
 
     def _basis_on_left(self, param: Tensor, group: dict, full_shape) -> bool:
         split = self.layout.split_axis_of(param) if group["tp_side"] == "unsplit" else None
@@ -121,8 +117,7 @@ class SaraOptimizer(torch.optim.Optimizer):
     def _slots(self, group) -> list:
         slots = self.layout.slots(group, self.group_members[group["sara_group"]])
         if self._check_ownership:
-            for slot in slots:  # the most precise refusal first: a matrix saved in row blocks, stepped otherwise
-                checkpoints.check_row_block(self.state.get(slot.index, {}), slot.rows, self.matrices[slot.index].name)
+            checkpoints.check_row_blocks(self.state, slots, self.matrices)  # the most precise refusal first
             self._refuse_state_owned_elsewhere()
             for slot in slots:  # loaded state goes where the matrix is stepped (a ZeRO-offloaded partition: the CPU)
                 st = self.state.get(slot.index, {})
@@ -157,9 +152,7 @@ class SaraOptimizer(torch.optim.Optimizer):
                 full = slot.context.full_shape(local)
                 left = self._basis_on_left(self.matrices[slot.index].param, group, torch.Size(full))
                 functional.init_projected(st, local, full, left, group, slot.index, self.matrices[slot.index].name,
-                                          slot.grad.device)
-                if slot.rows is not None:
-                    st["row_block"] = list(slot.rows)
+                                          slot.grad.device, slot.rows)
             if functional.refresh_due(st, group):
                 batches.setdefault(self._batch_key(group, slot, st), (group, []))[1].append(slot)
         for group, slots in batches.values():
@@ -273,6 +266,16 @@ class SaraOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of every tensor in the optimizer state on this process."""
         return sum(t.numel() * t.element_size() for t in tensors(self.state))
+
+
+def described(index: int, name: str, param: Tensor, shape, gi: int, group: dict, left: bool, base) -> Matrix:
+    """A parameter as a layout needs to know it (``layout.Matrix``); ``left``: its basis side, if projected."""
+    projected = "rank" in group and len(shape) >= 2
+    rows, cols = (shape[0], shape[1:].numel()) if projected else (0, 0)
+    return Matrix(index, name, param, shape, gi, projected or not base.elementwise,
+                  functional.state_numel(shape, projected, left, group, base), left if projected else None,
+                  (rows if left else cols) * min(group["rank"], rows, cols) if projected else 0,
+                  projected and not left and group["subspace"] != "online_pca")
 
 
 def _refuse_duplicates(groups: list) -> None:

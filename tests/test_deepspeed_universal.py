@@ -280,14 +280,14 @@ def test_row_blocks_join_into_one_process_state_or_the_conversion_names_what_is_
     cuts = [(0, 4, 10), (4, 7, 10), (7, 10, 10)]
     blocks = [(deepspeed_universal.row_block_state(whole, cut), 0, rank) for rank, cut in enumerate(cuts)]
     assert [st["exp_avg"].shape[-1] for st, _, _ in blocks] == [4, 3, 3]
-    merged = deepspeed_universal._merge_zero3(7, "w", (10, 6), blocks[::-1])  # any file order
+    merged = deepspeed_universal.merge_zero3(7, "w", (10, 6), blocks[::-1])  # any file order
     assert "row_block" not in merged and all(torch.equal(merged[k], whole[k]) for k in ("basis", "exp_avg", "exp_avg_sq"))
     with pytest.raises(RuntimeError, match=r"do not tile its 10 rows"):
-        deepspeed_universal._merge_zero3(7, "w", (10, 6), [blocks[0], blocks[2]])
+        deepspeed_universal.merge_zero3(7, "w", (10, 6), [blocks[0], blocks[2]])
     with pytest.raises(RuntimeError, match=r"cover rows 0\.\.6 of 10"):
-        deepspeed_universal._merge_zero3(7, "w", (10, 6), blocks[:2])
+        deepspeed_universal.merge_zero3(7, "w", (10, 6), blocks[:2])
     other = dict(blocks[1][0], basis=basis + 1e-7)
     with pytest.raises(RuntimeError, match=r"disagree on 'basis'"):
-        deepspeed_universal._merge_zero3(7, "w", (10, 6), [blocks[0], (other, 0, 1), blocks[2]])
+        deepspeed_universal.merge_zero3(7, "w", (10, 6), [blocks[0], (other, 0, 1), blocks[2]])
     with pytest.raises(RuntimeError, match=r"row-block state on some DP ranks and whole-matrix state on others"):
-        deepspeed_universal._merge_zero3(7, "w", (10, 6), [blocks[0], (whole, 0, 1)])
+        deepspeed_universal.merge_zero3(7, "w", (10, 6), [blocks[0], (whole, 0, 1)])

@@ -126,7 +126,7 @@ def _join_pieces(index: int, name: str, shape: tuple, numel: int, copies: list) 
     return merged
 
 
-def _merge_zero3(index: int, name: str, shape: tuple, copies: list) -> dict:
+def merge_zero3(index: int, name: str, shape: tuple, copies: list) -> dict:
     """At ZeRO-3 a matrix stepped whole has one stepper, so one copy; one stepped in row blocks has one block per
     rank; an elementwise base's matrix has one piece per rank that holds elements of it."""
     if any("row_block" in st for st, _, _ in copies):
@@ -230,7 +230,7 @@ def collect_state(input_folder: str) -> dict | None:
                     copies.setdefault(ids[name], []).append((state[ids[name]], fragment.numel, _dp_rank(path)))
     if not copies:
         return None
-    merge = _merge_zero3 if stage == 3 else _merge_copies
+    merge = merge_zero3 if stage == 3 else _merge_copies
     matrices = {i: merge(i, names[i], shapes[i], held) for i, held in sorted(copies.items())}
     return {"format": _FORMAT, "matrices": matrices, "names": names, "shapes": shapes, "dp_size": len(files),
             "zero_stage": stage, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]}
