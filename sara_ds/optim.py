@@ -246,10 +246,10 @@ class SaraOptimizer(torch.optim.Optimizer):
         return {self.matrices[i].name: st["overlap"] for i, st in self.matrix_states()}
 
     def refresh_counts(self) -> dict:
-        """``refreshes``: subspace refreshes of the matrices held here, summed. ``skipped_steps``: whole steps
-        skipped because some gradient (anywhere in the step, on any rank that holds part of it) was NaN or Inf."""
+        """``refreshes``: refreshes of the matrices held here, summed (a ZeRO-3 row block's on its first rows' rank
+        alone). ``skipped_steps``: whole steps skipped for a NaN or Inf gradient on any rank holding part of one."""
         self._count_device_skips()
-        return {"refreshes": sum(st["refreshes"] for _, st in self.matrix_states()),
+        return {"refreshes": sum(st["refreshes"] for _, st in self.matrix_states() if st.get("row_block", [0])[0] == 0),
                 "skipped_steps": max((g["skipped_steps"] for g in self.param_groups), default=0)}
 
     def bytes_sent(self) -> dict:
