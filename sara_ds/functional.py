@@ -330,10 +330,7 @@ def full_rank_step(slot, st: dict, group: dict, base, name: str, keep=None) -> N
     (a vocab-parallel lm_head, say) sums the statistics that span a row or column over its shards."""
     grad = slot.grad.float()
     split = slot.context.split_axis
-    if split == 1 and base.name == "adam_mini":
-        raise ValueError(f"sara_ds: {name} is split over tensor-parallel ranks along its columns and is not "
-                         "projected; Adam-mini's per-row blocks would span the shards. Project it (include it in "
-                         "the projected group) or use SaraAdamW.")
+    refuse_blocks_across_shards(name, split, base.name)
     transposed = split == 0 and base.name == "adafactor"  # symmetric: put the sharded axis on columns
     x = grad.mT if transposed else grad
     count_full_rank_step(st, x, group, base)
@@ -342,6 +339,15 @@ def full_rank_step(slot, st: dict, group: dict, base, name: str, keep=None) -> N
     slot.target.add_((direction.mT if transposed else direction).to(slot.target.dtype),
                      alpha=-group["lr"] * step_scale)
     decay([slot.target], group, keep)
+
+
+def refuse_blocks_across_shards(name: str, split_axis, base: str) -> None:
+    """A full-rank matrix split over tensor-parallel ranks along its columns: Adam-mini's per-row blocks would span
+    the shards. (Layouts whose ranks step different matrices call this when they place it, on every rank.)"""
+    if split_axis == 1 and base == "adam_mini":
+        raise ValueError(f"sara_ds: {name} is split over tensor-parallel ranks along its columns and is not "
+                         "projected; Adam-mini's per-row blocks would span the shards. Project it (include it in "
+                         "the projected group) or use SaraAdamW.")
 
 
 def count_full_rank_step(st: dict, x: Tensor, group: dict, base) -> None:

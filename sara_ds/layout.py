@@ -47,6 +47,7 @@ class Matrix:
     basis_numel: int = 0         # elements of its basis (0: not projected)
     row_blocks: bool = False     # may be stepped in ZeRO-3 row blocks (``sharding.zero``): projected, a right
                                  # basis, and not OSD (whose basis step sums over every column, each step)
+    base: str = ""               # the optimizer's base ('adamw', 'adafactor', 'adam_mini')
 
 
 @dataclass(frozen=True)

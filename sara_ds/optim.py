@@ -275,7 +275,7 @@ def described(index: int, name: str, param: Tensor, shape, gi: int, group: dict,
     return Matrix(index, name, param, shape, gi, projected or not base.elementwise,
                   functional.state_numel(shape, projected, left, group, base), left if projected else None,
                   (rows if left else cols) * min(group["rank"], rows, cols) if projected else 0,
-                  projected and not left and group["subspace"] != "online_pca")
+                  projected and not left and group["subspace"] != "online_pca", base.name)
 
 
 def _refuse_duplicates(groups: list) -> None:

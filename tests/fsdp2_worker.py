@@ -18,7 +18,7 @@ def make_model(sc):
     """The ds_worker model; with ``row_weight``, also a [1, hidden] weight (FSDP2 leaves ranks past the first
     without a row of it), scaling the logits."""
     model = build_model()
-    if sc.get("uneven_tp"):  # 5 rows: no even split over 2 TP ranks (unused by the forward)
+    if sc.get("uneven_tp") or sc.get("row_parallel_extra"):  # unused by the forward; 5 rows: uneven column-wise
         model.extra = torch.nn.Linear(model.cfg.hidden, 5, bias=False)
     if sc.get("row_weight"):
         model.row_gate = torch.nn.Parameter(torch.full((1, model.cfg.hidden), 0.1))
@@ -69,7 +69,7 @@ def run_scenario(sc, spec):
         opt = build_optimizer(sc, model)
     placement, mesh, dp_rank, dp_world = None, None, rank, world
     if sc.get("tp"):  # FSDP x TP on a 2-D mesh: Megatron's column/row split of every layer, a vocab-parallel head
-        mesh, dp_rank, dp_world = _tensor_parallel(model, sc["tp"])
+        mesh, dp_rank, dp_world = _tensor_parallel(model, sc["tp"], sc)
     elif sc.get("hsdp"):  # HSDP: 2 replicas, each sharded over world/2 ranks
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -129,7 +129,7 @@ def run_scenario(sc, spec):
                 owners=dict(getattr(opt.layout, "owner", {})) if hasattr(opt, "layout") else {})
 
 
-def _tensor_parallel(model, tp):
+def _tensor_parallel(model, tp, sc):
     """sara_bench.llama.parallelize over the "tp" dim of a (world/tp, tp) mesh; returns the mesh's "dp" dim for
     fully_shard, and this rank's data-parallel index and size (TP peers train on the same micro-batch)."""
     import torch.distributed as dist
@@ -141,7 +141,10 @@ def _tensor_parallel(model, tp):
     tp_mesh = mesh["tp"]
     llama.parallelize(model, tp_mesh)
     if hasattr(model, "extra"):
-        parallelize_module(model, tp_mesh, {"extra": ColwiseParallel()})
+        from torch.distributed.tensor.parallel import RowwiseParallel
+
+        parallelize_module(model, tp_mesh, {"extra": RowwiseParallel() if sc.get("row_parallel_extra")
+                                            else ColwiseParallel()})
     if hasattr(model, "biased"):
         from torch.distributed.tensor import Replicate
 

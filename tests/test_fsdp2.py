@@ -231,12 +231,18 @@ def test_an_uneven_tensor_parallel_split_of_a_whole_matrix_is_refused_at_the_fir
                       params=dict(BASE, preset="sara")),
                  # a column-parallel 1-D bias that a base steps whole: refused by name (SaraAdamW steps it: MESH_2D)
                  dict(name="Adam-mini, a column-parallel bias", tp=2, tp_bias=True, optimizer="SaraAdamMini",
-                      params=dict(BASE, preset="sara"), expect_error=True)]
-    refused, stepped, bias = run_scenarios(4, scenarios, worker="fsdp2_worker.py", timeout=300)
+                      params=dict(BASE, preset="sara"), expect_error=True),
+                 # a row-parallel weight Adam-mini steps whole: refused where it is placed, on every rank (its owner
+                 # alone refused it in the step, and the other ranks waited for its rows)
+                 dict(name="Adam-mini, a row-parallel full-rank weight", tp=2, row_parallel_extra=True,
+                      optimizer="SaraAdamMini", params=dict(BASE, preset="sara"), expect_error=True)]
+    refused, stepped, bias, row_parallel = run_scenarios(4, scenarios, worker="fsdp2_worker.py", timeout=300)
     error = refused["error"]
     assert "shape (5, 16)" in error and "('dp', 'tp')" in error and "over the 2 ranks of 'tp'" in error, error
     assert "error" not in stepped and stepped["counts"]["refreshes"] > 0, stepped.get("error")
     assert "(8,) parameter biased.bias is split by tensor parallelism" in bias["error"], bias["error"]
+    assert "extra.weight is split over tensor-parallel ranks along its columns and is not projected" in \
+        row_parallel.get("error", ""), row_parallel
 
 
 def test_the_device_finite_flag_is_refused_where_owners_step_whole_matrices_and_the_default_steps():

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .. import checkpoints
+from .. import checkpoints, functional
 from ..layout import Layout, Slot
 from ..sharding import ownership
 from ..sharding.tensor_parallel import TensorParallelContext, from_one_process, to_one_process
@@ -151,6 +151,9 @@ class FSDP2Layout(Layout):
                         "span it); the FSDP2 layout steps a TP-split tensor whole only when it is 2-D. Under "
                         "SaraAdamW it is stepped elementwise; or leave it unsplit (Replicate()) on the TP dim.")
                 refuse_uneven_tp(param, where)
+                if self.matrices[index].left is None:  # full rank: refused here, on every rank, not by its owner
+                    functional.refuse_blocks_across_shards(self.matrices[index].name, where.tp_axis,
+                                                           self.matrices[index].base)
             if where.tp_axis is not None:
                 if self.tp_group is not None and not _same_ranks(where.tp_group, self.tp_group):
                     raise ValueError("sara_ds: the model's parameters are split over different tensor-parallel "
