@@ -39,7 +39,7 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 from megatron_memory import llama_matrices, per_gpu_bytes  # noqa: E402
-from zero3_traffic import hybrid, hybrid_state_bytes, matrices  # noqa: E402
+from zero3_traffic import hybrid, hybrid_state_bytes, matrices, state  # noqa: E402
 from zero_straddlers import exchange_bytes  # noqa: E402
 
 MODELS = {"LLaMA-7B": dict(h=4096, ffn=11008, layers=32, heads=32, kv_heads=32, vocab=32000, r=1024),
@@ -55,7 +55,7 @@ def whole_model(cfg):
 
 def sara_state(projected, params, r):
     """SARA's fp32 state: r (min + 2 max) per projected matrix (basis and moments), Adam's 8 B for the rest."""
-    low_rank = sum(4 * min(r, m, n) * (min(m, n) + 2 * max(m, n)) for m, n in projected)
+    low_rank = sum(4 * state(m, n, r) for m, n in projected)
     return low_rank + 8 * (params - sum(m * n for m, n in projected))
 
 

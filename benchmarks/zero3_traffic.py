@@ -25,6 +25,7 @@ on their own; they do not call sara_ds.
     python benchmarks/zero3_traffic.py                     # LLaMA-7B, r = 1024, T = 200, DP = 8 and 64
 """
 import argparse
+import math
 
 LLAMA_7B = dict(hidden=4096, intermediate=11008, layers=32, vocab=32000)
 
@@ -65,9 +66,7 @@ def in_row_blocks(shape, dp) -> bool:
 
 def whole_exchange_bytes(shape, dp, stepper) -> int:
     """Bytes all ranks send per step for one parameter stepped whole by ``stepper``."""
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     start, end = piece_of(numel, dp, stepper)
     return 12 * (numel - (end - start))
 

@@ -336,11 +336,11 @@ class DeepSpeedLayout(TensorParallelLayout):
 
     def context(self, index: int, group: dict):
         """A row block's: R's columns split over the DP group, unevenly (``sharding.zero``); else the matrix's."""
+        whole = super().context(index, group)
         partition = next((p for p in self.partitions.values() if index in p.rows), None)
         if partition is None:
-            return super().context(index, group)
-        key = (index, self.zero3_spectrum, group["sketch_oversample"], group["sketch_power_iters"],
-               super().context(index, group))
+            return whole
+        key = (index, self.zero3_spectrum, group["sketch_oversample"], group["sketch_power_iters"], whole)
         if key not in self._row_contexts:
             counts = [end - first for first, end in partition.rows[index]]
             self._row_contexts[key] = TensorParallelContext(partition.group, 0, *key[1:4], whole=key[4], counts=counts,

@@ -90,9 +90,19 @@ class TensorParallelContext:
         """Every rank's ``t``, concatenated along ``dim`` (each rank's size there is its count)."""
         if self.counts is None:
             return torch.cat(self.all_gather(t), dim=dim)
-        padded = torch.zeros((*t.shape[:dim], max(self.counts), *t.shape[dim + 1:]), dtype=t.dtype, device=t.device)
+        return self._joined(self.all_gather(self._padded(t, dim)), dim)
+
+    def _padded(self, t: Tensor, dim: int) -> Tensor:
+        """``t`` zero-padded along ``dim`` to the largest rank's count: collectives move equal-sized tensors."""
+        size = max(self.counts) if self.counts is not None else t.shape[dim]
+        padded = t.new_zeros((*t.shape[:dim], size, *t.shape[dim + 1:]))
         padded.narrow(dim, 0, t.shape[dim]).copy_(t)
-        return torch.cat([p.narrow(dim, 0, c) for p, c in zip(self.all_gather(padded), self.counts)], dim=dim)
+        return padded
+
+    def _joined(self, pieces: list, dim: int) -> Tensor:
+        """``_padded`` pieces, one per rank, cut back to each rank's count and concatenated along ``dim``."""
+        counts = self.counts or (pieces[0].shape[dim],) * self.world
+        return torch.cat([p.narrow(dim, 0, c) for p, c in zip(pieces, counts)], dim=dim)
 
     # -- collectives (all byte accounting goes through here). NCCL moves GPU tensors only: a matrix held on the
     # CPU (a ZeRO partition offloaded there) crosses through the current GPU.
@@ -179,18 +189,13 @@ class TensorParallelContext:
 
     def _gather_to_root(self, matrix: Tensor):
         """The whole matrix on the root (None elsewhere): each rank's piece, padded to the largest, one gather."""
-        dim = self.split_axis
-        counts = self.counts or (matrix.shape[dim],) * self.world
-        padded = matrix.new_zeros((max(counts), matrix.shape[1]) if dim == 0 else (matrix.shape[0], max(counts)))
-        padded.narrow(dim, 0, matrix.shape[dim]).copy_(matrix)
+        padded = self._padded(matrix, self.split_axis)
         if self.rank != self.root:
             self.bytes_sent += padded.numel() * padded.element_size()
         wire = self._wire(padded)
         pieces = [torch.empty_like(wire) for _ in range(self.world)] if self.rank == self.root else None
         dist.gather(wire, pieces, dst=dist.get_global_rank(self.group, self.root), group=self.group)
-        if pieces is None:
-            return None
-        return torch.cat([p.narrow(dim, 0, c) for p, c in zip(pieces, counts)], dim=dim).to(matrix.device)
+        return None if pieces is None else self._joined(pieces, self.split_axis).to(matrix.device)
 
 
 class TensorParallelLayout(Layout):

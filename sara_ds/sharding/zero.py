@@ -118,17 +118,6 @@ def row_blocks(rows: int, cols: int, world: int) -> list | None:
     return out if all(end > first for first, end in out) else None
 
 
-def row_exchange_elements(rows: int, cols: int, world: int) -> list:
-    """Elements each rank holds of a matrix stepped in ``row_blocks`` but does not step (the start of a row whose
-    first element lies in the previous piece): it sends them (gradient and weight) and takes them back updated."""
-    piece = -(-rows * cols // world)
-    out = []
-    for r, (first, _) in enumerate(row_blocks(rows, cols, world)):
-        held_from, held_to = r * piece, min((r + 1) * piece, rows * cols)
-        out.append(max(0, min(first * cols, held_to) - held_from))
-    return out
-
-
 def exchange_owners(mine: list, group) -> dict:
     """matrix id -> [(dp rank, lp_start, numel)] of every rank's fragments, from each rank's own (one
     ``all_gather_object`` over the data-parallel group)."""
