@@ -38,8 +38,9 @@ def test_projected_matrices_are_balanced_by_refresh_cost_and_the_rest_by_size():
 def test_zero3_auto_takes_row_blocks_as_the_traffic_model_does_and_only_where_the_exchange_costs():
     """``zero3_ownership='auto'`` (sara_ds.sharding.zero) against benchmarks/zero3_traffic.py's own model of the
     rule, at LLaMA-7B and 70B (bf16 weights, r = hidden/4): all the right-basis matrices at DP 8, where the
-    whole-matrix exchange would be ~24% of ZeRO-3's traffic; none at DP 64, where it is ~3% and each row block's
-    basis on 64 ranks would cost more state than AdamW's."""
+    whole-matrix exchange would be ~24% of ZeRO-3's traffic; the tallest of them at DP 16 and 32, until the
+    exchange left is 5%; none at DP 64, where it is ~3%. At r = hidden/2 AdamW's state budget binds first: at DP 8
+    only some fit."""
     import os
     import sys
 
@@ -51,18 +52,23 @@ def test_zero3_auto_takes_row_blocks_as_the_traffic_model_does_and_only_where_th
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import zero3_traffic as model
 
-    for hidden, ffn, layers, kv in ((4096, 11008, 32, 4096), (8192, 28672, 80, 1024)):
+    for hidden, ffn, layers, kv, r in ((4096, 11008, 32, 4096, 1024), (8192, 28672, 80, 1024, 2048),
+                                       (4096, 11008, 32, 4096, 2048)):
         mats, params = model.matrices(hidden, ffn, layers, 32000, kv=kv)
-        r = hidden // 4
         matrices = [Matrix(i, f"m{i}", torch.empty((m, n), dtype=torch.bfloat16, device="meta"), torch.Size((m, n)), 0,
                            True, model.state(m, n, r), m < n, (n if m >= n else m) * min(r, m, n), m >= n)
                     for i, (m, n) in enumerate(mats)]
         rest = params - sum(m * n for m, n in mats)  # embeddings and norms: AdamW's state in both
         matrices.append(Matrix(len(mats), "rest", torch.empty(rest, dtype=torch.bfloat16, device="meta"),
                                torch.Size((rest,)), 0, False, 2 * rest))
-        for dp in (8, 64):
+        right = {i for i, (m, n) in enumerate(mats) if m >= n}
+        for dp in (8, 16, 32, 64):
             chosen = zero.affordable_row_blocks(matrices, dp)
             expected = {i for i, row in enumerate(model.auto_choice(mats, dp, r, params)) if row}
-            assert chosen == expected, (hidden, dp)
-            right = {i for i, (m, n) in enumerate(mats) if m >= n}
-            assert chosen == (right if dp == 8 else set()), (hidden, dp, len(chosen))
+            assert chosen == expected, (hidden, r, dp)
+            if dp == 64:
+                assert chosen == set(), (hidden, r, dp, len(chosen))
+            elif dp == 8 and r == hidden // 4:
+                assert chosen == right, (hidden, r, dp, len(chosen))
+            else:  # the exchange threshold (DP 16, 32) or the state budget (r = hidden/2) stops it part-way
+                assert 0 < len(chosen) < len(right) and chosen < right, (hidden, r, dp, len(chosen))
