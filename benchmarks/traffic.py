@@ -3,7 +3,7 @@
 Analytic, from the shapes (no engine), ring algorithm, bf16 weights and gradients, fp32 masters and state:
 
 * **ZeRO-2** (DP ranks): the engine reduce-scatters the bf16 gradients and all-gathers the bf16 parameters,
-  4 P (N-1)/N bytes. SARA adds its straddlers' exchange (``zero_straddlers.exchange_bytes``: 12 bytes per
+  4 P (N-1)/N bytes. SARA adds its straddlers' exchange (``zero_straddlers.exchange_bytes``: 8 bytes per
   element a straddler's stepper does not hold), averaged over the ranks.
 * **ZeRO-3**: the engine all-gathers the parameters twice and reduce-scatters the gradients, 6 P (N-1)/N.
   SARA adds the row blocks' partial rows each step and their refreshes' gather and basis broadcast every T steps,

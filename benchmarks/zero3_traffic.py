@@ -5,11 +5,11 @@ parameters (forward, backward) and one bf16 reduce-scatter of the gradients: 3 x
 ZeRO-3 cuts every parameter into N pieces of ceil(numel / N) elements. What SARA adds (fp32, bytes sent):
 
 * **whole-matrix ownership** (``zero3_ownership='whole'``): each projected matrix has one stepper. The other N-1
-  holders send it their fp32 gradient and weight pieces, and it sends each its new weight piece back: 12 (numel -
-  the stepper's piece) bytes per matrix and step.
+  holders send it their fp32 gradient pieces, and it sends each the update of its piece back (the holder decays
+  its own weight and adds it): 8 (numel - the stepper's piece) bytes per matrix and step.
 * **row blocks** (``'rows'``; ``sara_ds.sharding.zero``): a projected matrix with its basis on the
   column side (galore's std side for m >= n: q, k, v, o, gate, up) is stepped by every rank, each the rows that
-  start in its piece. Each step only the partial row at the start of a piece moves (12 bytes per element). At a
+  start in its piece. Each step only the partial row at the start of a piece moves (8 bytes per element). At a
   refresh each rank gathers its rows (padded to the largest block) to the rank that forms the spectrum, which
   broadcasts the n x r basis back (``zero3_spectrum='gather'``). Matrices with the basis on the row side
   (down_proj, whose R would be an r x n all-reduce every step) and those with fewer rows than ranks stay whole.
@@ -27,6 +27,7 @@ on their own; they do not call sara_ds.
 import argparse
 import math
 
+EXCHANGE_BYTES = 8  # per element a stepper lacks: the fp32 gradient in, the fp32 update out
 LLAMA_7B = dict(hidden=4096, intermediate=11008, layers=32, vocab=32000)
 
 
@@ -68,18 +69,18 @@ def whole_exchange_bytes(shape, dp, stepper) -> int:
     """Bytes all ranks send per step for one parameter stepped whole by ``stepper``."""
     numel = math.prod(shape)
     start, end = piece_of(numel, dp, stepper)
-    return 12 * (numel - (end - start))
+    return EXCHANGE_BYTES * (numel - (end - start))
 
 
 def row_exchange_bytes(shape, dp) -> int:
     """Bytes all ranks send per step for one matrix in row blocks: each piece that starts inside a row sends that
-    row's rest in it (gradient and weight) to the rank stepping the row, and takes it back updated."""
+    row's rest in it (its gradient) to the rank stepping the row, and takes its update back."""
     m, n = shape
     total = 0
     for rank in range(1, dp):
         start, end = piece_of(m * n, dp, rank)
         total += max(0, min(end, -(-start // n) * n) - start)
-    return 12 * total
+    return EXCHANGE_BYTES * total
 
 
 def row_block_refresh_bytes(shape, dp, rank) -> int:

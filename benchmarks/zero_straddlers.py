@@ -57,10 +57,10 @@ def pieces(numels, dp: int) -> list:
 
 def exchange_bytes(shapes, dp: int) -> int:
     """Bytes the straddlers' exchange sends per step, all ranks together: every holder that does not step a
-    straddler sends the stepper its fp32 gradient and weight pieces and takes its new weight piece back, 12 bytes
-    per element the stepper does not hold."""
+    straddler sends the stepper its fp32 gradient piece and takes the update of its piece back (it decays its own
+    weight and adds it), 8 bytes per element the stepper does not hold."""
     numels = [s[0] * s[1] for s in shapes]
-    return sum(12 * (n - own[k]) for n, own, k in zip(numels, pieces(numels, dp), steppers(shapes, dp))
+    return sum(8 * (n - own[k]) for n, own, k in zip(numels, pieces(numels, dp), steppers(shapes, dp))
                if len(own) > 1)
 
 

@@ -254,17 +254,19 @@ def projected_step(slots: list, states: list, state: dict, group: dict, base, ke
     if grad is None:
         for i, target in enumerate(targets):
             projector.add_back_projection_(target, n[i], basis[i], left, -step_size * group["scale"])
-        decay_in_place(targets, group, keep)
     else:
         update = projector.project_back_to_param(n, basis, left).mul_(group["scale"])
         if group["residual"] == "fira":
             back_r = projector.project_back_to_param(r, basis, left).mul_(group["scale"])
             factor = projector.rank_axis_factor(updates.fira_scaling(r, n), left)
             update += updates.fira_residual(grad, back_r, factor, state["fira_norm"], ctx.reduce_sum, keep)
+        # the step is scaled, rounded, then added (no fused multiply-add): what a stepper's block holds where it
+        # is zero-filled (``Slot.weights``) is then exactly what that piece's holder adds
+        update.mul_(-step_size)
         steps = [u if u.shape == t.shape else u.reshape(t.shape)  # a conv kernel's, from its 2-D view
                  for u, t in zip(update.to(targets[0].dtype).unbind(0), targets)]
-        torch._foreach_add_(targets, steps, alpha=-step_size)
-        decay(targets, group, keep)
+        torch._foreach_add_(targets, steps)
+    decay(weights(slots), group, keep)
     if group["subspace"] == "online_pca":  # its own bank: the basis moves every step
         if grad is None:
             grad = slots[0].grad.float().unsqueeze(0)
@@ -322,7 +324,7 @@ def full_rank_adamw(slots: list, states: list, group: dict, keep=None) -> None:
                                                                       keep)
             torch._foreach_add_(targets, [d.to(t.dtype) for d, t in zip(directions, targets)],
                                 alpha=-group["lr"] * step_scale)
-        decay(targets, group, keep)
+        decay(weights([slots[i] for i in same]), group, keep)
 
 
 def full_rank_step(slot, st: dict, group: dict, base, name: str, keep=None) -> None:
@@ -336,9 +338,9 @@ def full_rank_step(slot, st: dict, group: dict, base, name: str, keep=None) -> N
     count_full_rank_step(st, x, group, base)
     direction, step_scale = base.direction(x, st, group, st["step"], slot.context.reduce_sum if split is not None
                                            else None, keep)
-    slot.target.add_((direction.mT if transposed else direction).to(slot.target.dtype),
-                     alpha=-group["lr"] * step_scale)
-    decay([slot.target], group, keep)
+    direction.mul_(-group["lr"] * step_scale)  # rounded before it is added, as in ``projected_step``
+    slot.target.add_((direction.mT if transposed else direction).to(slot.target.dtype))
+    decay(weights([slot]), group, keep)
 
 
 def refuse_blocks_across_shards(name: str, split_axis, base: str) -> None:
@@ -361,16 +363,17 @@ def count_full_rank_step(st: dict, x: Tensor, group: dict, base) -> None:
 # ---------------------------------------------------------------- decoupled weight decay
 
 
-def decay(targets: list, group: dict, keep=None) -> None:
-    if group["weight_decay"] > 0:  # W * 1 is W: where the step is taken, the same decay bit for bit
-        decayed = targets if keep is None else torch._foreach_mul(targets, keep)
-        torch._foreach_add_(targets, decayed, alpha=-group["lr"] * group["weight_decay"])
-
-
-def decay_in_place(targets: list, group: dict, keep=None) -> None:
-    """The decoupled decay after an in-place step, as a multiply (no temporary; on a skipped step, by 1)."""
+def decay(weights: list, group: dict, keep=None) -> None:
+    """The decoupled decay after the step, as a multiply (no temporary; on a skipped step, by 1). Its one form is
+    what lets a ZeRO or FSDP2 holder decay its own piece of a matrix stepped elsewhere bit for bit."""
     if group["weight_decay"] > 0:
-        torch._foreach_mul_(targets, updates.unless_skipped(keep, 1.0 - group["lr"] * group["weight_decay"], 1.0))
+        torch._foreach_mul_(weights, updates.unless_skipped(keep, 1.0 - group["lr"] * group["weight_decay"], 1.0))
+
+
+def weights(slots: list) -> list:
+    """What of the slots' targets holds weights, for the decay: a target, or a stepper's own pieces of it
+    (``Slot.weights``)."""
+    return [w for s in slots for w in ([s.target] if s.weights is None else s.weights)]
 
 
 def state_numel(shape, projected: bool, left: bool, group: dict, base) -> int:

@@ -11,7 +11,8 @@ tensor-parallel ranks, or owned by another data-parallel rank. An engine adapter
   are formed from what this rank holds);
 * ``step_groups()``: the process groups whose ranks hold other parts of one step, over which the step's
   non-finite flag is agreed;
-* ``finish()`` after every step, taken or skipped (a ZeRO straddler's new weight back to its other holders);
+* ``finish(decay)`` after every step, taken or skipped (a ZeRO straddler's update back to its other holders,
+  which add it and decay their pieces with ``decay``);
 * ``reset()`` when the engine rebuilt its tensors (a checkpoint load).
 
 This module is the single-process (and DDP) layout: each param group holds the parameters themselves, fp32
@@ -129,6 +130,9 @@ class Slot:
     context: object = LOCAL          # LocalContext, or sharding.tensor_parallel.TensorParallelContext
     rows: Optional[tuple] = None     # (first row, end row, rows of the matrix): a row block of it (ZeRO-3), whose
                                      # state holds those rows' part of the moments
+    weights: Optional[list] = None   # the views of ``target`` that hold the weight, where not all of it does: a
+                                     # stepper's block is zero where other ranks hold the weight, so the step leaves
+                                     # there the update alone, which they add to their piece before decaying it
 
 
 class Layout:
@@ -190,8 +194,9 @@ class Layout:
         differently at a refresh, so the host decides."""
         return None
 
-    def finish(self) -> None:
-        """After a step, taken or skipped."""
+    def finish(self, decay=None) -> None:
+        """After a step: ``decay(targets, group)`` applies the step's decoupled weight decay to weights the layout
+        updates itself (a ZeRO straddler's pieces on its other holders); None: the step was skipped."""
 
     def reset(self) -> None:
         """The engine rebuilt the tensors it hands the optimizer (a checkpoint load)."""

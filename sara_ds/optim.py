@@ -109,7 +109,7 @@ class SaraOptimizer(torch.optim.Optimizer):
             states = [self.state[s.index] for s in slots]
             bank = self.banks.bank_for(states)
             functional.projected_step(slots, states, bank.state, group, self.base, keep)
-        self.layout.finish()
+        self.layout.finish(lambda targets, group: functional.decay(targets, group, keep))
         if template:
             checkpoints.forget_template_step(self.state)
         return loss

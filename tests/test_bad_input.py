@@ -278,7 +278,8 @@ def test_a_plain_state_saved_before_the_record_still_loads(tmp_path):
 def test_a_state_written_by_sara_ds_0_1_loads_and_resumes_as_it_would_have():
     """tests/data/sara_ds_0.1_state.pt: a SaraAdamW (sara_fira) state_dict written by sara_ds 0.1.0 after 3 steps,
     with the weights then and after 3 more steps of 0.1.0. It loads with weights_only=True and resumes to the
-    same weights."""
+    same weights up to round-off: 0.1.0 added each step with a fused multiply-add, where sara_ds now rounds the
+    scaled step first (the same run with fresh moments instead of the loaded ones ends 0.09 away)."""
     saved = torch.load(os.path.join(ROOT, "tests", "data", "sara_ds_0.1_state.pt"), weights_only=True)
     params = _model()
     with torch.no_grad():
@@ -287,4 +288,6 @@ def test_a_state_written_by_sara_ds_0_1_loads_and_resumes_as_it_would_have():
     opt = sara_ds.SaraAdamW(_groups(params), lr=1e-2, preset="sara_fira")
     opt.load_state_dict(saved["state"])
     _train(opt, params, 3, start=3)
-    assert all(torch.equal(p.detach(), w) for p, w in zip(params, saved["weights_at_6"]))
+    diff = max((p.detach() - w).abs().max().item() for p, w in zip(params, saved["weights_at_6"]))
+    print(f"\nsara_ds 0.1 state resumed 3 steps: max |weights - 0.1.0's| = {diff:.1e}")
+    assert diff < 1e-6

@@ -39,9 +39,9 @@ TP_AXIS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, 
 
 
 def _wire(opt, world, tp=1):
-    """Bytes the FSDP2 layout sends per step, from the shapes: each whole matrix's gradient and weight rows from
-    every non-owner of its shard group to its owner (padded to ceil(m/N) rows of its TP shard), and the new rows
-    back to each non-owner; on a 2-D mesh, once per TP rank."""
+    """Bytes the FSDP2 layout sends per step, from the shapes: each whole matrix's gradient rows from every
+    non-owner of its shard group to its owner (padded to ceil(m/N) rows of its TP shard), and the update of its
+    rows back to each non-owner; on a 2-D mesh, once per TP rank."""
     gather = scatter = 0
     dp = world // tp
     for m in opt.matrices:
@@ -51,7 +51,7 @@ def _wire(opt, world, tp=1):
             if axis is not None:
                 shape[axis] //= tp
             piece = math.ceil(shape[0] / dp) * math.prod(shape[1:]) * m.param.element_size()
-            gather, scatter = gather + 2 * tp * (dp - 1) * piece, scatter + tp * (dp - 1) * piece
+            gather, scatter = gather + tp * (dp - 1) * piece, scatter + tp * (dp - 1) * piece
     return gather, scatter
 
 

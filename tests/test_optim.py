@@ -398,7 +398,7 @@ def _per_tensor_adamw(dtype, n_tensors=6, steps=4, skip_one_at=None, lr=1e-2, we
             st["step"] += 1
             direction, step_scale = sara_ds.updates.adamw_direction(grad.float(), st, hp, st["step"])
             v.add_(direction.to(dtype), alpha=-lr * step_scale)
-            v.add_(v, alpha=-lr * weight_decay)
+            v.mul_(1.0 - lr * weight_decay)
     return vectors
 
 

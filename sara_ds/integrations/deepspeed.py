@@ -245,6 +245,7 @@ class DeepSpeedLayout(TensorParallelLayout):
         self.loads = None           # ZeRO-3: optimizer state each DP rank steps so far, across sub-groups
         self.refresh_loads = None   # ZeRO-3: refresh cost of the row-block spectra each DP rank forms so far
         self._row_contexts: dict = {}
+        self._stepping: list = []   # (partition, its param group) stepped since the last ``finish``
 
     def shape_of(self, param) -> torch.Size:
         return deepspeed_shape(param)
@@ -260,6 +261,7 @@ class DeepSpeedLayout(TensorParallelLayout):
             partition = self.partition(flat, members, group)
             if flat.grad is not None:
                 out += zero.partition_slots(flat, partition, self.matrices, lambda i: self.context(i, group))
+                self._stepping.append((partition, group))
         return out
 
     def partition(self, flat, members: list, group: dict) -> zero.Partition:
@@ -352,13 +354,15 @@ class DeepSpeedLayout(TensorParallelLayout):
         unique = {id(g): g for g in groups}  # None (the default group) is one group too
         return [g for g in unique.values() if dist.is_initialized() and dist.get_world_size(g) > 1]
 
-    def finish(self) -> None:
-        for partition in self.partitions.values():
-            partition.finish()
+    def finish(self, decay=None) -> None:
+        for partition, group in self._stepping:
+            partition.finish(None if decay is None else lambda pieces, group=group: decay(pieces, group))
+        self._stepping = []
 
     def reset(self) -> None:
         self.partitions.clear()
         self._row_contexts.clear()
+        self._stepping = []
         self.loads = self.refresh_loads = self._row_allowed = None
 
     def owns(self, index: int):

@@ -8,13 +8,15 @@ layout steps
 * an elementwise parameter (under SaraAdamW: the vectors and every matrix it does not project) on the rows this
   rank holds, with its state sharded the same way;
 * a whole matrix (a projected one, or one whose base's statistics span it) on one owner rank of the shard group
-  (``sharding.ownership``: balanced by refresh cost), which gathers the matrix's gradient and weight rows, steps
-  it, and sends each rank its new rows in ``finish``. Where tensor parallelism split the matrix (Shard(0) or
-  Shard(1) on the TP dim), the owner gathers only its TP shard, and the owners of one matrix on every TP rank step
-  it together with the TP spectra (``sharding.tensor_parallel``): only small factors cross TP ranks.
+  (``sharding.ownership``: balanced by refresh cost), which gathers the matrix's gradient rows, steps it on its
+  own weight rows and zeros elsewhere (no rule reads the weight but the decoupled decay, which is elementwise),
+  and sends each rank the update of its rows in ``finish``; each rank adds it and decays its rows. Where tensor
+  parallelism split the matrix (Shard(0) or Shard(1) on the TP dim), the owner gathers only its TP shard, and the
+  owners of one matrix on every TP rank step it together with the TP spectra (``sharding.tensor_parallel``): only
+  small factors cross TP ranks.
 
-Per step and whole matrix, one gather of the gradient and of the weight to the owner and one scatter back:
-3·m·n·(N-1)/N elements (m x n: the TP shard) in all, spread over the owners. State per rank: its shards'
+Per step and whole matrix, one gather of the gradient to the owner and one scatter of the update back:
+2·m·n·(N-1)/N elements (m x n: the TP shard) in all, spread over the owners. State per rank: its shards'
 elementwise state plus its own matrices' (about S/N plus one matrix).
 
 An optimizer built before sharding (accelerate, the HF Trainer: their param groups get the DTensors afterwards)
@@ -120,7 +122,7 @@ class FSDP2Layout(Layout):
         self.placement: dict = {}      # matrix id -> Placement
         self._contexts: dict = {}      # TP contexts, one per matrix and spectrum choice
         self._live: dict = {}          # matrix id -> the DTensor parameter the engine hands over now
-        self._returns: list = []       # (param, its TP shard's shape, whole weight or None, owner) for finish()
+        self._returns: list = []       # (param, its TP shard's shape, whole weight or None, owner, group)
         self._sent = {"fsdp_gather": 0, "fsdp_scatter": 0}
         self._alone = False            # this step is DCP's template step on this rank alone: no collectives
         self.plain: set = set()        # matrix ids fully_shard left as plain tensors: every rank steps them
@@ -212,10 +214,11 @@ class FSDP2Layout(Layout):
                 out.append(Slot(i, p.grad.to_local(), p.to_local(), fragment=True))
             else:
                 owner, shape = self.owner[i], where.tp_local_shape(p.shape)
-                grad, weight = self._gather(p.grad.to_local(), shape, owner), self._gather(p.to_local(), shape, owner)
-                self._returns.append((p, shape, weight, owner))
+                grad, weight = self._gather(p.grad.to_local(), shape, owner), self._own_rows(p.to_local(), shape, owner)
+                self._returns.append((p, shape, weight, owner, group))
                 if weight is not None:
-                    out.append(Slot(i, grad, weight, context=self.context(i, group)))
+                    out.append(Slot(i, grad, weight, context=self.context(i, group),
+                                    weights=[weight[self._first_row(shape, owner):][:p.to_local().shape[0]]]))
         return out
 
     def _gather(self, local: Tensor, shape: tuple, owner: int):
@@ -230,6 +233,19 @@ class FSDP2Layout(Layout):
             self._sent["fsdp_gather"] += padded.numel() * padded.element_size()
             return None
         return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+    def _own_rows(self, local: Tensor, shape: tuple, owner: int):
+        """On the owner: a whole (TP shard of the) weight holding its own rows and zeros elsewhere, where the step
+        leaves the update alone; None elsewhere."""
+        me = dist.get_rank(self.group)
+        if me != owner:
+            return None
+        whole = local.new_zeros(shape)
+        whole[self._first_row(shape, me):][:local.shape[0]] = local
+        return whole
+
+    def _first_row(self, shape: tuple, rank: int) -> int:
+        return sum(row_counts(shape[0], dist.get_world_size(self.group))[:rank])
 
     def _scatter(self, whole, out: Tensor, rows: int, owner: int, counted: bool = True) -> None:
         """Each rank's rows of ``whole`` (held by ``owner``; None elsewhere) into ``out``; ``counted``: a step's
@@ -246,10 +262,19 @@ class FSDP2Layout(Layout):
         dist.scatter(mine, parts, src=dist.get_global_rank(self.group, owner), group=self.group)
         out.copy_(mine[:out.shape[0]])
 
-    def finish(self) -> None:
-        """Each rank's new rows of the matrices stepped whole, from their owners."""
-        for param, shape, weight, owner in self._returns:
-            self._scatter(weight, param.to_local(), shape[0], owner)
+    def finish(self, decay=None) -> None:
+        """Each rank's rows of the matrices stepped whole, from their owners: on the owner its new rows, elsewhere
+        their update, added, then decayed as the step decayed the weights (``decay``; None: skipped)."""
+        for param, shape, weight, owner, group in self._returns:
+            local = param.to_local()
+            if dist.get_rank(self.group) == owner:
+                self._scatter(weight, local, shape[0], owner)
+                continue
+            update = torch.empty_like(local)
+            self._scatter(weight, update, shape[0], owner)
+            local.add_(update)
+            if decay is not None:
+                decay([local], group)
         self._returns, self._alone = [], False
 
     # -- checkpoints through torch.distributed.checkpoint: every tensor a DTensor, so that DCP reshards it and no

@@ -5,17 +5,20 @@ and this module does the rest.
 A matrix wholly inside this rank's partition is a zero-copy view of the flat gradient. A matrix that straddles a
 partition boundary ("straddler") and needs its whole gradient (projected matrices, non-elementwise bases) is
 stepped by one of the ranks holding a piece of it, its *stepper* (``choose_steppers``, balancing refresh cost):
-the other holders send it their pieces of the gradient and of the fp32 weight, point to point, and take their
-pieces of the new weight back after the step (``Partition.finish``). Only the stepper keeps the matrix's state, so
-the low-rank state is partitioned across DP ranks the way the parameters are, each matrix's once. An elementwise
-base's full-rank straddler is stepped piece by piece where each piece lies.
+the other holders send it their pieces of the gradient, point to point, and take their pieces of the update back
+after the step (``Partition.finish``). No rule reads the weight except the decoupled decay, which is elementwise,
+so the stepper steps zeros where it lacks the weight and decays only its own pieces (``Slot.weights``), and each
+holder adds what comes back to its piece and decays it the same way: the same floating-point operations as one
+process, and 8 bytes per element the stepper does not hold, not 12 with the weight both ways. Only the stepper keeps the
+matrix's state, so the low-rank state is partitioned across DP ranks the way the parameters are, each matrix's
+once. An elementwise base's full-rank straddler is stepped piece by piece where each piece lies.
 
 Under ZeRO-3 every parameter is cut into ``world`` equal pieces (the last padded), rank r holding elements
 ``[r p, (r+1) p)`` of its flattened tensor, so every matrix is a straddler held by all ranks. Each matrix stepped
 whole gets one stepper, the rank holding the least optimizer state so far (``choose_zero3_steppers``):
 whole-matrix ownership, as DeepSpeed's own Muon does at stage 3, through the same exchange.
 
-Whole-matrix ownership moves 12 bytes per element a stepper does not hold, every step. So at ZeRO-3 a projected
+Whole-matrix ownership moves 8 bytes per element a stepper does not hold, every step. So at ZeRO-3 a projected
 matrix whose basis is on the column side (a right basis: R = B^T G^T) is stepped in **row blocks** instead
 (``row_blocks``): each rank steps the rows that start in its piece, with the shared basis, and only the partial
 rows at the piece boundaries move. Its R's columns are then split over the ranks, as a tensor-parallel split of
@@ -77,9 +80,11 @@ class Partition:
             return [(self.steppers[index], 0, shape.numel())]
         return None
 
-    def finish(self) -> None:
-        """After the step: each straddler's new weights go from its stepper back to every holder's partition."""
-        ops, staged = [], []
+    def finish(self, decay=None) -> None:
+        """After the step: each borrowed piece's update goes from its stepper back to its holder, which adds it to
+        its piece and decays that as the step decayed the weights (``decay(pieces)``; None: the step was skipped).
+        A stepper's own pieces of a block it assembled are copied back."""
+        ops, updates = [], []
         for kind, index, peer, new, target in self.pending:
             if kind == "copy":
                 target.copy_(new)
@@ -88,15 +93,17 @@ class Partition:
                 self.bytes_sent += tensor.numel() * tensor.element_size()
                 ops.append(dist.P2POp(dist.isend, tensor, _global(self, peer), self.group, index))
             else:
-                tensor = target if self.wire is None else torch.empty_like(target, device=self.wire)
-                staged += [(tensor, target)] if tensor is not target else []
-                ops.append(dist.P2POp(dist.irecv, tensor, _global(self, peer), self.group, index))
+                update = torch.empty_like(target, device=self.wire or target.device)
+                updates.append((update, target))
+                ops.append(dist.P2POp(dist.irecv, update, _global(self, peer), self.group, index))
         self.pending.clear()
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
-        for tensor, target in staged:
-            target.copy_(tensor)
+        for update, target in updates:
+            target.add_(update.to(target.device))
+        if updates and decay is not None:
+            decay([target for _, target in updates])
 
     def to_wire(self, t: Tensor) -> Tensor:
         return t.contiguous() if self.wire is None else t.to(self.wire).contiguous()
@@ -168,6 +175,9 @@ def choose_steppers(partition: Partition, matrices: list) -> dict:
 # own traffic (two all-gathers of the parameters and a reduce-scatter of the gradients per step)
 AUTO_EXCHANGE_SHARE = 0.05
 
+# the exchange's bytes per element a block's stepper does not hold: the fp32 gradient in, the fp32 update out
+EXCHANGE_BYTES = 8
+
 
 def affordable_row_blocks(matrices: list, world: int) -> set:
     """``zero3_ownership='auto'``: the matrices to step in row blocks. Each one's basis then sits on every rank
@@ -177,7 +187,7 @@ def affordable_row_blocks(matrices: list, world: int) -> set:
     within stock AdamW's (two fp32 moments per element): SARA never holds more optimizer state than the AdamW it
     replaces, and spends its saving only where the exchange is a real cost (small data-parallel sizes)."""
     own = 3 * sum(m.shape.numel() * m.param.element_size() for m in matrices)  # both x (world - 1) / world
-    exchanged = 12 * sum(m.shape.numel() for m in matrices if m.whole) / world
+    exchanged = EXCHANGE_BYTES * sum(m.shape.numel() for m in matrices if m.whole) / world
     budget = 2 * sum(m.shape.numel() for m in matrices) - sum(m.state_numel for m in matrices)
     chosen = set()
     for m in sorted((m for m in matrices if m.row_blocks and m.basis_numel),
@@ -187,7 +197,7 @@ def affordable_row_blocks(matrices: list, world: int) -> set:
         extra = (world - 1) * m.basis_numel
         if extra <= budget:
             budget -= extra
-            exchanged -= 12 * m.shape.numel() / world
+            exchanged -= EXCHANGE_BYTES * m.shape.numel() / world
             chosen.add(m.index)
     return chosen
 
@@ -242,9 +252,11 @@ def _global(partition: Partition, r: int) -> int:
 
 def _gather_to_steppers(partition: Partition, flat: Tensor, matrices: list) -> dict:
     """The gradient and fp32 weight of each block this rank steps (``Partition.blocks``: a whole straddler, or a
-    row block), flat: a view of the partition where this rank holds all of it, else assembled from the holders'
-    pieces, point to point. Each piece held here and stepped elsewhere is sent to its stepper, and its new weight is
-    queued on ``partition.pending`` for ``Partition.finish``, as is the way back of each borrowed piece."""
+    row block), flat: a view of the partition where this rank holds all of it, else assembled: the gradient from
+    the holders' pieces, point to point, and the weight from this rank's own pieces, zero where it lacks them (the
+    step then leaves there the update alone). Each gradient piece held here and stepped elsewhere is sent to its
+    stepper; its update's way back, and each borrowed piece's, is queued on ``partition.pending`` for
+    ``Partition.finish``."""
     ops, blocks = [], {}
     for f in partition.fragments:
         layout = partition.blocks(f.index, matrices[f.index].shape)
@@ -263,38 +275,33 @@ def _gather_to_steppers(partition: Partition, flat: Tensor, matrices: list) -> d
                     q_lo, q_hi = max(start, q_from), min(end, q_from + numel)
                     if q == partition.rank or q_lo >= q_hi:
                         continue
-                    device = partition.wire or grad.device
-                    g = torch.empty(q_hi - q_lo, dtype=grad.dtype, device=device)
-                    w = torch.empty(q_hi - q_lo, dtype=weight.dtype, device=device)
-                    mine[2].append((q_lo, g, w, q))
+                    g = torch.empty(q_hi - q_lo, dtype=grad.dtype, device=partition.wire or grad.device)
+                    mine[2].append((q_lo, g, None, q))
                     ops.append(dist.P2POp(dist.irecv, g, _global(partition, q), partition.group, f.index))
-                    ops.append(dist.P2POp(dist.irecv, w, _global(partition, q), partition.group, f.index))
             elif lo < hi:
-                g, w = grad.narrow(0, lo - held_from, hi - lo), weight.narrow(0, lo - held_from, hi - lo)
-                partition.bytes_sent += g.numel() * g.element_size() + w.numel() * w.element_size()
-                ops.append(dist.P2POp(dist.isend, partition.to_wire(g), _global(partition, r), partition.group,
-                                      f.index))
-                ops.append(dist.P2POp(dist.isend, partition.to_wire(w), _global(partition, r), partition.group,
-                                      f.index))
-                partition.pending.append(("recv", f.index, r, None, w))
+                g = partition.to_wire(grad.narrow(0, lo - held_from, hi - lo))
+                partition.bytes_sent += g.numel() * g.element_size()
+                ops.append(dist.P2POp(dist.isend, g, _global(partition, r), partition.group, f.index))
+                partition.pending.append(("add", f.index, r, None, weight.narrow(0, lo - held_from, hi - lo)))
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
     out = {}
     for index, (start, end, parts) in blocks.items():
         if len(parts) == 1 and parts[0][3] is None and parts[0][1].numel() == end - start:
-            out[index] = parts[0][1], parts[0][2]  # held here whole: the partition itself, nothing moves
+            out[index] = parts[0][1], parts[0][2], None  # held here whole: the partition itself, nothing moves
             continue
         g = torch.empty(end - start, dtype=parts[0][1].dtype, device=flat.device)
-        w = torch.empty(end - start, dtype=parts[0][2].dtype, device=flat.device)
-        for lo, gp, wp, _ in parts:
+        w = torch.zeros(end - start, dtype=flat.dtype, device=flat.device)
+        own = []
+        for lo, gp, wp, holder in parts:
             g.narrow(0, lo - start, gp.numel()).copy_(gp)
-            w.narrow(0, lo - start, wp.numel()).copy_(wp)
-        out[index] = g, w
-        for lo, _, wp, holder in parts:
-            new = w.narrow(0, lo - start, wp.numel())
+            new = w.narrow(0, lo - start, gp.numel())
+            if holder is None:
+                own.append(new.copy_(wp))
             partition.pending.append(("copy", index, partition.rank, new, wp) if holder is None
                                      else ("send", index, holder, new, None))
+        out[index] = g, w, own
     return out
 
 
@@ -309,12 +316,12 @@ def partition_slots(flat: Tensor, partition: Partition, matrices: list, context_
             continue
         shape, context = matrices[f.index].shape, context_of(f.index)
         if f.index in blocks:
-            grad, weight = blocks[f.index]
+            grad, weight, own = blocks[f.index]
             rows = None
             if f.index in partition.rows:
                 first, end = partition.rows[f.index][partition.rank]
                 rows, shape = (first, end, shape[0]), torch.Size((end - first, *shape[1:]))
-            slots.append(Slot(f.index, grad.view(shape), weight.view(shape), context=context, rows=rows))
+            slots.append(Slot(f.index, grad.view(shape), weight.view(shape), context=context, rows=rows, weights=own))
             continue
         grad = flat.grad.narrow(0, f.hp_start, f.numel)
         target = flat.narrow(0, f.hp_start, f.numel)
