@@ -11,6 +11,10 @@ Analytic, from the shapes (no engine), ring algorithm, bf16 weights and gradient
   ``zero3_ownership``: 'auto' (the default: row blocks where the exchange would exceed 5% of ZeRO-3's own traffic, while the
   optimizer state stays within AdamW's), 'rows' and
   'whole'. A row block's basis is on every rank (``zero3_traffic.hybrid_state_bytes``).
+* **FSDP2** (``fully_shard``, resharding after forward): like ZeRO-3, two all-gathers of the parameters and a
+  reduce-scatter of the gradients, 6 P (N-1)/N. SARA's FSDP2 layout steps each projected matrix whole on an
+  owner: the other N-1 ranks send it their fp32 gradient rows (padded to torch.chunk's ceil(m/N)) and take the
+  update of their rows back (``fsdp2_exchange_bytes``), averaged over the ranks; the state is on the owner alone.
 * **Megatron, TP = 8** (P_t: the parameters of one TP rank): Adam with its distributed optimizer
   reduce-scatters the gradients and all-gathers the parameters, 4 P_t (N-1)/N. SARA's distributed optimizer
   all-reduces the gradients instead, 6 P_t (N-1)/N, or, over shard-aligned buffers (megatron-core >= 0.19), sends
@@ -23,6 +27,7 @@ Which counted bytes check each model (real runs on CPU at 2 and 3 ranks):
 * ZeRO-2's straddler exchange: tests/test_deepspeed.py::test_zero_equals_single_process_for_every_rule;
 * ZeRO-3's whole-matrix exchange, the row blocks' exchange and their refreshes' collectives:
   tests/test_deepspeed.py::test_zero3_equals_single_process_for_every_rule_and_base;
+* FSDP2's gather to the owners and the updates sent back: tests/test_fsdp2.py (2 and 3 ranks, the 2 x 2 meshes);
 * Megatron's gradient and parameter traffic: tests/test_megatron_traffic.py (the counted bytes of each
   collective equal the ring algorithm's count for that run's buffer); the TP sums: the ``all_reduce@tp`` column
   of benchmarks/megatron_memory.py at TP 2 x DP 2 (131072 B = 4 layers x 4 h r / DP at hidden 256, r 64).
@@ -32,6 +37,7 @@ The engines' own figures (stock Adam's columns) are the ring algorithm's count a
     python benchmarks/traffic.py                # LLaMA-7B and 70B, DP 8 and 64
 """
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -75,6 +81,22 @@ def zero_rows(cfg, dp):
         rows.append((label, f"{dp}", zero3, zero3 + hybrid(projected, dp, r, GAP, mode, p), memory[3, "Adam"],
                      sara_memory))
     return rows
+
+
+def fsdp2_exchange_bytes(shapes, dp: int, itemsize: int = 4) -> int:
+    """Bytes all ranks send per step for the matrices the FSDP2 layout steps whole (shapes: each one's, or its TP
+    shard's): each of the other dp - 1 ranks sends the owner its gradient rows, padded to ceil(m/dp), and the owner
+    sends it the update of its rows back."""
+    return sum(2 * itemsize * (dp - 1) * -(-s[0] // dp) * math.prod(s[1:]) for s in shapes)
+
+
+def fsdp2_rows(cfg, dp):
+    projected, p = whole_model(cfg)
+    own = 6 * p * (dp - 1) / dp
+    others = p - sum(m * n for m, n in projected)
+    sara_memory = (8 * p + 8 * others) / dp + hybrid_state_bytes(projected, dp, cfg["r"], "whole", p)
+    return [("FSDP2, matrices on owners", f"{dp}", own, own + fsdp2_exchange_bytes(projected, dp) / dp,
+             16 * p / dp, sara_memory)]
 
 
 def megatron_rows(cfg, dp, padding=None):
@@ -129,7 +151,8 @@ def table(dps=(8, 64)) -> str:
     for label, cfg in MODELS.items():
         for dp in dps:
             padding = shard_aligned_padding(cfg, dp)
-            for mode, where, adam, sara, adam_mem, sara_mem in zero_rows(cfg, dp) + megatron_rows(cfg, dp, padding):
+            rows = zero_rows(cfg, dp) + fsdp2_rows(cfg, dp) + megatron_rows(cfg, dp, padding)
+            for mode, where, adam, sara, adam_mem, sara_mem in rows:
                 traffic = (f"{'-':>9} {'-':>10}" if sara is None  # megatron-core < 0.19 cannot lay the buffers out
                            else f"{sara / 1e9:>9.2f} {sara / adam:>9.3f}x")
                 lines.append(f"{label:<10} {mode:<32} {where:>6} {adam / 1e9:>9.2f} {traffic} "

@@ -2,8 +2,9 @@
 fed the same gradients would, for every preset and base, at 2 and 3 ranks (uneven row splits: hidden 16 and
 vocabulary 64 over 3 ranks, and a [1, 16] weight that only rank 0 holds a row of). State is split over the ranks,
 and the bytes sent equal the layout's analytic count."""
-import math
+import os
 import re
+import sys
 
 import pytest
 import torch
@@ -42,17 +43,19 @@ def _wire(opt, world, tp=1):
     """Bytes the FSDP2 layout sends per step, from the shapes: each whole matrix's gradient rows from every
     non-owner of its shard group to its owner (padded to ceil(m/N) rows of its TP shard), and the update of its
     rows back to each non-owner; on a 2-D mesh, once per TP rank."""
-    gather = scatter = 0
-    dp = world // tp
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from traffic import fsdp2_exchange_bytes  # benchmarks/traffic.py's model, checked here
+
+    shapes = []
     for m in opt.matrices:
         if m.whole:
             shape = list(m.shape)
             axis = TP_AXIS.get(m.name.split(".")[-2]) if tp > 1 else None
             if axis is not None:
                 shape[axis] //= tp
-            piece = math.ceil(shape[0] / dp) * math.prod(shape[1:]) * m.param.element_size()
-            gather, scatter = gather + tp * (dp - 1) * piece, scatter + tp * (dp - 1) * piece
-    return gather, scatter
+            shapes += [tuple(shape)] * tp
+    both = fsdp2_exchange_bytes(shapes, world // tp, opt.matrices[0].param.element_size())
+    return both // 2, both // 2
 
 
 @pytest.mark.parametrize("world", [2, 3])
