@@ -16,7 +16,7 @@ from sara_ds.sharding import zero  # noqa: E402
 from ds_worker import build_model, reference_weights, replayed_weights  # noqa: E402
 from launch_utils import ROOT, run_ranks, run_scenarios  # noqa: E402
 
-BASE = dict(lr=0.01, rank=4, update_proj_gap=2, scale=0.25, seed=5, weight_decay=0.1)  # 7 steps: refreshes at 0, 2, 4, 6
+BASE = dict(lr=0.01, rank=4, update_proj_gap=2, scale=0.25, seed=5, weight_decay=0.1)  # 7 steps: refreshes 0, 2, 4, 6
 
 # The oracle is one process fed the gradient the way data parallelism forms it (ds_worker.reference_weights):
 # per-rank micro-batch gradients / world, summed. With 2 ranks that sum is exact in any order. With 3 ranks

@@ -15,7 +15,7 @@ from launch_utils import run_scenarios
 
 pytest.importorskip("torch.distributed.fsdp")
 
-BASE = dict(lr=0.01, rank=4, update_proj_gap=2, scale=0.25, seed=5, weight_decay=0.1)  # 7 steps: refreshes at 0, 2, 4, 6
+BASE = dict(lr=0.01, rank=4, update_proj_gap=2, scale=0.25, seed=5, weight_decay=0.1)  # 7 steps: refreshes 0, 2, 4, 6
 STEPS = 7
 SCENARIOS = (
     [dict(name=f"SaraAdamW/{p}", params=dict(BASE, preset=p, **({"osd_lr": 0.01} if p == "osd" else {})))
