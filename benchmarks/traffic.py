@@ -65,21 +65,28 @@ def sara_state(projected, params, r):
     return low_rank + 8 * (params - sum(m * n for m, n in projected))
 
 
+def sharded_memory(cfg, dp, mode=None):
+    """Bytes per GPU with the weights, fp32 masters, gradients and state all cut N ways (ZeRO-3, FSDP2): stock
+    Adam's (``mode`` None), or SARA's, its projected matrices' state laid out as ``zero3_ownership=mode``."""
+    projected, p = whole_model(cfg)
+    if mode is None:
+        return 16 * p / dp
+    others = p - sum(m * n for m, n in projected)
+    return (8 * p + 8 * others) / dp + hybrid_state_bytes(projected, dp, cfg["r"], mode, p)
+
+
 def zero_rows(cfg, dp):
     projected, p = whole_model(cfg)
     r = cfg["r"]
-    states = {"Adam": 8 * p, "SARA": sara_state(projected, p, r)}
-    memory = {(z, name): (2 * p + (2 * p + 4 * p + s) / dp) if z == 2 else (8 * p + s) / dp
-              for z in (2, 3) for name, s in states.items()}
+    zero2_memory = {name: 2 * p + (2 * p + 4 * p + s) / dp
+                    for name, s in (("Adam", 8 * p), ("SARA", sara_state(projected, p, r)))}
     zero2, zero3 = 4 * p * (dp - 1) / dp, 6 * p * (dp - 1) / dp
-    others = p - sum(m * n for m, n in projected)
-    rows = [("ZeRO-2", f"{dp}", zero2, zero2 + exchange_bytes(projected, dp) / dp, memory[2, "Adam"],
-             memory[2, "SARA"])]
+    rows = [("ZeRO-2", f"{dp}", zero2, zero2 + exchange_bytes(projected, dp) / dp, zero2_memory["Adam"],
+             zero2_memory["SARA"])]
     for mode, label in (("auto", "ZeRO-3, auto (default)"), ("rows", "ZeRO-3, row blocks"),
                         ("whole", "ZeRO-3, whole matrices")):
-        sara_memory = (8 * p + 8 * others) / dp + hybrid_state_bytes(projected, dp, r, mode, p)
-        rows.append((label, f"{dp}", zero3, zero3 + hybrid(projected, dp, r, GAP, mode, p), memory[3, "Adam"],
-                     sara_memory))
+        rows.append((label, f"{dp}", zero3, zero3 + hybrid(projected, dp, r, GAP, mode, p), sharded_memory(cfg, dp),
+                     sharded_memory(cfg, dp, mode)))
     return rows
 
 
@@ -91,12 +98,11 @@ def fsdp2_exchange_bytes(shapes, dp: int, itemsize: int = 4) -> int:
 
 
 def fsdp2_rows(cfg, dp):
+    """FSDP2 holds what ZeRO-3 holds; its layout steps every projected matrix whole, on one owner."""
     projected, p = whole_model(cfg)
     own = 6 * p * (dp - 1) / dp
-    others = p - sum(m * n for m, n in projected)
-    sara_memory = (8 * p + 8 * others) / dp + hybrid_state_bytes(projected, dp, cfg["r"], "whole", p)
     return [("FSDP2, matrices on owners", f"{dp}", own, own + fsdp2_exchange_bytes(projected, dp) / dp,
-             16 * p / dp, sara_memory)]
+             sharded_memory(cfg, dp), sharded_memory(cfg, dp, "whole"))]
 
 
 def megatron_rows(cfg, dp, padding=None):

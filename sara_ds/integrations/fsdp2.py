@@ -214,11 +214,11 @@ class FSDP2Layout(Layout):
                 out.append(Slot(i, p.grad.to_local(), p.to_local(), fragment=True))
             else:
                 owner, shape = self.owner[i], where.tp_local_shape(p.shape)
-                grad, weight = self._gather(p.grad.to_local(), shape, owner), self._own_rows(p.to_local(), shape, owner)
+                grad = self._gather(p.grad.to_local(), shape, owner)
+                weight, own = self._own_rows(p.to_local(), shape, owner)
                 self._returns.append((p, shape, weight, owner, group))
                 if weight is not None:
-                    out.append(Slot(i, grad, weight, context=self.context(i, group),
-                                    weights=[weight[self._first_row(shape, owner):][:p.to_local().shape[0]]]))
+                    out.append(Slot(i, grad, weight, context=self.context(i, group), weights=[own]))
         return out
 
     def _gather(self, local: Tensor, shape: tuple, owner: int):
@@ -236,16 +236,13 @@ class FSDP2Layout(Layout):
 
     def _own_rows(self, local: Tensor, shape: tuple, owner: int):
         """On the owner: a whole (TP shard of the) weight holding its own rows and zeros elsewhere, where the step
-        leaves the update alone; None elsewhere."""
+        leaves the update alone, and the view of its own rows; (None, None) elsewhere."""
         me = dist.get_rank(self.group)
         if me != owner:
-            return None
+            return None, None
         whole = local.new_zeros(shape)
-        whole[self._first_row(shape, me):][:local.shape[0]] = local
-        return whole
-
-    def _first_row(self, shape: tuple, rank: int) -> int:
-        return sum(row_counts(shape[0], dist.get_world_size(self.group))[:rank])
+        first = sum(row_counts(shape[0], dist.get_world_size(self.group))[:me])
+        return whole, whole[first:first + local.shape[0]].copy_(local)
 
     def _scatter(self, whole, out: Tensor, rows: int, owner: int, counted: bool = True) -> None:
         """Each rank's rows of ``whole`` (held by ``owner``; None elsewhere) into ``out``; ``counted``: a step's
@@ -265,9 +262,10 @@ class FSDP2Layout(Layout):
     def finish(self, decay=None) -> None:
         """Each rank's rows of the matrices stepped whole, from their owners: on the owner its new rows, elsewhere
         their update, added, then decayed as the step decayed the weights (``decay``; None: skipped)."""
+        me = dist.get_rank(self.group) if self._returns else None
         for param, shape, weight, owner, group in self._returns:
             local = param.to_local()
-            if dist.get_rank(self.group) == owner:
+            if me == owner:
                 self._scatter(weight, local, shape[0], owner)
                 continue
             update = torch.empty_like(local)
